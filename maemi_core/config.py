@@ -1,0 +1,150 @@
+"""Configuration profiles (``configs/*.yaml``), selected by the ``MAEMI_CONFIG`` variable.
+
+Relative paths in a profile (``workdir``, ``dataset.root`` ...) are resolved against the
+project root: ``MAEMI_ROOT`` when set, otherwise the folder that holds ``configs/`` when the
+profile lives there, otherwise the profile's own folder. That keeps ``make demo``,
+``dagster dev`` and a notebook pointing at the same files whatever their working directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_CONFIG = "configs/default.yaml"
+CONFIG_ENV = "MAEMI_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A profile is missing or malformed; the message says what to change."""
+
+
+class _Strict(BaseModel):
+    # A typo in a YAML key must fail loudly instead of silently using a default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class SplitConfig(_Strict):
+    train: float = 0.7
+    val: float = 0.1
+    test: float = 0.2
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "SplitConfig":
+        fractions = (self.train, self.val, self.test)
+        if any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+            raise ValueError(
+                f"dataset.split fractions must be >= 0 and sum to 1, got train={self.train} "
+                f"val={self.val} test={self.test}"
+            )
+        return self
+
+
+class DatasetConfig(_Strict):
+    name: str
+    kind: Literal["elpv", "imagefolder"]
+    root: Optional[str] = None
+    test_root: Optional[str] = None
+    prompt_pack: str
+    private: bool = True
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    # Take at most this many images per class (chosen by hash, so the slice is stable);
+    # used by the tiny profile for tests and CI.
+    max_per_class: Optional[int] = None
+    # Detect and crop the instrument data bar along the bottom of SEM images.
+    crop_databar: bool = False
+    # Pixel size for every image when the files do not carry it in their TIFF tags.
+    pixel_size_nm: Optional[float] = None
+    # Asset-check bounds.
+    max_rejected_fraction: float = 0.05
+    max_imbalance_ratio: float = 20.0
+
+    @model_validator(mode="after")
+    def _root_for_imagefolder(self) -> "DatasetConfig":
+        if self.kind == "imagefolder" and not self.root:
+            raise ValueError(
+                "dataset.kind is 'imagefolder' but dataset.root is empty: set it to a folder "
+                "laid out as <root>/<class>/<image files>"
+            )
+        if self.max_per_class is not None and self.max_per_class < 1:
+            raise ValueError("dataset.max_per_class must be a positive integer or null")
+        return self
+
+
+class MlflowConfig(_Strict):
+    # null: MLFLOW_TRACKING_URI if set, else the embedded sqlite store under mlflow/.
+    tracking_uri: Optional[str] = None
+    experiment: Optional[str] = None  # default: maemi-<dataset.name>
+
+
+class MaemiConfig(_Strict):
+    dataset: DatasetConfig
+    workdir: str
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    # Filled in by load_config, not read from YAML.
+    config_name: str = ""
+    config_path: str = ""
+    project_root: str = ""
+
+    def resolve(self, path: str | os.PathLike) -> Path:
+        """An absolute path for a (possibly relative) path from the profile."""
+        p = Path(os.path.expanduser(str(path)))
+        return p if p.is_absolute() else Path(self.project_root) / p
+
+    @property
+    def workdir_path(self) -> Path:
+        return self.resolve(self.workdir)
+
+    @property
+    def experiment_name(self) -> str:
+        return self.mlflow.experiment or f"maemi-{self.dataset.name}"
+
+    def fingerprint(self) -> str:
+        """Short hash of the effective settings (paths excluded), for run tags."""
+        payload = self.model_dump(exclude={"config_path", "project_root"})
+        return hashlib.sha256(yaml.safe_dump(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _project_root_for(config_file: Path) -> Path:
+    if os.environ.get("MAEMI_ROOT"):
+        return Path(os.environ["MAEMI_ROOT"]).resolve()
+    parent = config_file.parent
+    return parent.parent if parent.name == "configs" else parent
+
+
+def config_path_from_env() -> str:
+    return os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
+
+
+def load_config(path: str | os.PathLike | None = None) -> MaemiConfig:
+    """Load and validate a profile; ``path`` defaults to ``$MAEMI_CONFIG`` or the default."""
+    raw_path = Path(path if path is not None else config_path_from_env()).expanduser()
+    config_file = raw_path.resolve()
+    if not config_file.is_file() and not raw_path.is_absolute():
+        # `dagster dev` or a notebook started elsewhere: fall back to the checkout's configs/.
+        config_file = (Path(__file__).resolve().parents[1] / raw_path).resolve()
+    if not config_file.is_file():
+        raise ConfigError(
+            f"config file {raw_path} not found. Set {CONFIG_ENV} to a profile such as "
+            f"configs/default.yaml, configs/tiny.yaml or configs/sem.yaml."
+        )
+    try:
+        data = yaml.safe_load(config_file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{config_file} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{config_file} must hold a YAML mapping at the top level")
+    try:
+        cfg = MaemiConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(f"{config_file} is not a valid MAEMI profile:\n{exc}") from exc
+    cfg.config_name = config_file.stem
+    cfg.config_path = str(config_file)
+    cfg.project_root = str(_project_root_for(config_file))
+    return cfg

@@ -1,0 +1,1 @@
+"""Image sources, validation, the manifest and its hash-based splits."""

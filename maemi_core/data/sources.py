@@ -1,0 +1,97 @@
+"""Where images come from: the ELPV package and ImageFolder trees (``<root>/<class>/<file>``).
+
+A source only lists candidate files with their label; validation, hashing and splitting
+happen in :mod:`maemi_core.data.manifest`, the same way for every source.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from maemi_core.config import ConfigError, MaemiConfig
+
+# The ELPV defect-probability buckets, named so that text models can talk about them.
+ELPV_LABELS = {
+    0.0: "functional",
+    1 / 3: "possibly_defective",
+    2 / 3: "likely_defective",
+    1.0: "defective",
+}
+
+# Files that are never images and never worth a line in the rejected table.
+_IGNORED_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "_complete", ".complete"}
+
+
+@dataclass
+class Candidate:
+    path: Path
+    label: Optional[str]  # None: the file is not inside a class folder
+    source: str
+    forced_split: Optional[str] = None  # "test" for files under dataset.test_root
+    extra: dict = field(default_factory=dict)
+
+
+def elpv_root() -> Path:
+    spec = importlib.util.find_spec("elpv_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "dataset.kind is 'elpv' but the elpv-dataset package is not installed: "
+            "run `make venv` (or `pip install elpv-dataset`)"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def elpv_label(probability: float) -> str:
+    return min(ELPV_LABELS.items(), key=lambda kv: abs(kv[0] - probability))[1]
+
+
+def list_elpv() -> list[Candidate]:
+    """The 2,624 ELPV cells, read from the package's own labels.csv (no copy is made)."""
+    data_dir = elpv_root()
+    out = []
+    with open(data_dir / "labels.csv") as f:
+        for row in csv.reader(f, delimiter=" ", skipinitialspace=True):
+            if not row:
+                continue
+            rel, prob, cell_type = row[0], float(row[1]), row[2]
+            out.append(
+                Candidate(
+                    path=data_dir / rel,
+                    label=elpv_label(prob),
+                    source="elpv",
+                    extra={"defect_probability": round(prob, 4), "cell_type": cell_type},
+                )
+            )
+    return out
+
+
+def list_imagefolder(root: Path, source: str, forced_split: Optional[str] = None) -> list[Candidate]:
+    """Every file under ``root/<class>/`` (nested folders allowed); files directly in ``root``
+    have no class and are reported as such by the manifest."""
+    if not root.is_dir():
+        raise ConfigError(
+            f"dataset root {root} does not exist or is not a folder: point dataset.root "
+            f"(or dataset.test_root) at a folder laid out as <root>/<class>/<image files>"
+        )
+    out = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root)
+        if path.name.lower() in _IGNORED_NAMES or any(part.startswith(".") for part in rel.parts):
+            continue
+        label = rel.parts[0] if len(rel.parts) > 1 else None
+        out.append(Candidate(path=path, label=label, source=source, forced_split=forced_split))
+    return out
+
+
+def list_candidates(cfg: MaemiConfig) -> list[Candidate]:
+    ds = cfg.dataset
+    if ds.kind == "elpv":
+        return list_elpv()
+    cands = list_imagefolder(cfg.resolve(ds.root), source="imagefolder")
+    if ds.test_root:
+        cands += list_imagefolder(cfg.resolve(ds.test_root), source="imagefolder_test", forced_split="test")
+    return cands

@@ -1,0 +1,1 @@
+"""MLflow helpers: tracking store, run naming, (later) the pyfunc model and promotion rules."""

@@ -1,0 +1,82 @@
+"""The MLflow tracking store and the run conventions every asset follows.
+
+Default store: the embedded sqlite backend ``mlflow/mlflow.db`` with artifacts under
+``mlflow/artifacts`` in the project root. ``MLFLOW_TRACKING_URI`` (or ``mlflow.tracking_uri``
+in the profile) points the project at a remote tracking server instead.
+
+Every run is named ``<asset>-<dagster run id>`` and tagged with the Dagster run id, the asset
+key and the profile name, so a run can be traced from either UI to the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator, Optional
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+TAG_DAGSTER_RUN = "dagster.run_id"
+TAG_ASSET = "dagster.asset_key"
+TAG_CONFIG = "maemi.config"
+TAG_CONFIG_FINGERPRINT = "maemi.config_fingerprint"
+
+
+def embedded_store(project_root: str | Path) -> tuple[str, Path]:
+    """``(tracking uri, artifact root)`` of the embedded sqlite store."""
+    root = Path(project_root) / "mlflow"
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(root / 'mlflow.db').resolve()}", (root / "artifacts").resolve()
+
+
+def resolve_tracking_uri(configured: Optional[str], project_root: str | Path) -> tuple[str, Optional[Path]]:
+    """Profile value, else ``MLFLOW_TRACKING_URI``, else the embedded store.
+
+    The artifact root is returned only for the embedded store (a remote server decides its own).
+    """
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri, None
+    return embedded_store(project_root)
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_root: Optional[Path]) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = (artifact_root / name).as_uri() if artifact_root is not None else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:
+        # Another process created it between our lookup and create.
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def run_name(asset: str, dagster_run_id: str) -> str:
+    return f"{asset}-{dagster_run_id}"
+
+
+@contextlib.contextmanager
+def tracked_run(
+    tracking_uri: str,
+    experiment: str,
+    asset: str,
+    dagster_run_id: str,
+    config_name: str,
+    artifact_root: Optional[Path] = None,
+    extra_tags: Optional[dict[str, str]] = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run following the project's naming and tagging conventions."""
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    exp_id = ensure_experiment(client, experiment, artifact_root)
+    tags = {TAG_DAGSTER_RUN: dagster_run_id, TAG_ASSET: asset, TAG_CONFIG: config_name, **(extra_tags or {})}
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name(asset, dagster_run_id), tags=tags) as run:
+        yield run

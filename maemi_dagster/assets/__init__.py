@@ -1,0 +1,1 @@
+"""Assets grouped by stage: data, vision, teacher, model, evaluation, registry."""

@@ -1,0 +1,42 @@
+"""Resources: the active profile and the MLflow tracking store."""
+
+import contextlib
+from typing import Iterator, Optional
+
+import dagster as dg
+
+from maemi_core.config import MaemiConfig, config_path_from_env, load_config
+from maemi_core.registry import tracking
+
+
+class MaemiConfigResource(dg.ConfigurableResource):
+    """The profile (``configs/*.yaml``) every asset reads; defaults to ``$MAEMI_CONFIG``."""
+
+    path: str = ""
+
+    def load(self) -> MaemiConfig:
+        return load_config(self.path or config_path_from_env())
+
+
+class MLflowResource(dg.ConfigurableResource):
+    """MLflow tracking, written for this project (``dagster-mlflow`` pins old MLflow).
+
+    ``tracking_uri`` empty: the profile's ``mlflow.tracking_uri``, else ``MLFLOW_TRACKING_URI``,
+    else the embedded sqlite store under ``mlflow/``.
+    """
+
+    tracking_uri: Optional[str] = None
+
+    def uri_and_artifacts(self, cfg: MaemiConfig):
+        return tracking.resolve_tracking_uri(self.tracking_uri or cfg.mlflow.tracking_uri, cfg.project_root)
+
+    @contextlib.contextmanager
+    def start_run(self, context: dg.AssetExecutionContext, cfg: MaemiConfig,
+                  extra_tags: Optional[dict[str, str]] = None) -> Iterator:
+        uri, artifacts = self.uri_and_artifacts(cfg)
+        asset = context.asset_key.to_user_string()
+        tags = {tracking.TAG_CONFIG_FINGERPRINT: cfg.fingerprint(), **(extra_tags or {})}
+        with tracking.tracked_run(uri, cfg.experiment_name, asset, context.run.run_id, cfg.config_name,
+                                  artifact_root=artifacts, extra_tags=tags) as run:
+            context.log.info(f"MLflow run {run.info.run_id} ({tracking.run_name(asset, context.run.run_id)}) at {uri}")
+            yield run

@@ -1,0 +1,99 @@
+"""Shared fixtures: real ELPV images, temporary ImageFolder trees and profiles."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from maemi_core.config import load_config  # noqa: E402
+from maemi_core.data.sources import list_elpv  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def elpv_paths() -> list[Path]:
+    """A fixed handful of real ELPV cells (300x300 8-bit greyscale PNGs)."""
+    return [c.path for c in list_elpv()[:40]]
+
+
+def write_profile(tmp_path: Path, **dataset_overrides) -> Path:
+    """A profile in ``tmp_path`` whose workdir and MLflow store live there too."""
+    dataset = {"name": "testset", "kind": "imagefolder", "root": "images", "prompt_pack": "elpv",
+               "split": {"train": 0.6, "val": 0.2, "test": 0.2}}
+    dataset.update(dataset_overrides)
+    profile = {
+        "dataset": dataset,
+        "workdir": "work",
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "test"},
+    }
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    return path
+
+
+@pytest.fixture
+def profile_factory(tmp_path):
+    def make(**overrides):
+        return load_config(write_profile(tmp_path, **overrides))
+    return make
+
+
+def save_as(src: Path, dst: Path, mode: str = "L", fmt: str | None = None) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(src) as im:
+        im.convert(mode).save(dst, format=fmt)
+    return dst
+
+
+def save_tiff16(src: Path, dst: Path, pixel_width_m: float | None = None) -> Path:
+    """A 16-bit greyscale TIFF, optionally with FEI/Thermo metadata (tag 34682)."""
+    import tifffile
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(src) as im:
+        arr = (np.asarray(im.convert("L"), dtype=np.uint16) * 257)
+    extratags = []
+    if pixel_width_m is not None:
+        text = f"[User]\nDate=01/01/2024\n[Scan]\nPixelWidth={pixel_width_m}\nPixelHeight={pixel_width_m}\n"
+        extratags.append((34682, "s", 0, text, True))
+    tifffile.imwrite(dst, arr, extratags=extratags)
+    return dst
+
+
+@pytest.fixture
+def messy_imagefolder(tmp_path, elpv_paths) -> Path:
+    """An ImageFolder with every kind of file a fab folder holds, good and bad."""
+    root = tmp_path / "images"
+    save_as(elpv_paths[0], root / "cracked" / "a.png")
+    save_as(elpv_paths[1], root / "cracked" / "b_rgba.png", mode="RGBA")
+    save_tiff16(elpv_paths[2], root / "cracked" / "c16.tif", pixel_width_m=2.5e-9)
+    save_as(elpv_paths[3], root / "clean" / "d.jpg", mode="RGB", fmt="JPEG")
+    save_as(elpv_paths[4], root / "clean" / "e.bmp", fmt="BMP")
+    save_as(elpv_paths[5], root / "clean" / "nested" / "f.png")
+    # Bad files.
+    (root / "clean" / "empty.png").write_bytes(b"")
+    full = save_as(elpv_paths[6], root / "clean" / "trunc.jpg", mode="RGB", fmt="JPEG").read_bytes()
+    (root / "clean" / "trunc.jpg").write_bytes(full[: len(full) // 2])
+    (root / "clean" / "notes.txt").write_text("operator notes")
+    (root / "clean" / "fake.png").write_bytes(b"this is not a png at all")
+    save_as(elpv_paths[7], root / "stray.png")
+    (root / "clean" / ".DS_Store").write_bytes(b"\0\0")
+    return root
+
+
+@pytest.fixture
+def copy_file():
+    def copy(src: Path, dst: Path) -> Path:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
+        return dst
+    return copy

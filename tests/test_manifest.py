@@ -1,0 +1,140 @@
+"""The raw_images manifest on real ELPV pixels laid out as a messy ImageFolder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from maemi_core.config import ConfigError
+from maemi_core.data.manifest import build_manifest, leaked_images, load_manifest, manifest_dir, save_manifest, split_counts
+from maemi_core.data.image_io import sha256_file
+from tests.conftest import save_as
+
+
+def test_manifest_validates_every_kind_of_file(messy_imagefolder, profile_factory):
+    cfg = profile_factory()
+    result = build_manifest(cfg)
+    m = result.manifest.set_index(result.manifest["path"].map(lambda p: Path(p).name))
+
+    assert sorted(m.index) == ["a.png", "b_rgba.png", "c16.tif", "d.jpg", "e.bmp", "f.png"]
+    assert m.loc["c16.tif", "bit_depth"] == 16 and m.loc["c16.tif", "mode"].startswith("I;16")
+    assert m.loc["c16.tif", "pixel_size_nm"] == pytest.approx(2.5)
+    assert pd.isna(m.loc["a.png", "pixel_size_nm"])
+    assert m.loc["b_rgba.png", "mode"] == "RGBA"
+    assert m.loc["d.jpg", "mode"] == "RGB" and m.loc["a.png", "mode"] == "L"
+    assert m.loc["f.png", "label"] == "clean"  # nested folders keep the class of their top folder
+    assert (m["width"] == 300).all() and (m["height"] == 300).all()
+    assert m.loc["a.png", "image_id"] == sha256_file(messy_imagefolder / "cracked" / "a.png")
+
+    reasons = dict(zip(result.rejected["path"].map(lambda p: Path(p).name), result.rejected["reason"]))
+    assert reasons == {
+        "empty.png": "empty_file",
+        "trunc.jpg": "truncated",
+        "notes.txt": "unsupported_type",
+        "fake.png": "undecodable",
+        "stray.png": "no_class_folder",
+    }
+    assert result.n_candidates == 11  # .DS_Store is ignored, not rejected
+    assert result.rejected_fraction == pytest.approx(5 / 11)
+
+
+def test_saved_manifest_round_trips_and_quarantines(messy_imagefolder, profile_factory):
+    cfg = profile_factory()
+    result = build_manifest(cfg)
+    paths = save_manifest(result, manifest_dir(cfg))
+    loaded = load_manifest(cfg)
+    pd.testing.assert_frame_equal(loaded, result.manifest, check_dtype=False)
+    quarantined = sorted(p.parent.name for p in (manifest_dir(cfg) / "quarantine").rglob("*") if p.is_file())
+    # The zero-byte file is copied too: the quarantine mirrors the rejected table.
+    assert quarantined == sorted(["empty_file", "truncated", "unsupported_type", "undecodable", "no_class_folder"])
+    assert paths["rejected"].is_file()
+    # Sources are never touched.
+    assert (messy_imagefolder / "clean" / "trunc.jpg").exists()
+
+
+def test_splits_are_stable_when_images_are_added(tmp_path, elpv_paths, profile_factory, copy_file):
+    root = tmp_path / "images"
+    for i, p in enumerate(elpv_paths[:20]):
+        copy_file(p, root / ("a" if i % 2 else "b") / p.name)
+    cfg = profile_factory()
+    before = build_manifest(cfg).manifest.set_index("image_id")["split"]
+    assert set(before) == {"train", "val", "test"}
+
+    for i, p in enumerate(elpv_paths[20:40]):
+        copy_file(p, root / ("a" if i % 2 else "b") / p.name)
+    after = build_manifest(cfg).manifest.set_index("image_id")["split"]
+    assert len(after) == 40
+    pd.testing.assert_series_equal(after.loc[before.index], before)
+
+
+def test_duplicates_collapse_and_conflicting_labels_are_rejected(tmp_path, elpv_paths, profile_factory, copy_file):
+    root = tmp_path / "images"
+    copy_file(elpv_paths[0], root / "a" / "one.png")
+    copy_file(elpv_paths[0], root / "a" / "one_copy.png")      # same class: a duplicate
+    copy_file(elpv_paths[1], root / "a" / "two.png")
+    copy_file(elpv_paths[1], root / "b" / "two_elsewhere.png")  # other class: a conflict
+    copy_file(elpv_paths[2], root / "b" / "three.png")
+    result = build_manifest(profile_factory())
+
+    assert sorted(Path(p).name for p in result.manifest["path"]) == ["one.png", "three.png"]
+    assert result.manifest["image_id"].is_unique
+    assert len(result.duplicates) == 1
+    assert Path(result.duplicates.iloc[0]["path"]).name == "one_copy.png"
+    assert Path(result.duplicates.iloc[0]["duplicate_of"]).name == "one.png"
+    conflicts = result.rejected[result.rejected["reason"] == "conflicting_labels"]
+    assert sorted(Path(p).name for p in conflicts["path"]) == ["two.png", "two_elsewhere.png"]
+
+
+def test_official_test_root_supplies_the_test_split(tmp_path, elpv_paths, profile_factory, copy_file):
+    for i, p in enumerate(elpv_paths[:16]):
+        copy_file(p, tmp_path / "images" / ("a" if i % 2 else "b") / p.name)
+    for i, p in enumerate(elpv_paths[16:22]):
+        copy_file(p, tmp_path / "official_test" / ("a" if i % 2 else "b") / p.name)
+    # A copy of a test image slipped into the training folder: it must stay test only.
+    copy_file(elpv_paths[16], tmp_path / "images" / "b" / "leaked_copy.png")
+    result = build_manifest(profile_factory(test_root="official_test"))
+    m = result.manifest
+    test_ids = {sha256_file(p) for p in elpv_paths[16:22]}
+    assert set(m.loc[m["split"] == "test", "image_id"]) == test_ids
+    assert set(m.loc[m["source"] == "imagefolder", "split"]) <= {"train", "val"}
+    assert leaked_images(m).empty
+    assert len(result.duplicates) == 1
+
+
+def test_max_per_class_slice_is_stable_and_covers_every_split(tmp_path, elpv_paths, profile_factory, copy_file):
+    for i, p in enumerate(elpv_paths[:40]):
+        copy_file(p, tmp_path / "images" / ("a" if i % 2 else "b") / p.name)
+    cfg = profile_factory(max_per_class=5)
+    first = build_manifest(cfg).manifest
+    counts = split_counts(first)
+    assert (counts.loc[["a", "b"], ["train", "val", "test"]] >= 1).all().all()
+    assert (counts.loc[["a", "b"], "total"] <= 5).all()
+    assert list(build_manifest(cfg).manifest["image_id"]) == list(first["image_id"])
+
+
+def test_leakage_detector_finds_content_in_two_splits():
+    m = pd.DataFrame({"image_id": ["x", "x", "y"], "split": ["train", "test", "val"]})
+    assert list(leaked_images(m)["split"]) == ["train", "test"]
+
+
+def test_empty_or_missing_dataset_says_what_to_do(tmp_path, profile_factory):
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_manifest(profile_factory(root="nowhere"))
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="has no files"):
+        build_manifest(profile_factory())
+    (tmp_path / "images" / "a" / "bad.png").write_bytes(b"nope")
+    with pytest.raises(ConfigError, match="could be used"):
+        build_manifest(profile_factory())
+
+
+def test_elpv_source_reads_the_package(elpv_paths):
+    from maemi_core.data.sources import list_elpv
+
+    cands = list_elpv()
+    assert len(cands) == 2624
+    labels = pd.Series([c.label for c in cands]).value_counts().to_dict()
+    assert labels == {"functional": 1508, "defective": 715, "possibly_defective": 295, "likely_defective": 106}
+    assert {c.extra["cell_type"] for c in cands} == {"mono", "poly"}
