@@ -1,0 +1,66 @@
+"""Profiles: the shipped ones load, bad ones fail with a message that says what to fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from maemi_core.config import ConfigError, load_config
+from tests.conftest import REPO, write_profile
+
+
+@pytest.mark.parametrize("name", ["default", "tiny", "sem"])
+def test_shipped_profiles_load(name):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert cfg.config_name == name
+    assert Path(cfg.project_root) == REPO
+    assert cfg.workdir_path == REPO / ".maemi" / cfg.dataset.name
+    assert cfg.dataset.private is True
+
+
+def test_sem_profile_is_the_papers_imagefolder():
+    cfg = load_config(REPO / "configs" / "sem.yaml")
+    assert (cfg.dataset.kind, cfg.dataset.prompt_pack, cfg.dataset.crop_databar) == ("imagefolder", "sem", True)
+
+
+def test_env_var_selects_the_profile(monkeypatch):
+    monkeypatch.setenv("MAEMI_CONFIG", str(REPO / "configs" / "tiny.yaml"))
+    assert load_config().dataset.name == "elpv-tiny"
+    monkeypatch.setenv("MAEMI_CONFIG", "configs/tiny.yaml")  # relative to the checkout
+    monkeypatch.chdir("/")
+    assert load_config().dataset.name == "elpv-tiny"
+
+
+def test_errors_say_what_to_change(tmp_path):
+    with pytest.raises(ConfigError, match="MAEMI_CONFIG"):
+        load_config(tmp_path / "missing.yaml")
+
+    path = write_profile(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["dataset"]["prmopt_pack"] = "sem"  # typo
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="prmopt_pack"):
+        load_config(path)
+
+    with pytest.raises(ConfigError, match="dataset.root"):
+        load_config(write_profile(tmp_path, root=None))
+    with pytest.raises(ConfigError, match="sum to 1"):
+        load_config(write_profile(tmp_path, split={"train": 0.9, "val": 0.2, "test": 0.1}))
+
+
+def test_relative_paths_resolve_against_the_profile_folder(tmp_path):
+    cfg = load_config(write_profile(tmp_path))
+    assert cfg.workdir_path == tmp_path / "work"
+    assert cfg.resolve("images") == tmp_path / "images"
+
+
+def test_cli_prints_counts_and_reports_bad_profiles(tmp_path, messy_imagefolder, capsys):
+    from maemi_core.cli import main
+
+    assert main(["--config", str(write_profile(tmp_path)), "manifest"]) == 0
+    out = capsys.readouterr().out
+    assert "| cracked " in out and "truncated" in out
+    assert main(["--config", str(tmp_path / "nope.yaml"), "manifest"]) == 2
+    assert "MAEMI_CONFIG" in capsys.readouterr().err

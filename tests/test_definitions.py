@@ -1,0 +1,45 @@
+"""The Dagster code location loads, lists the expected assets and checks, and validates."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from maemi_dagster.definitions import defs
+from tests.conftest import REPO
+
+EXPECTED_ASSETS = {"raw_images"}
+EXPECTED_CHECKS = {"raw_images_no_split_leakage", "raw_images_class_balance", "raw_images_rejected_fraction"}
+
+
+def test_definitions_list_the_expected_assets_and_checks():
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert EXPECTED_ASSETS <= keys
+    checks = {k.name for k in graph.asset_check_keys}
+    assert EXPECTED_CHECKS <= checks
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        assert node.group_name in {"data", "vision", "teacher", "model", "evaluation", "registry"}
+        assert node.description and node.code_version and node.owners
+
+
+def test_leakage_check_blocks():
+    from maemi_dagster.checks import raw_images_no_split_leakage
+
+    (spec,) = raw_images_no_split_leakage.check_specs
+    assert spec.blocking and spec.asset_key == dg.AssetKey("raw_images")
+
+
+def test_cli_validates_the_workspace(tmp_path):
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", str(REPO / "workspace.yaml")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "passed validation" in out.stdout + out.stderr
