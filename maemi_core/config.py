@@ -82,10 +82,57 @@ class MlflowConfig(_Strict):
     experiment: Optional[str] = None  # default: maemi-<dataset.name>
 
 
+class ViTConfig(_Strict):
+    """The paper's ViT (A.5, A.8): 224 px, 32 px patches, embedding 64, 4 heads of width 32.
+    Depth and MLP width are not given in the paper; 8 layers with a 128-wide MLP follow the
+    Keras ViT recipe the paper's numbers match."""
+    patch_size: int = 32
+    dim: int = 64
+    depth: int = 8
+    heads: int = 4
+    head_dim: int = 32
+    mlp_dim: int = 128
+    dropout: float = 0.1
+
+
+class ClassifierTrainingConfig(_Strict):
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    max_epochs: int = 50
+    early_stopping_patience: int = 10   # epochs without a better val loss before stopping
+    lr_patience: int = 5                # epochs without a better val loss before halving the lr
+    lr_factor: float = 0.5
+    label_smoothing: float = 0.0
+    augment: bool = True
+    class_weighting: bool = True        # inverse-frequency weights against imbalance
+    seed: int = 0
+
+
+class VisionConfig(_Strict):
+    # Which encoder feeds image_embeddings, demonstration sampling and (later) the VLM.
+    encoder: Literal["vit", "efficientnet_lite0"] = "vit"
+    image_size: int = 224
+    vit: ViTConfig = Field(default_factory=ViTConfig)
+    train: ClassifierTrainingConfig = Field(default_factory=ClassifierTrainingConfig)
+    baselines: list[Literal["efficientnet_lite0", "classical"]] = Field(
+        default_factory=lambda: ["efficientnet_lite0", "classical"])
+    embed_batch_size: int = 64
+
+
+class SamplingConfig(_Strict):
+    k_shot: int = 4            # few-shot demonstrations per target image
+    group_size: int = 3        # images per inter/intra/heterogeneity group
+    groups_per_split: int = 40  # groups of each kind built within each split
+    chunk_size: int = 2048     # rows of the similarity matrix computed at once
+
+
 class MaemiConfig(_Strict):
     dataset: DatasetConfig
     workdir: str
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    vision: VisionConfig = Field(default_factory=VisionConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 
     # Filled in by load_config, not read from YAML.
     config_name: str = ""

@@ -30,13 +30,19 @@ class MLflowResource(dg.ConfigurableResource):
     def uri_and_artifacts(self, cfg: MaemiConfig):
         return tracking.resolve_tracking_uri(self.tracking_uri or cfg.mlflow.tracking_uri, cfg.project_root)
 
-    @contextlib.contextmanager
-    def start_run(self, context: dg.AssetExecutionContext, cfg: MaemiConfig,
-                  extra_tags: Optional[dict[str, str]] = None) -> Iterator:
+    def tracking_context(self, context: dg.AssetExecutionContext, cfg: MaemiConfig) -> tracking.TrackingContext:
+        """What core functions need to log runs under the project's conventions."""
         uri, artifacts = self.uri_and_artifacts(cfg)
+        return tracking.TrackingContext(
+            tracking_uri=uri, experiment=cfg.experiment_name, dagster_run_id=context.run.run_id,
+            config_name=cfg.config_name, artifact_root=artifacts,
+            extra_tags={tracking.TAG_CONFIG_FINGERPRINT: cfg.fingerprint()},
+        )
+
+    @contextlib.contextmanager
+    def start_run(self, context: dg.AssetExecutionContext, cfg: MaemiConfig) -> Iterator:
+        ctx = self.tracking_context(context, cfg)
         asset = context.asset_key.to_user_string()
-        tags = {tracking.TAG_CONFIG_FINGERPRINT: cfg.fingerprint(), **(extra_tags or {})}
-        with tracking.tracked_run(uri, cfg.experiment_name, asset, context.run.run_id, cfg.config_name,
-                                  artifact_root=artifacts, extra_tags=tags) as run:
-            context.log.info(f"MLflow run {run.info.run_id} ({tracking.run_name(asset, context.run.run_id)}) at {uri}")
+        with ctx.run(asset) as run:
+            context.log.info(f"MLflow run {run.info.run_id} ({tracking.run_name(asset, ctx.dagster_run_id)}) at {ctx.tracking_uri}")
             yield run

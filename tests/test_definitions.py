@@ -12,7 +12,7 @@ import dagster as dg
 from maemi_dagster.definitions import defs
 from tests.conftest import REPO
 
-EXPECTED_ASSETS = {"raw_images"}
+EXPECTED_ASSETS = {"raw_images", "vit_classifier", "image_embeddings", "demonstration_sets"}
 EXPECTED_CHECKS = {"raw_images_no_split_leakage", "raw_images_class_balance", "raw_images_rejected_fraction"}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -24,6 +25,7 @@ TAG_DAGSTER_RUN = "dagster.run_id"
 TAG_ASSET = "dagster.asset_key"
 TAG_CONFIG = "maemi.config"
 TAG_CONFIG_FINGERPRINT = "maemi.config_fingerprint"
+TAG_MODEL = "maemi.model"
 
 
 def embedded_store(project_root: str | Path) -> tuple[str, Path]:
@@ -61,6 +63,34 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_root: Optional[P
 
 def run_name(asset: str, dagster_run_id: str) -> str:
     return f"{asset}-{dagster_run_id}"
+
+
+@dataclass
+class TrackingContext:
+    """Where and under which names a pipeline step logs to MLflow."""
+
+    tracking_uri: str
+    experiment: str
+    dagster_run_id: str
+    config_name: str
+    artifact_root: Optional[Path] = None
+    extra_tags: dict[str, str] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def run(self, asset: str, model: Optional[str] = None) -> Iterator[mlflow.ActiveRun]:
+        """The asset's run; with ``model``, a child run ``<asset>-<run id>/<model>`` nested in
+        the active one (one MLflow run per model, grouped under the asset's run)."""
+        if model is None:
+            with tracked_run(self.tracking_uri, self.experiment, asset, self.dagster_run_id, self.config_name,
+                             self.artifact_root, self.extra_tags) as run:
+                yield run
+            return
+        tags = {TAG_DAGSTER_RUN: self.dagster_run_id, TAG_ASSET: asset, TAG_CONFIG: self.config_name,
+                TAG_MODEL: model, **self.extra_tags}
+        parent = mlflow.active_run()
+        with mlflow.start_run(run_name=f"{run_name(asset, self.dagster_run_id)}/{model}", nested=True, tags=tags,
+                              experiment_id=parent.info.experiment_id if parent else None) as run:
+            yield run
 
 
 @contextlib.contextmanager

@@ -1,0 +1,1 @@
+"""Metrics and the tables built from them."""

@@ -1,0 +1,1 @@
+"""Training loops with checkpoints, early stopping and resume."""

@@ -1,0 +1,148 @@
+"""Supervised training of an image classifier (the paper's ViT, A.8).
+
+Adam (lr 1e-3), batch 32, up to 50 epochs, class-weighted cross-entropy against
+imbalance, learning rate halved after ``lr_patience`` epochs without a better validation
+loss, early stopping after ``early_stopping_patience``; the weights of the best validation
+epoch are kept. A checkpoint is written after every epoch and a killed run resumes from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from maemi_core.config import ClassifierTrainingConfig
+from maemi_core.data.transforms import augment, standardize
+from maemi_core.training.checkpoints import load_checkpoint, save_checkpoint
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_acc: float
+    lr: float
+    images_per_s: float
+
+
+@dataclass
+class TrainingResult:
+    history: list[EpochRecord] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_loss: float = float("inf")
+    stopped_early: bool = False
+    resumed_from_epoch: int = 0
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """n / (k * n_c): each class contributes equally to the loss; absent classes get 0."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images_u8: np.ndarray, batch_size: int = 64) -> torch.Tensor:
+    model.eval()
+    out = [model(standardize(torch.from_numpy(images_u8[i: i + batch_size])))
+           for i in range(0, len(images_u8), batch_size)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def train_classifier(
+    model: nn.Module,
+    train_images: np.ndarray, train_labels: np.ndarray,
+    val_images: np.ndarray, val_labels: np.ndarray,
+    cfg: ClassifierTrainingConfig,
+    checkpoint_path: str | Path,
+    fingerprint: str,
+    on_epoch: Callable[[EpochRecord], None] = lambda rec: None,
+    stop_after_epoch: Optional[int] = None,
+) -> TrainingResult:
+    """Train ``model`` in place; on return it holds the best-validation weights.
+
+    ``stop_after_epoch`` ends the process-equivalent of a kill after that epoch's
+    checkpoint (used by tests of resume).
+    """
+    num_classes = int(model.head.out_features)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    weights = class_weights(train_labels, num_classes) if cfg.class_weighting else None
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience)
+    result = TrainingResult()
+    best_state = copy.deepcopy(model.state_dict())
+    bad_epochs, start_epoch = 0, 0
+
+    state = load_checkpoint(checkpoint_path, fingerprint)
+    if state is not None and not state.get("finished"):
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        best_state, bad_epochs = state["best_state"], state["bad_epochs"]
+        result.history = [EpochRecord(**r) for r in state["history"]]
+        result.best_epoch, result.best_val_loss = state["best_epoch"], state["best_val_loss"]
+        start_epoch = result.resumed_from_epoch = state["epoch"]
+
+    y_train = torch.from_numpy(train_labels.astype(np.int64))
+    y_val = torch.from_numpy(val_labels.astype(np.int64))
+    n = len(train_images)
+    for epoch in range(start_epoch + 1, cfg.max_epochs + 1):
+        model.train()
+        order = torch.randperm(n, generator=gen)
+        total, seen, t0 = 0.0, 0, time.perf_counter()
+        bar = tqdm(range(0, n, cfg.batch_size), desc=f"epoch {epoch}/{cfg.max_epochs}", unit="batch",
+                   leave=False, mininterval=2)
+        for start in bar:
+            idx = order[start: start + cfg.batch_size]
+            x = standardize(torch.from_numpy(train_images[idx.numpy()]))
+            if cfg.augment:
+                x = augment(x, gen)
+            loss = F.cross_entropy(model(x), y_train[idx], weight=weights, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+            bar.set_postfix(loss=f"{total / seen:.4f}")
+        ips = seen / max(time.perf_counter() - t0, 1e-9)
+
+        logits = predict_logits(model, val_images)
+        val_loss = float(F.cross_entropy(logits, y_val, weight=weights)) if len(y_val) else total / seen
+        val_acc = float((logits.argmax(1) == y_val).float().mean()) if len(y_val) else float("nan")
+        sched.step(val_loss)
+        rec = EpochRecord(epoch, total / seen, val_loss, val_acc, opt.param_groups[0]["lr"], ips)
+        result.history.append(rec)
+        if val_loss < result.best_val_loss - 1e-6:
+            result.best_val_loss, result.best_epoch, bad_epochs = val_loss, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad_epochs += 1
+        stop = bad_epochs >= cfg.early_stopping_patience
+        save_checkpoint({
+            "fingerprint": fingerprint, "epoch": epoch, "finished": stop or epoch == cfg.max_epochs,
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "best_state": best_state, "bad_epochs": bad_epochs, "best_epoch": result.best_epoch,
+            "best_val_loss": result.best_val_loss, "history": [r.__dict__ for r in result.history],
+        }, checkpoint_path)
+        on_epoch(rec)
+        if stop:
+            result.stopped_early = True
+            break
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            break
+    model.load_state_dict(best_state)
+    return result

@@ -1,0 +1,1 @@
+"""Vision side: the paper's ViT, the baselines, CLS embeddings and similarity sampling."""

@@ -1,0 +1,281 @@
+"""The ``vit_classifier`` step: the paper's ViT from scratch and the baselines it is compared
+with, trained on the same splits, evaluated on the test split, and compared on validation.
+
+Models (names used in reports and MLflow):
+- ``vit``: :mod:`maemi_core.vision.vit`, trained by :mod:`maemi_core.training.classifier_training`;
+- ``efficientnet_lite0``: the pretrained ImageNet EfficientNet-Lite0 from PyPI, frozen, with a
+  logistic-regression probe (C chosen on validation);
+- ``classical``: LBP/GLCM/HOG texture features + RBF SVM (C chosen on validation).
+
+Besides top-1 on validation, each encoder is scored by cosine k-NN on its embeddings
+(``val_knn_top1``), which is what similarity sampling of demonstrations relies on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import joblib
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from maemi_core.config import MaemiConfig
+from maemi_core.data.manifest import manifest_hash
+from maemi_core.data.transforms import cached_image_array
+from maemi_core.evaluation.classification_metrics import (
+    classification_summary, confusion_matrix_figure, loss_curve_figure, per_class_table,
+)
+from maemi_core.registry.tracking import TrackingContext
+from maemi_core.training.classifier_training import EpochRecord, predict_logits, train_classifier
+from maemi_core.vision.efficientnet_lite0 import EfficientNetLite0Encoder, pooled_features
+from maemi_core.vision.texture_baseline import fit_texture_svm, svm_scores, texture_feature_matrix
+from maemi_core.vision.vit import PaperViT, PaperViTConfig
+
+ASSET = "vit_classifier"
+
+
+@dataclass
+class ModelReport:
+    name: str
+    summary: dict
+    per_class: pd.DataFrame
+    figures: dict[str, Path] = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+    artifacts: list[Path] = field(default_factory=list)
+    mlflow_run_id: Optional[str] = None
+
+
+@dataclass
+class VisionData:
+    manifest: pd.DataFrame
+    class_names: list[str]
+    images: np.ndarray  # (N, 3, S, S) uint8, manifest order
+    labels: np.ndarray  # (N,) int
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.flatnonzero(self.manifest["split"].to_numpy() == name)
+        return np.asarray(self.images[idx]), self.labels[idx]
+
+
+def vision_dir(cfg: MaemiConfig) -> Path:
+    return cfg.workdir_path / "vision"
+
+
+def reports_dir(cfg: MaemiConfig) -> Path:
+    return cfg.workdir_path / "reports"
+
+
+def load_vision_data(cfg: MaemiConfig, manifest: pd.DataFrame) -> VisionData:
+    class_names = sorted(manifest["label"].unique())
+    index = {c: i for i, c in enumerate(class_names)}
+    images = cached_image_array(manifest, cfg.vision.image_size, cfg.workdir_path / "cache", manifest_hash(manifest))
+    return VisionData(manifest, class_names, images, manifest["label"].map(index).to_numpy())
+
+
+def knn_top1(train_emb: np.ndarray, train_y: np.ndarray, query_emb: np.ndarray, query_y: np.ndarray, k: int = 5) -> float:
+    """Cosine k-NN (majority vote, ties to the nearest) accuracy of L2-normalised embeddings."""
+    if len(query_y) == 0 or len(train_y) == 0:
+        return float("nan")
+    sims = torch.from_numpy(query_emb) @ torch.from_numpy(train_emb).T
+    nn_idx = sims.topk(min(k, len(train_y)), dim=1).indices.numpy()
+    votes = train_y[nn_idx]
+    preds = [np.bincount(v, minlength=train_y.max() + 1).argmax() if np.bincount(v).max() > 1 else v[0] for v in votes]
+    return float((np.asarray(preds) == query_y).mean())
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def _finish(name: str, data: VisionData, test_scores: np.ndarray, out_dir: Path, extra: dict) -> ModelReport:
+    _, y_test = data.split("test")
+    summary = classification_summary(name, y_test, test_scores, data.class_names) | extra
+    per_class = per_class_table(name, y_test, test_scores.argmax(1), data.class_names)
+    cm = confusion_matrix_figure(y_test, test_scores.argmax(1), data.class_names,
+                                 f"{name} on test (top-1 {summary['top1']:.3f})", out_dir / f"confusion_{name}.png")
+    return ModelReport(name, summary, per_class, figures={"confusion_matrix": cm})
+
+
+def train_vit(cfg: MaemiConfig, data: VisionData, on_epoch: Callable[[EpochRecord], None],
+              stop_after_epoch: Optional[int] = None) -> ModelReport:
+    v, t = cfg.vision.vit, cfg.vision.train
+    model = PaperViT(PaperViTConfig(num_classes=len(data.class_names), image_size=cfg.vision.image_size,
+                                    patch_size=v.patch_size, dim=v.dim, depth=v.depth, heads=v.heads,
+                                    head_dim=v.head_dim, mlp_dim=v.mlp_dim, dropout=v.dropout))
+    fingerprint = json.dumps({"data": manifest_hash(data.manifest), "vit": v.model_dump(), "train": t.model_dump(),
+                              "size": cfg.vision.image_size}, sort_keys=True)
+    out = vision_dir(cfg) / "vit"
+    x_tr, y_tr = data.split("train")
+    x_va, y_va = data.split("val")
+    result = train_classifier(model, x_tr, y_tr, x_va, y_va, t, out / "checkpoint.pt", fingerprint,
+                              on_epoch=on_epoch, stop_after_epoch=stop_after_epoch)
+    model.save(out, data.class_names)
+    x_te, _ = data.split("test")
+    test_scores = torch.softmax(predict_logits(model, x_te), dim=1).numpy()
+    val_scores = predict_logits(model, x_va).numpy()
+    emb = {s: l2_normalize(_encode_vit(model, data.split(s)[0])) for s in ("train", "val")}
+    history = pd.DataFrame([r.__dict__ for r in result.history])
+    history.to_csv(out / "history.csv", index=False)
+    extra = {
+        "val_top1": float((val_scores.argmax(1) == y_va).mean()) if len(y_va) else float("nan"),
+        "val_knn_top1": knn_top1(emb["train"], y_tr, emb["val"], y_va),
+        "epochs": len(result.history), "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early, "resumed_from_epoch": result.resumed_from_epoch,
+        "train_images_per_s": float(history["images_per_s"].median()) if len(history) else float("nan"),
+    }
+    report = _finish("vit", data, test_scores, reports_dir(cfg) / "figures", extra)
+    report.figures["loss_curve"] = loss_curve_figure(history, "ViT training", reports_dir(cfg) / "figures" / "loss_vit.png")
+    report.params = {"vit." + k: val for k, val in v.model_dump().items()} | {"train." + k: val for k, val in t.model_dump().items()} | {
+        "image_size": cfg.vision.image_size, "n_params": sum(p.numel() for p in model.parameters())}
+    report.artifacts = [out / "model.safetensors", out / "config.json", out / "history.csv"]
+    return report
+
+
+@torch.no_grad()
+def _encode_vit(model: PaperViT, images_u8: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    from maemi_core.data.transforms import standardize
+
+    model.eval()
+    out = [model.encode(standardize(torch.from_numpy(np.array(images_u8[i: i + batch_size]))))[1].numpy()
+           for i in range(0, len(images_u8), batch_size)]
+    return np.concatenate(out) if out else np.empty((0, model.cfg.dim), np.float32)
+
+
+def train_efficientnet_probe(cfg: MaemiConfig, data: VisionData) -> ModelReport:
+    encoder = EfficientNetLite0Encoder()
+    feats = {s: pooled_features(encoder, data.split(s)[0], cfg.vision.embed_batch_size) for s in ("train", "val", "test")}
+    y = {s: data.split(s)[1] for s in ("train", "val", "test")}
+    best = None
+    for c in (0.01, 0.1, 1.0):
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000, class_weight="balanced"))
+        probe.fit(feats["train"], y["train"])
+        acc = float((probe.predict(feats["val"]) == y["val"]).mean()) if len(y["val"]) else 0.0
+        if best is None or acc > best[2]:
+            best = (probe, c, acc)
+    probe, c, val_acc = best
+    test_scores = _full_proba(probe, feats["test"], len(data.class_names))
+    emb = {s: l2_normalize(feats[s]) for s in ("train", "val")}
+    out = vision_dir(cfg) / "efficientnet_lite0"
+    out.mkdir(parents=True, exist_ok=True)
+    joblib.dump({"probe": probe, "class_names": data.class_names}, out / "probe.joblib")
+    report = _finish("efficientnet_lite0", data, test_scores, reports_dir(cfg) / "figures", {
+        "val_top1": val_acc, "val_knn_top1": knn_top1(emb["train"], y["train"], emb["val"], y["val"])})
+    report.params = {"mode": "linear_probe", "C": c, "features": "global-average 1280-d, frozen ImageNet weights"}
+    report.artifacts = [out / "probe.joblib"]
+    return report
+
+
+def _full_proba(model, x: np.ndarray, num_classes: int) -> np.ndarray:
+    proba = model.predict_proba(x)
+    out = np.zeros((len(x), num_classes))
+    out[:, model.classes_] = proba
+    return out
+
+
+def train_classical(cfg: MaemiConfig, data: VisionData) -> ModelReport:
+    feats = {s: texture_feature_matrix(data.split(s)[0]) for s in ("train", "val", "test")}
+    y = {s: data.split(s)[1] for s in ("train", "val", "test")}
+    model, c, val_acc = fit_texture_svm(feats["train"], y["train"], feats["val"], y["val"])
+    test_scores = svm_scores(model, feats["test"], len(data.class_names))
+    out = vision_dir(cfg) / "classical"
+    out.mkdir(parents=True, exist_ok=True)
+    joblib.dump({"model": model, "class_names": data.class_names}, out / "svm.joblib")
+    report = _finish("classical", data, test_scores, reports_dir(cfg) / "figures", {"val_top1": val_acc, "val_knn_top1": float("nan")})
+    report.params = {"features": "LBP(8,1)(16,2)(24,3) + GLCM(d=1,2,4) + HOG(112px) + intensity stats",
+                     "classifier": "RBF SVM, class_weight=balanced", "C": c, "n_features": feats["train"].shape[1]}
+    report.artifacts = [out / "svm.joblib"]
+    return report
+
+
+@dataclass
+class ClassifierSuiteResult:
+    reports: list[ModelReport]
+    classification: pd.DataFrame
+    per_class: pd.DataFrame
+    best_encoder_on_val: str
+    paths: dict[str, Path]
+
+    def report(self, name: str) -> ModelReport:
+        return next(r for r in self.reports if r.name == name)
+
+
+def train_classifiers(cfg: MaemiConfig, manifest: pd.DataFrame, tracker: Optional[TrackingContext] = None,
+                      log: Callable[[str], None] = lambda m: None) -> ClassifierSuiteResult:
+    """Train and evaluate the ViT and the configured baselines; write the reports."""
+    import mlflow
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    data = load_vision_data(cfg, manifest)
+    for split in ("train", "val", "test"):
+        if (data.manifest["split"] == split).sum() == 0:
+            raise ValueError(f"the {split} split is empty: add images or change dataset.split")
+    log(f"{len(data.manifest)} images, classes {data.class_names}")
+
+    steps: list[tuple[str, Callable[[], ModelReport]]] = []
+
+    def vit_step() -> ModelReport:
+        def on_epoch(rec: EpochRecord) -> None:
+            log(f"vit epoch {rec.epoch}: train_loss={rec.train_loss:.4f} val_loss={rec.val_loss:.4f} "
+                f"val_acc={rec.val_acc:.4f} lr={rec.lr:g} ({rec.images_per_s:.0f} img/s)")
+            if tracker is not None:
+                mlflow.log_metrics({k: getattr(rec, k) for k in ("train_loss", "val_loss", "val_acc", "lr", "images_per_s")},
+                                   step=rec.epoch)
+        return train_vit(cfg, data, on_epoch)
+
+    steps.append(("vit", vit_step))
+    if "efficientnet_lite0" in cfg.vision.baselines:
+        steps.append(("efficientnet_lite0", lambda: train_efficientnet_probe(cfg, data)))
+    if "classical" in cfg.vision.baselines:
+        steps.append(("classical", lambda: train_classical(cfg, data)))
+
+    reports = []
+    for name, step in steps:
+        log(f"training {name}")
+        if tracker is None:
+            reports.append(step())
+            continue
+        with tracker.run(ASSET, model=name) as run:
+            report = step()
+            mlflow.log_params(report.params)
+            mlflow.log_metrics({k: float(v) for k, v in report.summary.items()
+                                if isinstance(v, (int, float, bool)) and not (isinstance(v, float) and np.isnan(v))})
+            for fig in report.figures.values():
+                mlflow.log_artifact(str(fig), artifact_path="figures")
+            for art in report.artifacts:
+                mlflow.log_artifact(str(art), artifact_path="model")
+            report.mlflow_run_id = run.info.run_id
+        reports.append(report)
+        log(f"{name}: test top1={report.summary['top1']:.4f} macro_f1={report.summary['macro_f1']:.4f} "
+            f"val top1={report.summary['val_top1']:.4f}")
+
+    classification = pd.DataFrame([r.summary for r in reports])
+    per_class = pd.concat([r.per_class for r in reports], ignore_index=True)
+    encoders = classification[classification["model"].isin(["vit", "efficientnet_lite0"])]
+    best = str(encoders.sort_values(["val_knn_top1", "val_top1"], ascending=False).iloc[0]["model"])
+    rdir = reports_dir(cfg)
+    rdir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "classification_csv": rdir / "classification.csv", "classification_md": rdir / "classification.md",
+        "per_class_csv": rdir / "per_class.csv", "per_class_md": rdir / "per_class.md",
+        "summary": vision_dir(cfg) / "summary.json",
+    }
+    classification.to_csv(paths["classification_csv"], index=False)
+    per_class.to_csv(paths["per_class_csv"], index=False)
+    paths["classification_md"].write_text(
+        f"# Classification on the test split ({cfg.dataset.name})\n\n"
+        + classification.to_markdown(index=False, floatfmt=".4f")
+        + f"\n\nEncoder in use: `{cfg.vision.encoder}`; better on validation (cosine k-NN, then top-1): `{best}`.\n")
+    paths["per_class_md"].write_text(f"# Per-class precision / recall / F1 ({cfg.dataset.name})\n\n"
+                                     + per_class.to_markdown(index=False, floatfmt=".4f") + "\n")
+    paths["summary"].write_text(json.dumps({
+        "encoder": cfg.vision.encoder, "best_encoder_on_val": best, "class_names": data.class_names,
+        "data_version": manifest_hash(manifest), "models": [r.summary for r in reports],
+    }, indent=2, default=float))
+    return ClassifierSuiteResult(reports, classification, per_class, best, paths)

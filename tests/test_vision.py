@@ -1,0 +1,141 @@
+"""The paper's ViT, its training loop (loss goes down, resume after a kill), embeddings,
+augmentation, and classification metrics, on real ELPV pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from maemi_core.config import ClassifierTrainingConfig
+from maemi_core.data.transforms import augment, build_image_array, standardize
+from maemi_core.evaluation.classification_metrics import classification_summary, top_k
+from maemi_core.training.classifier_training import class_weights, train_classifier
+from maemi_core.vision.embeddings import embed_images
+from maemi_core.vision.vit import PaperViT, PaperViTConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_images():
+    """24 real ELPV cells (two labels from the package's own annotations) at 224 px."""
+    import pandas as pd
+
+    from maemi_core.data.sources import list_elpv
+
+    cands = list_elpv()
+    good = [c for c in cands if c.label == "functional"][:12]
+    bad = [c for c in cands if c.label == "defective"][:12]
+    df = pd.DataFrame({"path": [str(c.path) for c in good + bad], "crop_bottom": 0})
+    return build_image_array(df, 224), np.array([0] * 12 + [1] * 12)
+
+
+def test_vit_shapes_and_cls_embedding():
+    cfg = PaperViTConfig(num_classes=5)
+    model = PaperViT(cfg).eval()
+    x = torch.randn(2, 3, 224, 224)
+    tokens, h_cls = model.encode(x)
+    assert tokens.shape == (2, 49, 64) and h_cls.shape == (2, 64)
+    assert model(x).shape == (2, 5)
+    # The attention really is 4 heads of width 32 over a 64-d residual stream.
+    attn = model.layers[0].attn
+    assert attn.qkv.weight.shape == (3 * 4 * 32, 64) and attn.proj.weight.shape == (64, 128)
+    # h_cls summarises the image: changing a patch changes it.
+    x2 = x.clone()
+    x2[:, :, :32, :32] = 0
+    assert not torch.allclose(model.encode(x2)[1], h_cls)
+
+
+def test_vit_save_load_round_trip(tmp_path):
+    model = PaperViT(PaperViTConfig(num_classes=3)).eval()
+    model.save(tmp_path / "vit", ["a", "b", "c"])
+    loaded, names = PaperViT.load(tmp_path / "vit")
+    x = torch.randn(2, 3, 224, 224)
+    assert names == ["a", "b", "c"]
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_augmentation_keeps_shape_range_and_is_seeded():
+    x = standardize(torch.randint(0, 256, (4, 3, 224, 224), dtype=torch.uint8))
+    a1 = augment(x, torch.Generator().manual_seed(0))
+    a2 = augment(x, torch.Generator().manual_seed(0))
+    assert a1.shape == x.shape and a1.min() >= -1 and a1.max() <= 1
+    torch.testing.assert_close(a1, a2)
+    assert not torch.allclose(a1, x)
+
+
+def test_class_weights_balance_the_loss():
+    w = class_weights(np.array([0, 0, 0, 1]), 3)
+    assert w.tolist() == pytest.approx([4 / 9, 4 / 3, 0.0])
+
+
+def _small_cfg(**kw) -> ClassifierTrainingConfig:
+    base = dict(batch_size=8, lr=1e-3, max_epochs=6, early_stopping_patience=50, lr_patience=50,
+                augment=False, seed=0)
+    return ClassifierTrainingConfig(**(base | kw))
+
+
+def test_training_lowers_the_loss_on_real_images(tmp_path, tiny_images):
+    images, labels = tiny_images
+    model = PaperViT(PaperViTConfig(num_classes=2, dropout=0.0))
+    result = train_classifier(model, images, labels, images[:8], labels[:8], _small_cfg(),
+                              tmp_path / "ckpt.pt", fingerprint="f")
+    losses = [r.train_loss for r in result.history]
+    assert len(losses) == 6
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert result.best_epoch >= 1
+
+
+def test_training_resumes_after_interruption(tmp_path, tiny_images):
+    images, labels = tiny_images
+    cfg = _small_cfg(max_epochs=4, augment=True)
+
+    torch.manual_seed(123)
+    straight = PaperViT(PaperViTConfig(num_classes=2))
+    full = train_classifier(straight, images, labels, images[:8], labels[:8], cfg, tmp_path / "a.pt", "f")
+
+    torch.manual_seed(123)
+    killed = PaperViT(PaperViTConfig(num_classes=2))
+    part = train_classifier(killed, images, labels, images[:8], labels[:8], cfg, tmp_path / "b.pt", "f",
+                            stop_after_epoch=2)
+    assert len(part.history) == 2
+    torch.manual_seed(999)  # a new process: different init, which the checkpoint overrides
+    resumed_model = PaperViT(PaperViTConfig(num_classes=2))
+    resumed = train_classifier(resumed_model, images, labels, images[:8], labels[:8], cfg, tmp_path / "b.pt", "f")
+    assert resumed.resumed_from_epoch == 2
+    assert [round(r.train_loss, 5) for r in resumed.history] == [round(r.train_loss, 5) for r in full.history]
+    for p, q in zip(straight.state_dict().values(), resumed_model.state_dict().values()):
+        torch.testing.assert_close(p, q)
+
+    # A checkpoint written for other data or settings is not resumed.
+    other = train_classifier(PaperViT(PaperViTConfig(num_classes=2)), images, labels, images[:8], labels[:8],
+                             _small_cfg(max_epochs=1), tmp_path / "b.pt", "other-fingerprint")
+    assert other.resumed_from_epoch == 0
+
+
+def test_embeddings_are_unit_norm(tiny_images):
+    images, _ = tiny_images
+    emb = embed_images(PaperViT(PaperViTConfig(num_classes=2)), images[:10], batch_size=4)
+    assert emb.shape == (10, 64)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+
+
+def test_efficientnet_encoder_loads_from_the_package(tiny_images):
+    from maemi_core.vision.efficientnet_lite0 import EfficientNetLite0Encoder
+
+    enc = EfficientNetLite0Encoder()
+    tokens, h = enc.encode(standardize(torch.from_numpy(tiny_images[0][:2])))
+    assert tokens.shape == (2, 49, 1280) and h.shape == (2, 1280)
+    assert not any(p.requires_grad for p in enc.parameters())
+    # Real ImageNet weights: the 1000-way head is confident on something, not uniform.
+    logits = enc.net(standardize(torch.from_numpy(tiny_images[0][:1])))
+    assert torch.softmax(logits, 1).max() > 0.01
+
+
+def test_topk_is_capped_at_the_class_count():
+    y = np.array([0, 1, 2])
+    scores = np.array([[0.9, 0.05, 0.05], [0.1, 0.2, 0.7], [0.5, 0.4, 0.1]])
+    assert top_k(y, scores, 1) == pytest.approx(1 / 3)
+    assert top_k(y, scores, 2) == pytest.approx(2 / 3)
+    assert top_k(y, scores, 5) == 1.0
+    s = classification_summary("m", y, scores, ["a", "b", "c"])
+    assert s["top5_k"] == 3 and s["top1"] == pytest.approx(1 / 3)

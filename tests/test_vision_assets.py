@@ -1,0 +1,76 @@
+"""The vision stage end to end in Dagster on the tiny profile: ViT + baselines, embeddings,
+demonstration sets, reports on disk and one MLflow run per model."""
+
+from __future__ import annotations
+
+import shutil
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from maemi_core.config import load_config
+from maemi_core.registry import tracking
+from maemi_core.vision.embeddings import load_embeddings
+from maemi_dagster.assets.data import raw_images
+from maemi_dagster.assets.vision import demonstration_sets, image_embeddings, vit_classifier
+from maemi_dagster.resources import MaemiConfigResource, MLflowResource
+from tests.conftest import REPO
+
+
+def test_vision_stage_on_the_tiny_profile(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    profile = tmp_path / "configs" / "tiny.yaml"
+    shutil.copy(REPO / "configs" / "tiny.yaml", profile)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    result = dg.materialize(
+        [raw_images, vit_classifier, image_embeddings, demonstration_sets],
+        resources={"maemi_config": MaemiConfigResource(path=str(profile)), "mlflow_tracking": MLflowResource()},
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    assert result.success
+    cfg = load_config(profile)
+    reports = cfg.workdir_path / "reports"
+
+    classification = pd.read_csv(reports / "classification.csv")
+    assert list(classification["model"]) == ["vit", "efficientnet_lite0", "classical"]
+    assert {"model", "top1", "top5", "macro_f1"} <= set(classification.columns)
+    assert classification["top1"].between(0, 1).all()
+    assert (classification["top5"] == 1.0).all()  # 4 classes: top-5 is capped at top-4
+    per_class = pd.read_csv(reports / "per_class.csv")
+    assert len(per_class) == 3 * 4 and {"precision", "recall", "f1", "support"} <= set(per_class.columns)
+    assert (cfg.workdir_path / "vision" / "vit" / "model.safetensors").is_file()
+
+    (mat,) = result.asset_materializations_for_node("vit_classifier")
+    assert "| vit " in mat.metadata["classification"].value
+    assert mat.metadata["confusion_vit"].value.startswith("![vit confusion](data:image/png;base64,")
+
+    index, emb = load_embeddings(cfg)
+    assert emb.shape == (64, 64)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+
+    demos = cfg.workdir_path / "demonstrations"
+    few_shot = pd.read_parquet(demos / "few_shot.parquet")
+    split_of = dict(zip(index["image_id"], index["split"]))
+    assert len(few_shot) == 64
+    assert all(len(d) == 3 and all(split_of[i] == "train" for i in d) and t not in d
+               for t, d in zip(few_shot["target_id"], few_shot["demo_ids"]))
+    groups = pd.read_parquet(demos / "groups.parquet")
+    assert set(groups["kind"]) == {"inter_class_similar", "intra_class_dissimilar", "spatial_heterogeneity"}
+    assert set(groups["split"]) == {"train", "val", "test"}
+
+    client = MlflowClient(tracking.embedded_store(tmp_path)[0])
+    exp = client.get_experiment_by_name("maemi-elpv-tiny")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    parent = runs[f"vit_classifier-{result.run_id}"]
+    for model in ("vit", "efficientnet_lite0", "classical"):
+        child = runs[f"vit_classifier-{result.run_id}/{model}"]
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags[tracking.TAG_MODEL] == model
+        assert 0 <= child.data.metrics["top1"] <= 1
+        arts = {a.path for a in client.list_artifacts(child.info.run_id, "figures")}
+        assert f"figures/confusion_{model}.png" in arts
+    vit_run = runs[f"vit_classifier-{result.run_id}/vit"]
+    assert len(client.get_metric_history(vit_run.info.run_id, "val_loss")) == 3  # one per epoch
