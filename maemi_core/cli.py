@@ -32,6 +32,13 @@ def _cmd_manifest(args) -> int:
     return 0
 
 
+def _cmd_teacher_serve(args) -> int:
+    from maemi_core.teacher.server import serve
+
+    serve(args.host, args.port, args.model, args.fault, args.api_key_env)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="maemi", description="MAEMI-Ops command line")
     parser.add_argument("--config", default=None,
@@ -41,6 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("manifest", help="validate the dataset and print counts per class and split")
     p.add_argument("--save", action="store_true", help="also write the manifest under the workdir")
     p.set_defaults(func=_cmd_manifest)
+    p = sub.add_parser("teacher-serve", help="OpenAI-compatible teacher server on this host (measurement teacher)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765, help="0 picks a free port (printed on start)")
+    p.add_argument("--model", default="maemi-measurement-teacher")
+    p.add_argument("--fault", type=int, action="append", default=[],
+                   help="answer the next request with this HTTP status (repeatable; a retry drill)")
+    p.add_argument("--api-key-env", default=None, help="require 'Bearer $VAR' on every request")
+    p.set_defaults(func=_cmd_teacher_serve)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -127,12 +127,51 @@ class SamplingConfig(_Strict):
     chunk_size: int = 2048     # rows of the similarity matrix computed at once
 
 
+TEACHER_TASKS = ("caption", "vqa", "classify_zero_shot", "classify_few_shot",
+                 "intra_dissimilar", "inter_similar", "heterogeneity")
+
+
+class TeacherConfig(_Strict):
+    """Who writes the instruction data. ``measurement``: the on-prem teacher that answers from
+    scikit-image measurements (no model, no network). ``openai``: any OpenAI-compatible
+    chat-completions endpoint (api.openai.com, or vLLM / Ollama / TGI on premises)."""
+    kind: Literal["measurement", "openai"] = "measurement"
+    base_url: Optional[str] = None
+    model: Optional[str] = None
+    api_key_env: str = "MAEMI_TEACHER_API_KEY"   # the key itself only ever lives in this variable
+    max_tokens: int = 400
+    temperature: float = 0.2
+    detail: Literal["low", "high", "auto"] = "low"
+    concurrency: int = 4
+    timeout_s: float = 60.0
+    max_retries: int = 6             # transport retries (429, 5xx, timeouts) per request
+    max_answer_retries: int = 2      # retries of an empty or refused answer
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    price_input_per_mtok: float = 0.0    # currency units per million prompt tokens, for cost accounting
+    price_output_per_mtok: float = 0.0
+    allow_external_teacher: bool = False  # required to send a private dataset off this host
+    on_prem_hosts: list[str] = Field(default_factory=list)  # extra hosts that count as on premises
+    tasks: list[Literal["caption", "vqa", "classify_zero_shot", "classify_few_shot",
+                        "intra_dissimilar", "inter_similar", "heterogeneity"]] = Field(
+        default_factory=lambda: list(TEACHER_TASKS))
+    vqa_questions_per_image: Optional[int] = 3   # null: every question of the pack for every image
+    splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train", "val", "test"])
+
+    @model_validator(mode="after")
+    def _openai_needs_endpoint(self) -> "TeacherConfig":
+        if self.kind == "openai" and (not self.base_url or not self.model):
+            raise ValueError("teacher.kind 'openai' needs teacher.base_url and teacher.model")
+        return self
+
+
 class MaemiConfig(_Strict):
     dataset: DatasetConfig
     workdir: str
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     vision: VisionConfig = Field(default_factory=VisionConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
 
     # Filled in by load_config, not read from YAML.
     config_name: str = ""

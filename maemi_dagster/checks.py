@@ -5,7 +5,9 @@ import pandas as pd
 
 from maemi_core.data.manifest import imbalance_ratio, leaked_images, load_manifest, manifest_dir, split_counts
 from maemi_core.data.splits import SPLITS
+from maemi_core.teacher.instruction_set import load_instruction_set, validate_records
 from maemi_dagster.assets.data import raw_images
+from maemi_dagster.assets.teacher import instruction_set
 from maemi_dagster.metadata import table_md
 from maemi_dagster.resources import MaemiConfigResource
 
@@ -61,3 +63,38 @@ def raw_images_rejected_fraction(maemi_config: MaemiConfigResource) -> dg.AssetC
 
 
 RAW_IMAGES_CHECKS = [raw_images_no_split_leakage, raw_images_class_balance, raw_images_rejected_fraction]
+
+
+@dg.asset_check(asset=instruction_set, blocking=True,
+                description="Every record parses and has its fields, one <image> per image, and a non-empty, non-refused answer.")
+def instruction_set_records_valid(maemi_config: MaemiConfigResource) -> dg.AssetCheckResult:
+    records = load_instruction_set(maemi_config.load())
+    problems = validate_records(records)
+    return dg.AssetCheckResult(passed=not problems and len(records) > 0,
+                               metadata={"records": len(records), "problems": len(problems),
+                                         "first_problems": "\n".join(problems[:20]) or "none"})
+
+
+@dg.asset_check(asset=instruction_set,
+                description="Every train image of the manifest has at least one single-image conversation.")
+def instruction_set_train_coverage(maemi_config: MaemiConfigResource) -> dg.AssetCheckResult:
+    cfg = maemi_config.load()
+    train_ids = set(load_manifest(cfg).query("split == 'train'")["image_id"])
+    covered = {r["image_ids"][0] for r in load_instruction_set(cfg) if len(r["image_ids"]) == 1}
+    missing = sorted(train_ids - covered)
+    return dg.AssetCheckResult(passed="train" not in cfg.teacher.splits or not missing,
+                               metadata={"train_images": len(train_ids), "without_conversations": len(missing),
+                                         "examples": ", ".join(m[:12] for m in missing[:10]) or "none"})
+
+
+@dg.asset_check(asset=instruction_set, description="Records per task; warns when a configured task produced none.")
+def instruction_set_task_counts(maemi_config: MaemiConfigResource) -> dg.AssetCheckResult:
+    cfg = maemi_config.load()
+    counts = pd.Series([r["task"] for r in load_instruction_set(cfg)]).value_counts()
+    empty = [t for t in cfg.teacher.tasks if counts.get(t, 0) == 0]
+    return dg.AssetCheckResult(passed=not empty, severity=dg.AssetCheckSeverity.WARN,
+                               metadata={"counts": table_md(counts.rename_axis("task").to_frame("records")),
+                                         "empty_tasks": ", ".join(empty) or "none"})
+
+
+INSTRUCTION_SET_CHECKS = [instruction_set_records_valid, instruction_set_train_coverage, instruction_set_task_counts]

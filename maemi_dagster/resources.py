@@ -46,3 +46,11 @@ class MLflowResource(dg.ConfigurableResource):
         with ctx.run(asset) as run:
             context.log.info(f"MLflow run {run.info.run_id} ({tracking.run_name(asset, ctx.dagster_run_id)}) at {ctx.tracking_uri}")
             yield run
+
+
+class TeacherResource(dg.ConfigurableResource):
+    """Secrets of the teacher. ``api_key`` is bound to ``dg.EnvVar`` in the definitions (when the
+    variable named by ``teacher.api_key_env`` is set); it is passed to the client only, never
+    logged, never written to MLflow. Everything else about the teacher is in the profile."""
+
+    api_key: Optional[str] = None

@@ -193,6 +193,19 @@ def spatial_heterogeneity(images_u8: np.ndarray, grid: int = 4) -> np.ndarray:
     return ((cv(mean) + cv(std) + cv(edges)) / 3.0).numpy()
 
 
+def spatial_heterogeneity_one(gray: np.ndarray, grid: int = 4) -> float:
+    """:func:`spatial_heterogeneity` of one greyscale image (HxW in [0, 1]) with numpy only."""
+    from scipy import ndimage as ndi
+
+    g = gray.astype(np.float64)
+    grad = np.hypot(ndi.sobel(g, axis=1, mode="nearest"), ndi.sobel(g, axis=0, mode="nearest"))
+    h, w = g.shape
+    cells = [(slice(i * h // grid, (i + 1) * h // grid), slice(j * w // grid, (j + 1) * w // grid))
+             for i in range(grid) for j in range(grid)]
+    stats = np.array([[g[c].mean(), g[c].std(), grad[c].mean()] for c in cells])  # (tiles, 3)
+    return float(np.mean(stats.std(axis=0, ddof=1) / (stats.mean(axis=0) + 1e-6)))
+
+
 def heterogeneity_groups(index: pd.DataFrame, scores: np.ndarray, split: str, group_size: int,
                          n_groups: int) -> list[dict]:
     """Per category, the most heterogeneous images in groups of ``group_size``; categories take turns."""

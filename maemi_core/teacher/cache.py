@@ -1,0 +1,75 @@
+"""A durable, content-addressed store of teacher answers (sqlite, one row per request).
+
+Key: sha256 over the image hashes, the system and teacher prompt texts and the teacher's
+identity (model and generation parameters, never secrets). Materializing again is free,
+an interrupted generation resumes from what was committed, and changing one prompt of a
+pack only misses the cache for that prompt. Failures are kept in their own table with the
+error, so they are reported, not silently dropped, and retried on the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+
+def cache_key(image_ids: list[str], system: str, prompt: str, identity: dict) -> str:
+    payload = json.dumps({"images": image_ids, "system": system, "prompt": prompt, "teacher": identity},
+                         sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+class TeacherCache:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("""CREATE TABLE IF NOT EXISTS answers (
+            key TEXT PRIMARY KEY, text TEXT NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER,
+            attempts INTEGER, teacher TEXT, created REAL)""")
+        self._db.execute("""CREATE TABLE IF NOT EXISTS failures (
+            key TEXT PRIMARY KEY, error TEXT, attempts INTEGER, teacher TEXT, last_at REAL)""")
+        self._db.commit()
+
+    def get(self, key: str) -> Optional[dict]:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT text, prompt_tokens, completion_tokens, attempts, teacher, created FROM answers WHERE key=?",
+                (key,)).fetchone()
+        if row is None:
+            return None
+        return {"text": row[0], "prompt_tokens": row[1], "completion_tokens": row[2], "attempts": row[3],
+                "teacher": json.loads(row[4]), "created": row[5]}
+
+    def put(self, key: str, text: str, prompt_tokens: int, completion_tokens: int, attempts: int,
+            teacher: dict) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (key, text, prompt_tokens, completion_tokens, attempts, json.dumps(teacher), time.time()))
+            self._db.execute("DELETE FROM failures WHERE key=?", (key,))
+            self._db.commit()
+
+    def fail(self, key: str, error: str, attempts: int, teacher: dict) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?, ?)",
+                             (key, error[:2000], attempts, json.dumps(teacher), time.time()))
+            self._db.commit()
+
+    def failures(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._db.execute("SELECT key, error FROM failures").fetchall())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,223 @@
+"""The on-prem measurement teacher: grounded answers from scikit-image measurements.
+
+It needs no model and no network. For each prompt it measures the image(s)
+(:mod:`maemi_core.teacher.measurements`) and writes one or two sentences for every fact key
+the prompt pack lists for that prompt, from the numbers it measured plus what the dataset
+states (label, metadata, pixel size). It never claims what it did not measure: a fact it
+cannot establish (``unmeasurable``, or a scale without calibration) is said to be unknown.
+Deterministic: the same image and prompt always give the same answer.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import numpy as np
+
+from maemi_core.data.image_io import load_gray_array
+from maemi_core.teacher.measurements import MEASUREMENT_VERSION, measure_image
+from maemi_core.teacher.requests import ImageRef, TeacherAnswer, TeacherRequest
+
+
+def _fmt_len(px: float, pixel_size_nm: Optional[float]) -> str:
+    if not pixel_size_nm:
+        return f"{px:.0f} px"
+    nm = px * pixel_size_nm
+    return f"{nm / 1000:.2f} um" if nm >= 1000 else f"{nm:.0f} nm"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%" if x >= 0.01 or x == 0 else f"{100 * x:.1f}%"
+
+
+def _level(x: float, low: float, high: float, words=("low", "moderate", "high")) -> str:
+    return words[0] if x < low else words[2] if x > high else words[1]
+
+
+def fact_sentences(fact: str, m: dict, ref: ImageRef, subject: str, technique: str) -> str:
+    """One or two sentences stating the measured (or known) values behind ``fact``."""
+    ps = ref.pixel_size_nm
+    if fact == "label":
+        return f"The dataset labels this {subject} as '{ref.label}'." if ref.label else ""
+    if fact == "technique":
+        return f"The image was acquired by {technique}."
+    if fact == "metadata":
+        if not ref.metadata:
+            return "The dataset records no further metadata for this image."
+        return "Recorded metadata: " + ", ".join(f"{k} {v}" for k, v in ref.metadata) + "."
+    if fact == "scale":
+        s = m["scale"]
+        if not s:
+            return (f"The file carries no pixel-size calibration, so absolute sizes cannot be given; "
+                    f"the image is {m['width_px']} x {m['height_px']} pixels.")
+        return (f"One pixel is {s['pixel_size_nm']:g} nm, so the field of view is "
+                f"{_fmt_len(m['width_px'], ps)} x {_fmt_len(m['height_px'], ps)}.")
+    if fact == "intensity":
+        i = m["intensity"]
+        return (f"Mean brightness is {i['mean']:.2f} on a 0-1 scale with {_level(i['std'], 0.08, 0.2)} contrast "
+                f"(standard deviation {i['std']:.2f}; 1st-99th percentile {i['p1']:.2f}-{i['p99']:.2f}).")
+    if fact == "particles":
+        p = m["particles"]
+        if p["count"] == 0:
+            return "Thresholding finds no separate bright features."
+        return (f"Thresholding finds {p['count']} bright feature{'s' if p['count'] != 1 else ''} covering "
+                f"{_pct(p['area_fraction'])} of the area, with median equivalent diameter "
+                f"{_fmt_len(p['median_diameter_px'], ps)} (10th-90th percentile {_fmt_len(p['p10_diameter_px'], ps)}-"
+                f"{_fmt_len(p['p90_diameter_px'], ps)}).")
+    if fact == "porosity":
+        p = m["porosity"]
+        return (f"The darker phase covers {_pct(p['dark_fraction'])} of the area in {p['pore_count']} separate "
+                f"region{'s' if p['pore_count'] != 1 else ''} (median diameter {_fmt_len(p['median_pore_diameter_px'], ps)}).")
+    if fact == "orientation":
+        o = m["orientation"]
+        kind = _level(o["coherence"], 0.15, 0.45, ("largely isotropic", "partly aligned", "strongly aligned"))
+        return (f"The structure is {kind} (orientation coherence {o['coherence']:.2f}), with dominant direction "
+                f"about {o['dominant_angle_deg']:.0f} degrees from horizontal.")
+    if fact == "edges":
+        return f"Edges make up {_pct(m['edges']['edge_fraction'])} of the pixels ({_level(m['edges']['edge_fraction'], 0.03, 0.12)} edge density)."
+    if fact == "texture":
+        t = m["texture"]
+        word = "smooth" if t["glcm_homogeneity"] > 0.8 else "rough" if t["glcm_homogeneity"] < 0.5 else "moderately textured"
+        return (f"The surface texture measures as {word} (GLCM homogeneity {t['glcm_homogeneity']:.2f}, "
+                f"contrast {t['glcm_contrast']:.2f}).")
+    if fact == "uniformity":
+        u = m["uniformity"]
+        word = _level(u["heterogeneity"], 0.15, 0.4, ("fairly uniform", "moderately uneven", "strongly uneven"))
+        return (f"Content is {word} across the field of view (tile heterogeneity score {u['heterogeneity']:.2f}); "
+                f"the brightest region is {u['brightest_tile']} and the darkest {u['darkest_tile']}.")
+    if fact == "phases":
+        f = m["phases"]["fractions"]
+        return (f"Splitting the grey levels into three classes gives dark / medium / bright fractions of "
+                f"{_pct(f[0])} / {_pct(f[1])} / {_pct(f[2])}, so {m['phases']['n_major']} intensity "
+                f"phase{'s' if m['phases']['n_major'] != 1 else ''} each cover at least 10% of the image.")
+    if fact == "boundaries":
+        b = m["boundaries"]
+        return (f"{_pct(b['nonconvex_fraction'])} of the bright features are non-convex (solidity below 0.8), "
+                f"which indicates touching or merged features; phase boundaries cross {_pct(b['boundary_density'])} "
+                f"of horizontal pixel steps.")
+    if fact == "dark_regions":
+        d = m["dark_regions"]
+        if d["count"] == 0:
+            return "No region is markedly darker than the rest of the image."
+        return (f"Regions markedly darker than the median brightness cover {_pct(d['fraction'])} of the image in "
+                f"{d['count']} part{'s' if d['count'] != 1 else ''}; the largest ({_pct(d['largest_fraction'])} of the "
+                f"area) lies at the {d['largest_location']}.")
+    if fact == "line_features":
+        lf = m["line_features"]
+        if lf["count"] == 0:
+            return "No straight line segments are detected."
+        dirs = ", ".join(f"{n} {k}" for k, n in lf["directions"].items() if n)
+        return (f"{lf['count']} straight line segments are detected ({dirs}), median length "
+                f"{_fmt_len(lf['median_length_px'], ps)}.")
+    if fact == "unmeasurable":
+        return ("This cannot be established from the image alone; only the visible features described here "
+                "can be reported.")
+    raise ValueError(f"unknown fact {fact!r}")
+
+
+class MeasurementTeacher:
+    """Teacher protocol implementation that answers from measurements."""
+
+    name = "measurement"
+
+    def __init__(self, cache_size: int = 4096):
+        self._measured: dict[tuple, dict] = {}
+        self._lock = threading.Lock()
+        self._cache_size = cache_size
+
+    def identity(self) -> dict:
+        return {"teacher": self.name, "version": MEASUREMENT_VERSION}
+
+    def measure(self, ref: ImageRef, gray: Optional[np.ndarray] = None) -> dict:
+        key = (ref.image_id, ref.crop_bottom, ref.pixel_size_nm)
+        with self._lock:
+            if key in self._measured:
+                return self._measured[key]
+        if gray is None:
+            gray = load_gray_array(ref.path)
+            if ref.crop_bottom:
+                gray = gray[: gray.shape[0] - ref.crop_bottom]
+        m = measure_image(gray, ref.pixel_size_nm)
+        with self._lock:
+            if len(self._measured) >= self._cache_size:
+                self._measured.pop(next(iter(self._measured)))
+            self._measured[key] = m
+        return m
+
+    def answer(self, request: TeacherRequest, grays: Optional[list[np.ndarray]] = None) -> TeacherAnswer:
+        ms = [self.measure(ref, None if grays is None else grays[i]) for i, ref in enumerate(request.images)]
+        text = compose_answer(request, ms)
+        return TeacherAnswer(text=text, prompt_tokens=0, completion_tokens=len(text.split()))
+
+
+def _describe(facts: list[str], m: dict, ref: ImageRef, req: TeacherRequest) -> str:
+    return " ".join(s for f in facts if (s := fact_sentences(f, m, ref, req.subject, req.technique)))
+
+
+_COMPARABLE = {  # (name, getter) of scalar measurements used to contrast images in a group
+    "brightness": lambda m: m["intensity"]["mean"],
+    "contrast": lambda m: m["intensity"]["std"],
+    "bright-feature coverage": lambda m: m["particles"]["area_fraction"],
+    "edge density": lambda m: m["edges"]["edge_fraction"],
+    "dark-area fraction": lambda m: m["dark_regions"]["fraction"],
+    "texture homogeneity": lambda m: m["texture"]["glcm_homogeneity"],
+    "spatial heterogeneity": lambda m: m["uniformity"]["heterogeneity"],
+    "orientation coherence": lambda m: m["orientation"]["coherence"],
+}
+
+
+def _spread(ms: list[dict]) -> list[tuple[float, str, list[float]]]:
+    rows = []
+    for name, get in _COMPARABLE.items():
+        vals = [float(get(m)) for m in ms]
+        rel = (max(vals) - min(vals)) / (abs(np.mean(vals)) + 1e-6)
+        rows.append((rel, name, vals))
+    return sorted(rows, reverse=True)
+
+
+def _values(vals: list[float]) -> str:
+    return ", ".join(f"image {i + 1}: {v:.2f}" for i, v in enumerate(vals))
+
+
+def compose_answer(req: TeacherRequest, ms: list[dict]) -> str:
+    """The answer text for ``req`` given the measurements of its images (in order)."""
+    n = len(req.images)
+    if req.task in ("caption", "vqa"):
+        return _describe(req.facts, ms[0], req.images[0], req)
+    if req.task in ("classify_zero_shot", "classify_few_shot"):
+        query = req.images[-1]
+        label = req.query_label or query.label
+        facts = [f for f in req.facts if f != "label"] or ["intensity", "dark_regions"]
+        reason = _describe(facts, ms[-1], query, req)
+        lead = f"{label}."
+        if req.task == "classify_few_shot" and n > 1:
+            same = [i + 1 for i, ref in enumerate(req.images[:-1]) if ref.label == label]
+            lead += (f" It matches the category of demonstration image{'s' if len(same) > 1 else ''} "
+                     f"{', '.join(map(str, same))}." if same else " None of the demonstrations share its category.")
+        return f"{lead} {reason}".strip()
+    spread = _spread(ms)
+    if req.task == "intra_dissimilar":
+        (r1, d1, v1), (r2, d2, v2) = spread[0], spread[1]
+        shared = spread[-1]
+        return (f"All {n} images are labelled '{req.images[0].label}'. They are most alike in {shared[1]} "
+                f"({_values(shared[2])}) and differ most in {d1} ({_values(v1)}) and {d2} ({_values(v2)}). "
+                + " ".join(f"Image {i + 1}: {_describe([f for f in req.facts if f != 'label'][:2] or ['intensity'], m, ref, req)}"
+                           for i, (m, ref) in enumerate(zip(ms, req.images))))
+    if req.task == "inter_similar":
+        labels = [ref.label for ref in req.images]
+        (r1, d1, v1), (r2, d2, v2) = spread[0], spread[1]
+        shared = spread[-1]
+        return (f"The images are labelled {', '.join(repr(l) for l in labels)} in order. They look alike in "
+                f"{shared[1]} ({_values(shared[2])}). The measurements that separate them most are {d1} "
+                f"({_values(v1)}) and {d2} ({_values(v2)}).")
+    if req.task == "heterogeneity":
+        parts = []
+        for i, (m, ref) in enumerate(zip(ms, req.images)):
+            u = m["uniformity"]
+            parts.append(f"Image {i + 1} has tile heterogeneity {u['heterogeneity']:.2f}, brightest at the "
+                         f"{u['brightest_tile']} and darkest at the {u['darkest_tile']}.")
+        order = np.argsort([-m["uniformity"]["heterogeneity"] for m in ms])
+        return (f"All {n} images are labelled '{req.images[0].label}'. " + " ".join(parts)
+                + f" Image {order[0] + 1} is the most uneven and image {order[-1] + 1} the most uniform.")
+    raise ValueError(f"unknown task {req.task!r}")
