@@ -14,21 +14,25 @@ from maemi_core.config import load_config
 from maemi_core.registry import tracking
 from maemi_core.vision.embeddings import load_embeddings
 from maemi_dagster.assets.data import raw_images
+from maemi_dagster.assets.teacher import instruction_set
 from maemi_dagster.assets.vision import demonstration_sets, image_embeddings, vit_classifier
-from maemi_dagster.resources import MaemiConfigResource, MLflowResource
+from maemi_dagster.checks import INSTRUCTION_SET_CHECKS
+from maemi_dagster.resources import MaemiConfigResource, MLflowResource, TeacherResource
 from tests.conftest import REPO
 
 
-def test_vision_stage_on_the_tiny_profile(tmp_path, monkeypatch):
+def test_vision_and_teacher_stages_on_the_tiny_profile(tmp_path, monkeypatch):
     (tmp_path / "configs").mkdir()
     profile = tmp_path / "configs" / "tiny.yaml"
     shutil.copy(REPO / "configs" / "tiny.yaml", profile)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
+    resources = {"maemi_config": MaemiConfigResource(path=str(profile)), "mlflow_tracking": MLflowResource(),
+                 "teacher": TeacherResource()}
+    instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize(
-        [raw_images, vit_classifier, image_embeddings, demonstration_sets],
-        resources={"maemi_config": MaemiConfigResource(path=str(profile)), "mlflow_tracking": MLflowResource()},
-        instance=dg.DagsterInstance.ephemeral(),
+        [raw_images, vit_classifier, image_embeddings, demonstration_sets, instruction_set, *INSTRUCTION_SET_CHECKS],
+        resources=resources, instance=instance,
     )
     assert result.success
     cfg = load_config(profile)
@@ -74,3 +78,17 @@ def test_vision_stage_on_the_tiny_profile(tmp_path, monkeypatch):
         assert f"figures/confusion_{model}.png" in arts
     vit_run = runs[f"vit_classifier-{result.run_id}/vit"]
     assert len(client.get_metric_history(vit_run.info.run_id, "val_loss")) == 3  # one per epoch
+
+    # The teacher stage: the on-prem measurement teacher wrote every record, checks pass.
+    (mat,) = result.asset_materializations_for_node("instruction_set")
+    n_records = mat.metadata["dagster/row_count"].value
+    assert n_records > 64 * 4
+    assert mat.metadata["teacher_calls"].value == n_records and mat.metadata["cache_hits"].value == 0
+    assert all(e.passed for e in result.get_asset_check_evaluations())
+    lines = (cfg.workdir_path / "instructions" / "instructions.jsonl").read_text().splitlines()
+    assert len(lines) == n_records
+
+    # A second materialization makes zero teacher calls.
+    again = dg.materialize([instruction_set], resources=resources, instance=instance)
+    (mat2,) = again.asset_materializations_for_node("instruction_set")
+    assert mat2.metadata["teacher_calls"].value == 0 and mat2.metadata["cache_hits"].value == n_records

@@ -176,7 +176,7 @@ def spatial_heterogeneity(images_u8: np.ndarray, grid: int = 4) -> np.ndarray:
     variation across tiles (std / mean). A uniform film scores near 0; an image with a
     cluster of large particles on one side and fine ones elsewhere scores high.
     """
-    x = torch.from_numpy(np.asarray(images_u8)).float().mean(dim=1, keepdim=True) / 255.0  # (N, 1, H, W)
+    x = torch.from_numpy(np.array(images_u8)).float().mean(dim=1, keepdim=True) / 255.0  # (N, 1, H, W)
     kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]).view(1, 1, 3, 3)
     xp = F.pad(x, (1, 1, 1, 1), mode="replicate")  # no false edges at the border
     gx = F.conv2d(xp, kx)
