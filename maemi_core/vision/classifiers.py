@@ -34,7 +34,7 @@ from maemi_core.evaluation.classification_metrics import (
 )
 from maemi_core.registry.tracking import TrackingContext
 from maemi_core.training.classifier_training import EpochRecord, predict_logits, train_classifier
-from maemi_core.vision.efficientnet_lite0 import EfficientNetLite0Encoder, pooled_features
+from maemi_core.vision.efficientnet_lite0 import cached_pooled_features
 from maemi_core.vision.texture_baseline import fit_texture_svm, svm_scores, texture_feature_matrix
 from maemi_core.vision.vit import PaperViT, PaperViTConfig
 
@@ -149,8 +149,10 @@ def _encode_vit(model: PaperViT, images_u8: np.ndarray, batch_size: int = 64) ->
 
 
 def train_efficientnet_probe(cfg: MaemiConfig, data: VisionData) -> ModelReport:
-    encoder = EfficientNetLite0Encoder()
-    feats = {s: pooled_features(encoder, data.split(s)[0], cfg.vision.embed_batch_size) for s in ("train", "val", "test")}
+    all_feats = cached_pooled_features(data.images, cfg.workdir_path / "cache", manifest_hash(data.manifest),
+                                       cfg.vision.embed_batch_size)
+    split = data.manifest["split"].to_numpy()
+    feats = {s: all_feats[split == s] for s in ("train", "val", "test")}
     y = {s: data.split(s)[1] for s in ("train", "val", "test")}
     best = None
     for c in (0.01, 0.1, 1.0):

@@ -55,3 +55,22 @@ def pooled_features(encoder: EfficientNetLite0Encoder, images_u8: np.ndarray, ba
     for i in tqdm(range(0, len(images_u8), batch_size), desc=desc, unit="batch", mininterval=2):
         out.append(encoder.encode(standardize(torch.from_numpy(images_u8[i: i + batch_size])))[1].numpy())
     return np.concatenate(out) if out else np.empty((0, FEATURE_DIM), np.float32)
+
+
+def cached_pooled_features(images_u8: np.ndarray, cache_dir, key: str, batch_size: int = 64) -> np.ndarray:
+    """:func:`pooled_features` of every image, memoised on disk under ``key`` (the manifest's
+    data version): the probe and the embeddings step share one pass over the images, which is
+    the slow part on a CPU (about 15 images/s on two cores)."""
+    from pathlib import Path
+
+    path = Path(cache_dir) / f"efficientnet_lite0_{key}.npy"
+    if path.is_file():
+        feats = np.load(path)
+        if len(feats) == len(images_u8):
+            return feats
+    feats = pooled_features(EfficientNetLite0Encoder(), images_u8, batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for old in path.parent.glob("efficientnet_lite0_*.npy"):
+        old.unlink()
+    np.save(path, feats)
+    return feats

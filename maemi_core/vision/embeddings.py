@@ -58,8 +58,15 @@ def embeddings_dir(cfg: MaemiConfig) -> Path:
 
 def compute_embeddings(cfg: MaemiConfig, manifest: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
     """``(index, matrix)``: index rows (image_id, split, label) align with matrix rows."""
-    images = cached_image_array(manifest, cfg.vision.image_size, cfg.workdir_path / "cache", manifest_hash(manifest))
-    matrix = embed_images(load_encoder(cfg), images, cfg.vision.embed_batch_size)
+    key = manifest_hash(manifest)
+    images = cached_image_array(manifest, cfg.vision.image_size, cfg.workdir_path / "cache", key)
+    if cfg.vision.encoder == "efficientnet_lite0":  # h_cls = the pooled feature map, shared with the probe
+        from maemi_core.vision.efficientnet_lite0 import cached_pooled_features
+
+        feats = cached_pooled_features(images, cfg.workdir_path / "cache", key, cfg.vision.embed_batch_size)
+        matrix = (feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    else:
+        matrix = embed_images(load_encoder(cfg), images, cfg.vision.embed_batch_size)
     index = manifest[["image_id", "split", "label"]].reset_index(drop=True)
     return index, matrix
 

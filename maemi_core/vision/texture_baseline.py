@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 from joblib import Parallel, delayed
+from joblib.externals.loky import get_reusable_executor
 from scipy.stats import kurtosis, skew
 from skimage.feature import graycomatrix, graycoprops, hog, local_binary_pattern
 from skimage.transform import resize
@@ -48,7 +49,12 @@ def texture_features(gray_u8: np.ndarray) -> np.ndarray:
 def texture_feature_matrix(images_u8: np.ndarray, n_jobs: int = 2) -> np.ndarray:
     """(N, F) features for (N, 3, H, W) uint8 images (greyscale = channel mean)."""
     grays = [img.mean(axis=0).astype(np.uint8) for img in images_u8]
-    rows = Parallel(n_jobs=n_jobs)(delayed(texture_features)(g) for g in grays)
+    try:
+        rows = Parallel(n_jobs=n_jobs)(delayed(texture_features)(g) for g in grays)
+    finally:
+        # joblib keeps its worker processes alive for minutes; a process that waits for its
+        # children at exit (a Dagster step) would hang until they time out.
+        get_reusable_executor().shutdown(wait=True)
     return np.stack(rows)
 
 
