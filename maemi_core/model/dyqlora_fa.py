@@ -1,0 +1,155 @@
+"""DyQLoRA-FA (paper A.1): dynamic-rank LoRA with frozen A on an 8-bit frozen base.
+
+    y = x W0^T + (alpha / b) * dropout(x) A[:, :b] B[:b, :]
+
+- ``W0`` (d_out x d_in) is stored as int8 with one fp32 scale per output row (symmetric
+  absmax), frozen: the base costs 1 byte per weight instead of 4.
+- ``A`` (d_in x r_max) is drawn once from N(0, 1/d_in) and frozen; ``B`` (r_max x d_out)
+  starts at zero and is the only trained tensor (LoRA-FA).
+- At every training step a rank ``b`` in [r_min, r_max] is sampled (:func:`sample_rank`) and
+  the adapter runs truncated to its leading ``b`` columns of A / rows of B, with scaling
+  alpha / b (rank normalisation), so the trained adapter can be deployed at any rank.
+- The custom autograd function keeps only the r-dimensional ``dropout(x) A`` for backward.
+  Neither ``x`` nor the dropout mask is stored: the mask is regenerated from its seed, and
+  the gradient with respect to ``x`` needs only the weights. Stock LoRA keeps ``x``
+  (d_in wide) in every adapted layer; that is the activation memory LoRA-FA removes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-row int8: ``(w_int8 (out, in), scale (out,))`` with w ~ w_int8 * scale."""
+    scale = weight.detach().abs().amax(dim=1).clamp_min(1e-8) / 127.0
+    q = torch.clamp(torch.round(weight.detach() / scale[:, None]), -127, 127).to(torch.int8)
+    return q, scale.float()
+
+
+def _dropout_mask(shape: torch.Size, p: float, seed: int, device) -> torch.Tensor:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return (torch.rand(shape, generator=gen, device=device) >= p).to(torch.float32) / (1.0 - p)
+
+
+class _DyQLoRAFAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_q, w_scale, bias, a, b, scaling: float, p: float, seed: int):
+        # x (..., d_in); w_q (d_out, d_in) int8; a (d_in, r); b (r, d_out)
+        w = w_q.to(x.dtype) * w_scale[:, None].to(x.dtype)            # transient dequantised W0
+        y = x @ w.T
+        if bias is not None:
+            y = y + bias
+        xd = x * _dropout_mask(x.shape, p, seed, x.device) if p > 0 else x
+        xa = xd @ a                                                      # (..., r): all that is kept
+        y = y + scaling * (xa @ b)
+        ctx.save_for_backward(xa, w_q, w_scale, a, b)
+        ctx.scaling, ctx.p, ctx.seed, ctx.x_shape = scaling, p, seed, x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xa, w_q, w_scale, a, b = ctx.saved_tensors
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[5]:
+            grad_b = ctx.scaling * xa.reshape(-1, xa.shape[-1]).T @ gy.reshape(-1, gy.shape[-1])   # (r, d_out)
+        if ctx.needs_input_grad[0]:
+            w = w_q.to(gy.dtype) * w_scale[:, None].to(gy.dtype)
+            g_adapter = ctx.scaling * (gy @ b.T) @ a.T                                          # (..., d_in)
+            if ctx.p > 0:
+                g_adapter = g_adapter * _dropout_mask(ctx.x_shape, ctx.p, ctx.seed, gy.device)
+            grad_x = gy @ w + g_adapter
+        return grad_x, None, None, None, None, grad_b, None, None, None
+
+
+class DyLoRAFALinear(nn.Module):
+    """A frozen (8-bit) linear layer with a dynamic-rank LoRA-FA adapter."""
+
+    def __init__(self, base: nn.Linear, r_min: int = 4, r_max: int = 16, alpha: float = 16.0,
+                 dropout: float = 0.05, quantize: bool = True, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        if not 1 <= r_min <= r_max:
+            raise ValueError(f"need 1 <= r_min <= r_max, got {r_min}, {r_max}")
+        d_out, d_in = base.weight.shape
+        self.in_features, self.out_features = d_in, d_out
+        self.r_min, self.r_max, self.alpha, self.dropout = r_min, r_max, alpha, dropout
+        self.quantized = quantize
+        if quantize:
+            q, s = quantize_int8(base.weight)
+        else:
+            q, s = base.weight.detach().clone(), torch.ones(d_out)
+        self.register_buffer("weight_q", q)            # int8 (or fp32 when quantize=False), frozen
+        self.register_buffer("weight_scale", s)
+        self.register_buffer("bias", None if base.bias is None else base.bias.detach().clone())
+        self.register_buffer("lora_A", torch.randn(d_in, r_max, generator=generator) / math.sqrt(d_in))
+        self.lora_B = nn.Parameter(torch.zeros(r_max, d_out))
+        self.rank = r_max                 # the deployment rank used outside training
+        self.active_rank: Optional[int] = None   # set per training step by set_active_rank
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, rank=[{self.r_min},{self.r_max}], "
+                f"alpha={self.alpha}, dropout={self.dropout}, int8={self.quantized}")
+
+    def current_rank(self) -> int:
+        return self.active_rank if (self.training and self.active_rank) else self.rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.current_rank()
+        p = self.dropout if self.training else 0.0
+        seed = int(torch.randint(0, 2**62, (1,))) if p > 0 else 0
+        return _DyQLoRAFAFunction.apply(x, self.weight_q, self.weight_scale, self.bias, self.lora_A[:, :r],
+                                        self.lora_B[:r], self.alpha / r, p, seed)
+
+    def base_weight(self) -> torch.Tensor:
+        return self.weight_q.float() * self.weight_scale[:, None]
+
+    def delta_weight(self, rank: Optional[int] = None) -> torch.Tensor:
+        """The adapter as a (d_out, d_in) matrix at ``rank`` (deploy-any-rank, merging)."""
+        r = rank or self.rank
+        return (self.alpha / r) * (self.lora_A[:, :r] @ self.lora_B[:r]).T
+
+
+def sample_rank(r_min: int, r_max: int, generator: Optional[torch.Generator] = None,
+                probs: Optional[torch.Tensor] = None) -> int:
+    """A rank from the categorical distribution over [r_min, r_max] (uniform by default)."""
+    n = r_max - r_min + 1
+    probs = torch.full((n,), 1.0 / n) if probs is None else probs
+    return r_min + int(torch.multinomial(probs, 1, generator=generator))
+
+
+def dylora_layers(model: nn.Module) -> list[DyLoRAFALinear]:
+    return [m for m in model.modules() if isinstance(m, DyLoRAFALinear)]
+
+
+def set_active_rank(model: nn.Module, rank: Optional[int]) -> None:
+    """One rank for every adapter in this training step (None: use the deployment rank)."""
+    for m in dylora_layers(model):
+        m.active_rank = rank
+
+
+def set_deploy_rank(model: nn.Module, rank: int) -> None:
+    for m in dylora_layers(model):
+        if not m.r_min <= rank <= m.r_max:
+            raise ValueError(f"rank {rank} outside the trained range [{m.r_min}, {m.r_max}]")
+        m.rank = rank
+
+
+def apply_dyqlora_fa(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS, r_min: int = 4, r_max: int = 16,
+                     alpha: float = 16.0, dropout: float = 0.05, quantize: bool = True, seed: int = 0) -> int:
+    """Replace every ``nn.Linear`` whose name ends with one of ``targets`` in place; returns the
+    number replaced. Freezes nothing else: the caller decides what else trains."""
+    gen = torch.Generator().manual_seed(seed)
+    targets = tuple(targets)
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child_name in targets:
+                setattr(module, child_name, DyLoRAFALinear(child, r_min, r_max, alpha, dropout, quantize, gen))
+                replaced += 1
+    return replaced

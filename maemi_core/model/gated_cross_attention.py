@@ -1,0 +1,86 @@
+"""Gated cross-attention (paper Figure 2; Flamingo / open_flamingo ``GatedCrossAttentionBlock``).
+
+Text tokens are the queries, visual tokens the keys and values. Each text token attends only
+to the tokens of the image that most recently precedes it in the interleaved prompt (tokens
+before the first ``<image>`` attend to nothing and get no update). A masked cross-attention
+and a feed-forward are each added to the residual stream scaled by ``tanh(gate)``; both gates
+start at 0, so an untrained block is exactly the identity and the model is exactly its base LM.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def media_attention_mask(image_positions: torch.Tensor, seq_len: int, num_images: int) -> torch.Tensor:
+    """(B, T, M) bool: text token t may attend to image m iff m is the latest image at or before t.
+
+    ``image_positions`` (B, M): token index of each ``<image>`` marker, -1 for padding images.
+    """
+    t = torch.arange(seq_len, device=image_positions.device)[None, :, None]       # (1, T, 1)
+    pos = image_positions[:, None, :]                                             # (B, 1, M)
+    valid = pos >= 0
+    seen = valid & (pos <= t)                                                     # (B, T, M) images at or before t
+    # Latest seen image: the one with the largest position among those seen.
+    latest = torch.where(seen, pos, torch.full_like(pos, -1)).amax(dim=2, keepdim=True)  # (B, T, 1)
+    return seen & (pos == latest)
+
+
+class GatedCrossAttention(nn.Module):
+    def __init__(self, dim: int, vis_dim: int, heads: int = 8, head_dim: int = 64, ff_mult: int = 4):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.head_dim = heads, head_dim
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(vis_dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, ff_mult * dim, bias=False), nn.GELU(),
+                                nn.Linear(ff_mult * dim, dim, bias=False))
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, media: torch.Tensor, media_mask: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) text states; media (B, M, N, V) visual tokens of M images; media_mask (B, T, M)."""
+        b, t, _ = x.shape
+        _, m, n, _ = media.shape
+        q = self.to_q(self.norm(x)).view(b, t, self.heads, self.head_dim).transpose(1, 2)      # (B, h, T, hd)
+        k, v = self.to_kv(media.reshape(b, m * n, -1)).chunk(2, dim=-1)                        # (B, M*N, inner)
+        k = k.view(b, m * n, self.heads, self.head_dim).transpose(1, 2)                       # (B, h, M*N, hd)
+        v = v.view(b, m * n, self.heads, self.head_dim).transpose(1, 2)
+        allowed = media_mask.repeat_interleave(n, dim=2)[:, None]                              # (B, 1, T, M*N)
+        has_media = allowed.any(dim=-1, keepdim=True)                                          # (B, 1, T, 1)
+        # Rows with no image yet would be all -inf: let them attend anywhere, then zero them.
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has_media)        # (B, h, T, hd)
+        attn = attn * has_media
+        out = self.to_out(attn.transpose(1, 2).reshape(b, t, -1))                              # (B, T, D)
+        x = x + torch.tanh(self.attn_gate) * out
+        return x + torch.tanh(self.ff_gate) * self.ff(x)
+
+
+class GatedXAttnDecoderLayer(nn.Module):
+    """A decoder layer of the LM with a gated cross-attention block in front of it
+    (open_flamingo's ``FlamingoLayer``). The visual context is set per forward pass with
+    :meth:`condition` so the wrapped layer keeps its own signature (KV cache included)."""
+
+    def __init__(self, xattn: Optional[GatedCrossAttention], decoder_layer: nn.Module):
+        super().__init__()
+        self.xattn = xattn
+        self.decoder_layer = decoder_layer
+        self.media: Optional[torch.Tensor] = None
+        self.media_mask: Optional[torch.Tensor] = None
+
+    def condition(self, media: Optional[torch.Tensor], media_mask: Optional[torch.Tensor]) -> None:
+        self.media, self.media_mask = media, media_mask
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.xattn is not None and self.media is not None:
+            mask = self.media_mask
+            if mask.shape[1] != hidden_states.shape[1]:   # cached generation: only the newest tokens
+                mask = mask[:, -hidden_states.shape[1]:]
+            hidden_states = self.xattn(hidden_states, self.media, mask)
+        return self.decoder_layer(hidden_states, *args, **kwargs)
