@@ -1,0 +1,136 @@
+"""The MAEMI vision-language model (paper Figure 2).
+
+    images --(frozen vision encoder)--> visual tokens (patch tokens + h_cls)
+    prompt with <image> markers ... <Encode> --(LM embeddings)--> text states
+    every n-th decoder layer: gated cross-attention (text queries, visual keys/values)
+    decoder linears: DyQLoRA-FA (int8 frozen base, frozen A, trained B, sampled rank)
+    --> next-token distribution
+
+Trainable: the B matrices, the gated cross-attention blocks and the embeddings of the two new
+tokens. Everything else is frozen. With the gates at 0 the model is exactly its base LM
+(up to the int8 rounding of the base weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from maemi_core.data.transforms import standardize
+from maemi_core.model.dyqlora_fa import DEFAULT_TARGETS, apply_dyqlora_fa, dylora_layers
+from maemi_core.model.gated_cross_attention import GatedCrossAttention, GatedXAttnDecoderLayer, media_attention_mask
+
+IMAGE_TOKEN = "<image>"
+ENCODE_TOKEN = "<Encode>"
+
+
+@dataclass
+class MaemiModelConfig:
+    xattn_every: int = 2            # a gated cross-attention block before every n-th decoder layer
+    xattn_heads: int = 8
+    xattn_head_dim: int = 64
+    xattn_ff_mult: int = 2
+    r_min: int = 4
+    r_max: int = 16
+    alpha: float = 16.0
+    lora_dropout: float = 0.05
+    quantize: bool = True           # 8-bit frozen base weights
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    image_size: int = 224
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MaemiModel(nn.Module):
+    def __init__(self, lm: nn.Module, tokenizer, vision_encoder: nn.Module, vis_dim: int, cfg: MaemiModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, ENCODE_TOKEN]})
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.encode_token_id = tokenizer.convert_tokens_to_ids(ENCODE_TOKEN)
+        self.lm = lm
+        self.vision = vision_encoder
+        for p in list(self.lm.parameters()) + list(self.vision.parameters()):
+            p.requires_grad_(False)
+        self.vision.eval()
+        base_vocab = lm.get_input_embeddings().weight.shape[0]
+        if max(self.image_token_id, self.encode_token_id) < base_vocab:
+            raise ValueError("the tokenizer's new tokens overlap the LM vocabulary")
+        self.base_vocab = base_vocab
+        hidden = lm.config.hidden_size
+        # The new tokens' embeddings live apart from the frozen vocabulary: (2, D), trained.
+        self.new_token_embeddings = nn.Parameter(
+            lm.get_input_embeddings().weight.detach().std() * torch.randn(2, hidden))
+        layers = lm.model.layers
+        for i in range(len(layers)):
+            xattn = (GatedCrossAttention(hidden, vis_dim, cfg.xattn_heads, cfg.xattn_head_dim, cfg.xattn_ff_mult)
+                     if i % cfg.xattn_every == 0 else None)
+            layers[i] = GatedXAttnDecoderLayer(xattn, layers[i])
+        self.n_adapted = apply_dyqlora_fa(lm.model.layers, cfg.targets, cfg.r_min, cfg.r_max, cfg.alpha,
+                                          cfg.lora_dropout, cfg.quantize)
+
+    # --- parameters -------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_counts(self) -> dict[str, int]:
+        xattn = sum(p.numel() for layer in self.lm.model.layers if layer.xattn is not None
+                    for p in layer.xattn.parameters())
+        lora_b = sum(m.lora_B.numel() for m in dylora_layers(self))
+        return {"trainable": sum(p.numel() for p in self.trainable_parameters()), "lora_B": lora_b,
+                "gated_xattn": xattn, "new_token_embeddings": self.new_token_embeddings.numel(),
+                "total": sum(p.numel() for p in self.parameters()) + sum(b.numel() for b in self.buffers())}
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What training changed: small enough to checkpoint and register."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if k in names}
+
+    # --- inputs -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images_u8: torch.Tensor) -> torch.Tensor:
+        """(B, M, 3, S, S) uint8 -> (B, M, N, V) visual tokens: patch tokens followed by h_cls."""
+        b, m = images_u8.shape[:2]
+        tokens, h_cls = self.vision.encode(standardize(images_u8.reshape(b * m, *images_u8.shape[2:])))
+        media = torch.cat([tokens, h_cls[:, None]], dim=1)                                # (B*M, N, V)
+        return media.view(b, m, *media.shape[1:])
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        base = self.lm.get_input_embeddings()(input_ids.clamp(max=self.base_vocab - 1))   # (B, T, D)
+        new = input_ids >= self.base_vocab
+        if new.any():
+            base = base.clone()
+            base[new] = self.new_token_embeddings[input_ids[new] - self.base_vocab].to(base.dtype)
+        return base
+
+    def image_positions(self, input_ids: torch.Tensor, num_images: int) -> torch.Tensor:
+        """(B, M) token index of each <image> marker, -1 where a sample has fewer images."""
+        pos = torch.full((input_ids.shape[0], num_images), -1, dtype=torch.long)
+        for i, row in enumerate(input_ids):
+            idx = (row == self.image_token_id).nonzero().flatten()[:num_images]
+            pos[i, : len(idx)] = idx
+        return pos
+
+    def condition(self, media: Optional[torch.Tensor], media_mask: Optional[torch.Tensor]) -> None:
+        for layer in self.lm.model.layers:
+            layer.condition(media, media_mask)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images_u8: Optional[torch.Tensor],
+                labels: Optional[torch.Tensor] = None, media: Optional[torch.Tensor] = None):
+        if media is None and images_u8 is not None and images_u8.numel():
+            media = self.encode_images(images_u8)
+        mask = None
+        if media is not None:
+            mask = media_attention_mask(self.image_positions(input_ids, media.shape[1]), input_ids.shape[1],
+                                        media.shape[1])
+        self.condition(media, mask)
+        try:
+            return self.lm(inputs_embeds=self.embed(input_ids), attention_mask=attention_mask, labels=labels,
+                           use_cache=False)
+        finally:
+            self.condition(None, None)

@@ -1,0 +1,206 @@
+"""Instruction tuning of the MAEMI model (paper A.8).
+
+Next-token cross-entropy on the answer tokens only (the prompt is masked with -100), Adam at
+1e-3 on the trainable parameters, micro-batches accumulated to the effective batch, one
+DyQLoRA-FA rank sampled per optimizer step, validation at the full rank, the learning rate
+halved after ``lr_patience`` epochs without a better validation loss, early stopping, a
+checkpoint of the trainable tensors + optimizer after every epoch, and resume after a kill.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from maemi_core.data.transforms import load_resized
+from maemi_core.model.dyqlora_fa import sample_rank, set_active_rank
+from maemi_core.model.maemi_model import ENCODE_TOKEN, MaemiModel
+from maemi_core.training.checkpoints import load_checkpoint, save_checkpoint
+
+
+@dataclass
+class Example:
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+    image_ids: list[str]
+
+
+def prompt_ids(tokenizer, human: str) -> list[int]:
+    """The student prompt in the LM's chat template, closed by <Encode> (paper Figure 2)."""
+    msgs = [{"role": "user", "content": f"{human} {ENCODE_TOKEN}"}]
+    return list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def build_examples(records: list[dict], tokenizer, max_len: int) -> tuple[list[Example], int]:
+    """Tokenised examples with prompt-masked labels; returns (examples, number dropped as too long)."""
+    out, dropped = [], 0
+    eos = tokenizer.eos_token or ""
+    for r in records:
+        p = prompt_ids(tokenizer, r["conversations"][0]["value"])
+        a = tokenizer(r["conversations"][-1]["value"] + eos, add_special_tokens=False)["input_ids"]
+        if len(p) >= max_len - 8:
+            dropped += 1
+            continue
+        a = a[: max_len - len(p)]
+        out.append(Example(r["id"], p + a, [-100] * len(p) + a, list(r["image_ids"])))
+    return out, dropped
+
+
+class ImageStore:
+    """Decoded model-input images by id, loaded once."""
+
+    def __init__(self, paths: dict[str, tuple[str, int]], size: int):
+        self.paths, self.size = paths, size
+        self._cache: dict[str, np.ndarray] = {}
+
+    def get(self, image_id: str) -> np.ndarray:
+        if image_id not in self._cache:
+            path, crop = self.paths[image_id]
+            self._cache[image_id] = load_resized(path, self.size, crop)
+        return self._cache[image_id]
+
+
+def collate(batch: list[Example], pad_id: int, images: ImageStore) -> dict[str, torch.Tensor]:
+    t = max(len(e.input_ids) for e in batch)
+    m = max(len(e.image_ids) for e in batch)
+    ids = torch.full((len(batch), t), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), t), -100, dtype=torch.long)
+    attn = torch.zeros((len(batch), t), dtype=torch.long)
+    imgs = torch.zeros((len(batch), m, 3, images.size, images.size), dtype=torch.uint8)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n], labels[i, :n], attn[i, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
+        for j, iid in enumerate(e.image_ids):
+            imgs[i, j] = torch.from_numpy(images.get(iid))
+    return {"input_ids": ids, "labels": labels, "attention_mask": attn, "images_u8": imgs}
+
+
+@dataclass
+class MaemiTrainingConfig:
+    lr: float = 1e-3
+    micro_batch: int = 4
+    effective_batch: int = 32
+    max_epochs: int = 50
+    early_stopping_patience: int = 10
+    lr_patience: int = 5
+    lr_factor: float = 0.5
+    seed: int = 0
+
+
+@dataclass
+class MaemiEpoch:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    lr: float
+    tokens_per_s: float
+    steps: int
+
+
+@dataclass
+class MaemiTrainingResult:
+    history: list[MaemiEpoch] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_loss: float = float("inf")
+    stopped_early: bool = False
+    resumed_from_epoch: int = 0
+
+
+@torch.no_grad()
+def evaluate_loss(model: MaemiModel, examples: list[Example], pad_id: int, images: ImageStore, micro_batch: int) -> float:
+    """Token-weighted mean answer loss at the deployment rank."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), micro_batch):
+        batch = collate(examples[i: i + micro_batch], pad_id, images)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(model(**batch).loss) * n
+        count += n
+    return total / max(count, 1)
+
+
+def train_maemi(model: MaemiModel, train: list[Example], val: list[Example], images: ImageStore,
+                cfg: MaemiTrainingConfig, checkpoint_path: str | Path, fingerprint: str,
+                on_epoch: Callable[[MaemiEpoch], None] = lambda e: None,
+                stop_after_epoch: Optional[int] = None) -> MaemiTrainingResult:
+    """Train in place; on return the model holds the best-validation trainable tensors."""
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
+    params = model.trainable_parameters()
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience)
+    accum = max(1, cfg.effective_batch // cfg.micro_batch)
+    result = MaemiTrainingResult()
+    best = model.trainable_state_dict()
+    bad, start = 0, 0
+    state = load_checkpoint(checkpoint_path, fingerprint)
+    if state is not None and not state.get("finished"):
+        model.load_state_dict(state["trainable"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        best, bad = state["best"], state["bad_epochs"]
+        result.history = [MaemiEpoch(**h) for h in state["history"]]
+        result.best_epoch, result.best_val_loss = state["best_epoch"], state["best_val_loss"]
+        start = result.resumed_from_epoch = state["epoch"]
+
+    for epoch in range(start + 1, cfg.max_epochs + 1):
+        model.train()
+        model.vision.eval()
+        order = torch.randperm(len(train), generator=gen).tolist()
+        micro = [order[i: i + cfg.micro_batch] for i in range(0, len(order), cfg.micro_batch)]
+        total, tokens, steps, t0 = 0.0, 0, 0, time.perf_counter()
+        bar = tqdm(range(0, len(micro), accum), desc=f"maemi epoch {epoch}/{cfg.max_epochs}", unit="step",
+                   leave=False, mininterval=2)
+        for s in bar:
+            group = micro[s: s + accum]
+            set_active_rank(model, sample_rank(model.cfg.r_min, model.cfg.r_max, gen))
+            n_tok = sum(sum(1 for l in train[i].labels[1:] if l != -100) for mb in group for i in mb)
+            opt.zero_grad(set_to_none=True)
+            for mb in group:
+                batch = collate([train[i] for i in mb], pad_id, images)
+                n = int((batch["labels"][:, 1:] != -100).sum())
+                loss = model(**batch).loss
+                (loss * n / max(n_tok, 1)).backward()     # token-weighted mean over the whole step
+                total += float(loss.detach()) * n
+                tokens += n
+            opt.step()
+            steps += 1
+            bar.set_postfix(loss=f"{total / max(tokens, 1):.3f}",
+                            tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
+        set_active_rank(model, None)
+        tps = tokens / max(time.perf_counter() - t0, 1e-9)
+        val_loss = evaluate_loss(model, val, pad_id, images, cfg.micro_batch) if val else total / max(tokens, 1)
+        sched.step(val_loss)
+        rec = MaemiEpoch(epoch, total / max(tokens, 1), val_loss, opt.param_groups[0]["lr"], tps, steps)
+        result.history.append(rec)
+        if val_loss < result.best_val_loss - 1e-6:
+            result.best_val_loss, result.best_epoch, bad = val_loss, epoch, 0
+            best = model.trainable_state_dict()
+        else:
+            bad += 1
+        stop = bad >= cfg.early_stopping_patience
+        save_checkpoint({
+            "fingerprint": fingerprint, "epoch": epoch, "finished": stop or epoch == cfg.max_epochs,
+            "trainable": model.trainable_state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "best": best, "bad_epochs": bad,
+            "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
+            "history": [h.__dict__ for h in result.history],
+        }, checkpoint_path)
+        on_epoch(rec)
+        if stop:
+            result.stopped_early = True
+            break
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            break
+    model.load_state_dict(best, strict=False)
+    return result
