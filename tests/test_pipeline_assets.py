@@ -1,5 +1,6 @@
-"""The vision stage end to end in Dagster on the tiny profile: ViT + baselines, embeddings,
-demonstration sets, reports on disk and one MLflow run per model."""
+"""The pipeline end to end in Dagster on the tiny profile: ViT + baselines, embeddings,
+demonstration sets, the instruction set, the MAEMI model registered as challenger, and the
+registered model answering in a fresh process."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from maemi_core.config import load_config
 from maemi_core.registry import tracking
 from maemi_core.vision.embeddings import load_embeddings
 from maemi_dagster.assets.data import raw_images
+from maemi_dagster.assets.model import maemi_model
 from maemi_dagster.assets.teacher import instruction_set
 from maemi_dagster.assets.vision import demonstration_sets, image_embeddings, vit_classifier
 from maemi_dagster.checks import INSTRUCTION_SET_CHECKS
@@ -21,7 +23,7 @@ from maemi_dagster.resources import MaemiConfigResource, MLflowResource, Teacher
 from tests.conftest import REPO
 
 
-def test_vision_and_teacher_stages_on_the_tiny_profile(tmp_path, monkeypatch):
+def test_pipeline_on_the_tiny_profile(tmp_path, monkeypatch):
     (tmp_path / "configs").mkdir()
     profile = tmp_path / "configs" / "tiny.yaml"
     shutil.copy(REPO / "configs" / "tiny.yaml", profile)
@@ -31,7 +33,8 @@ def test_vision_and_teacher_stages_on_the_tiny_profile(tmp_path, monkeypatch):
                  "teacher": TeacherResource()}
     instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize(
-        [raw_images, vit_classifier, image_embeddings, demonstration_sets, instruction_set, *INSTRUCTION_SET_CHECKS],
+        [raw_images, vit_classifier, image_embeddings, demonstration_sets, instruction_set, *INSTRUCTION_SET_CHECKS,
+         maemi_model],
         resources=resources, instance=instance,
     )
     assert result.success
@@ -92,3 +95,30 @@ def test_vision_and_teacher_stages_on_the_tiny_profile(tmp_path, monkeypatch):
     again = dg.materialize([instruction_set], resources=resources, instance=instance)
     (mat2,) = again.asset_materializations_for_node("instruction_set")
     assert mat2.metadata["teacher_calls"].value == 0 and mat2.metadata["cache_hits"].value == n_records
+
+    # The model stage: trained, packaged, registered as challenger, loadable in a fresh process.
+    (mm,) = result.asset_materializations_for_node("maemi_model")
+    assert mm.metadata["registered_model"].value == "maemi-elpv-tiny"
+    assert mm.metadata["epochs"].value == 3 and 0 < mm.metadata["trainable_parameters"].value
+    history = pd.read_csv(cfg.workdir_path / "model" / "history.csv")
+    assert history["val_loss"].iloc[-1] < history["val_loss"].iloc[0]
+    version = client.get_model_version_by_alias("maemi-elpv-tiny", "challenger")
+    assert str(version.version) == str(mm.metadata["version"].value)
+    assert version.tags["dagster_run_id"] == result.run_id
+
+    image = pd.read_parquet(cfg.workdir_path / "raw_images" / "manifest.parquet")["path"].iloc[0]
+    script = (
+        "import base64, mlflow, pandas as pd, sys\n"
+        "m = mlflow.pyfunc.load_model('models:/maemi-elpv-tiny@challenger')\n"
+        "b64 = base64.b64encode(open(sys.argv[1], 'rb').read()).decode()\n"
+        "out = m.predict(pd.DataFrame({'image': [b64, b64], 'question': ['Describe the cell.', 'Is it defective?'],"
+        " 'rank': [2, 8]}))\n"
+        "assert list(out.columns) == ['answer'] and len(out) == 2, out\n"
+        "print('ANSWERS', [type(a).__name__ for a in out['answer']])\n"
+    )
+    import subprocess
+    import sys
+    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": tracking.embedded_store(tmp_path)[0]}
+    proc = subprocess.run([sys.executable, "-c", script, image], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ANSWERS ['str', 'str']" in proc.stdout

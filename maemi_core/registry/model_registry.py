@@ -1,0 +1,40 @@
+"""Registering MAEMI versions in the MLflow Model Registry (aliases, never stages)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+PYFUNC_FILE = Path(__file__).resolve().parent / "maemi_pyfunc.py"
+CHALLENGER, CHAMPION = "challenger", "champion"
+
+
+def registered_model_name(dataset_name: str) -> str:
+    return f"maemi-{dataset_name}"
+
+
+def log_and_register(package_dir: str | Path, name: str, tags: dict[str, str],
+                     input_example=None) -> tuple[str, str]:
+    """Log the pyfunc (models-from-code) in the active run, register it as a new version of
+    ``name`` and point the ``challenger`` alias at it. Returns (model URI, version)."""
+    info = mlflow.pyfunc.log_model(
+        name="maemi", python_model=str(PYFUNC_FILE), artifacts={"package": str(package_dir)},
+        registered_model_name=name, input_example=input_example,
+        pip_requirements=["torch==2.13.0", "transformers", "mlflow", "pandas", "pillow", "safetensors"],
+    )
+    client = MlflowClient()
+    version = str(info.registered_model_version)
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, str(v))
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    return info.model_uri, version
+
+
+def alias_version(name: str, alias: str) -> Optional[str]:
+    try:
+        return MlflowClient().get_model_version_by_alias(name, alias).version
+    except mlflow.exceptions.MlflowException:
+        return None

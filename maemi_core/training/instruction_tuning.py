@@ -1,0 +1,128 @@
+"""The ``maemi_model`` step: tune the MAEMI model on the instruction set and register it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Optional
+
+import pandas as pd
+
+from maemi_core.config import MaemiConfig
+from maemi_core.evaluation.classification_metrics import loss_curve_figure
+from maemi_core.model.maemi_model import build_model, save_package
+from maemi_core.registry.tracking import TrackingContext
+from maemi_core.training.maemi_training import (
+    ImageStore, MaemiEpoch, MaemiTrainingConfig, build_examples, train_maemi,
+)
+
+ASSET = "maemi_model"
+
+
+def model_dir(cfg: MaemiConfig) -> Path:
+    return cfg.workdir_path / "model"
+
+
+def select_records(records: list[dict], split: str, tasks: list[str], limit: Optional[int]) -> list[dict]:
+    """Records of one split and the training tasks; with ``limit``, a stable slice by id hash
+    that keeps every task represented (round-robin over tasks)."""
+    chosen = [r for r in records if r["split"] == split and r["task"] in tasks]
+    chosen.sort(key=lambda r: hashlib.sha256(r["id"].encode()).hexdigest())
+    if limit is None or len(chosen) <= limit:
+        return chosen
+    by_task: dict[str, list[dict]] = {}
+    for r in chosen:
+        by_task.setdefault(r["task"], []).append(r)
+    out, i = [], 0
+    while len(out) < limit:
+        for t in sorted(by_task):
+            if i < len(by_task[t]) and len(out) < limit:
+                out.append(by_task[t][i])
+        i += 1
+    return out
+
+
+def training_config(cfg: MaemiConfig) -> MaemiTrainingConfig:
+    m = cfg.model
+    return MaemiTrainingConfig(lr=m.lr, micro_batch=m.micro_batch, effective_batch=m.effective_batch,
+                               max_epochs=m.max_epochs, early_stopping_patience=m.early_stopping_patience,
+                               lr_patience=m.lr_patience, seed=m.seed)
+
+
+def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
+                      tracker: Optional[TrackingContext] = None, log: Callable[[str], None] = lambda m: None,
+                      stop_after_epoch: Optional[int] = None) -> dict:
+    import mlflow
+
+    from maemi_core.data.manifest import manifest_hash
+    from maemi_core.registry.model_registry import log_and_register, registered_model_name
+
+    m = cfg.model
+    train_recs = select_records(records, "train", m.train_tasks, m.max_train_records)
+    val_recs = select_records(records, "val", m.train_tasks, m.max_val_records)
+    if not train_recs:
+        raise ValueError("no train records for model.train_tasks: materialize instruction_set first")
+    model = build_model(cfg)
+    counts = model.parameter_counts()
+    log(f"MAEMI model: {counts['trainable']:,} trainable of {counts['total']:,} parameters; "
+        f"{model.n_adapted} DyQLoRA-FA layers; {len(train_recs)} train / {len(val_recs)} val records")
+    train_ex, dropped_tr = build_examples(train_recs, model.tokenizer, m.max_len)
+    val_ex, dropped_va = build_examples(val_recs, model.tokenizer, m.max_len)
+    paths = {r["image_id"]: (r["path"], int(r.get("crop_bottom") or 0)) for _, r in manifest.iterrows()}
+    images = ImageStore(paths, cfg.vision.image_size)
+    data_hash = hashlib.sha256("".join(r["provenance"]["cache_key"] for r in train_recs + val_recs).encode()).hexdigest()[:16]
+    tcfg = training_config(cfg)
+    fingerprint = json.dumps({"data": data_hash, "model": m.model_dump(), "encoder": cfg.vision.encoder,
+                              "train": asdict(tcfg)}, sort_keys=True)
+    out = model_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    pack_version = records[0]["provenance"]["prompt_pack_version"] if records else ""
+
+    def on_epoch(e: MaemiEpoch) -> None:
+        log(f"maemi epoch {e.epoch}: train_loss={e.train_loss:.4f} val_loss={e.val_loss:.4f} lr={e.lr:g} "
+            f"({e.tokens_per_s:.0f} tok/s, {e.steps} steps)")
+        if tracker is not None:
+            mlflow.log_metrics({"train_loss": e.train_loss, "val_loss": e.val_loss, "lr": e.lr,
+                                "tokens_per_s": e.tokens_per_s}, step=e.epoch)
+
+    def run() -> dict:
+        result = train_maemi(model, train_ex, val_ex, images, tcfg, out / "checkpoint.pt", fingerprint,
+                             on_epoch=on_epoch, stop_after_epoch=stop_after_epoch)
+        package = save_package(model, cfg, out / "package")
+        history = pd.DataFrame([h.__dict__ for h in result.history])
+        history.to_csv(out / "history.csv", index=False)
+        fig = loss_curve_figure(history.assign(val_acc=float("nan")), "MAEMI instruction tuning", out / "loss_curve.png")
+        summary = {"best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
+                   "epochs": len(result.history), "stopped_early": result.stopped_early,
+                   "resumed_from_epoch": result.resumed_from_epoch, "train_records": len(train_ex),
+                   "val_records": len(val_ex), "dropped_too_long": dropped_tr + dropped_va, **counts,
+                   "data_hash": data_hash, "package": str(package), "loss_curve": str(fig)}
+        return summary
+
+    if tracker is None:
+        summary = run()
+        summary["model_uri"] = summary["version"] = None
+        return summary
+    with tracker.run(ASSET) as active:
+        mlflow.log_params({
+            "lm_profile": m.lm_profile, "vision_encoder": cfg.vision.encoder, "r_min": m.r_min, "r_max": m.r_max,
+            "alpha": m.alpha, "lora_dropout": m.lora_dropout, "quantization": "int8 weight-only" if m.quantize_8bit else "fp32",
+            "xattn_every": m.xattn_every, "xattn_heads": m.xattn_heads, "lr": m.lr, "micro_batch": m.micro_batch,
+            "effective_batch": m.effective_batch, "max_epochs": m.max_epochs, "max_len": m.max_len,
+            "train_tasks": ",".join(m.train_tasks), "prompt_pack": cfg.dataset.prompt_pack,
+            "prompt_pack_version": pack_version, "data_hash": data_hash, "manifest_version": manifest_hash(manifest),
+            "trainable_parameters": counts["trainable"],
+        })
+        summary = run()
+        mlflow.log_metrics({"best_val_loss": summary["best_val_loss"], "best_epoch": summary["best_epoch"]})
+        mlflow.log_artifact(summary["loss_curve"], artifact_path="figures")
+        mlflow.log_artifact(str(out / "history.csv"))
+        name = registered_model_name(cfg.dataset.name)
+        uri, version = log_and_register(summary["package"], name, {
+            "data_hash": data_hash, "manifest_version": manifest_hash(manifest), "code_version": "1",
+            "dagster_run_id": tracker.dagster_run_id, "lm_profile": m.lm_profile, "prompt_pack_version": pack_version})
+        summary |= {"model_uri": uri, "version": version, "registered_model": name, "mlflow_run_id": active.info.run_id}
+        log(f"registered {name} version {version} as challenger")
+    return summary

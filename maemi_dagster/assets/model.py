@@ -1,0 +1,50 @@
+"""Model stage: instruction-tune MAEMI and register the new version as `challenger`."""
+
+import dagster as dg
+
+from maemi_core.data.manifest import load_manifest
+from maemi_core.teacher.instruction_set import load_instruction_set
+from maemi_core.training.instruction_tuning import tune_and_register
+from maemi_dagster.assets.data import OWNERS
+from maemi_dagster.assets.teacher import instruction_set
+from maemi_dagster.assets.vision import vit_classifier
+from maemi_dagster.metadata import image_md
+from maemi_dagster.resources import MaemiConfigResource, MLflowResource
+
+
+@dg.asset(
+    group_name="model",
+    code_version="1",
+    owners=OWNERS,
+    kinds={"pytorch", "mlflow"},
+    deps=[vit_classifier, instruction_set],
+    description=(
+        "MAEMI: the vision encoder (frozen) + gated cross-attention every n-th decoder layer + a causal LM "
+        "tuned with DyQLoRA-FA (int8 frozen base, frozen random A, trained B, rank sampled per step). "
+        "Answer-only cross-entropy on the train records, early stopping on val, resumable. Registered in "
+        "MLflow as maemi-<dataset> with alias `challenger`."
+    ),
+)
+def maemi_model(context: dg.AssetExecutionContext, maemi_config: MaemiConfigResource,
+                mlflow_tracking: MLflowResource) -> dg.MaterializeResult:
+    cfg = maemi_config.load()
+    summary = tune_and_register(cfg, load_manifest(cfg), load_instruction_set(cfg),
+                                mlflow_tracking.tracking_context(context, cfg), log=context.log.info)
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(f"{summary['registered_model']}-v{summary['version']}"),
+        metadata={
+            "registered_model": summary["registered_model"],
+            "version": summary["version"],
+            "model_uri": summary["model_uri"],
+            "alias": "challenger",
+            "best_val_loss": float(summary["best_val_loss"]),
+            "best_epoch": int(summary["best_epoch"]),
+            "epochs": int(summary["epochs"]),
+            "trainable_parameters": int(summary["trainable"]),
+            "total_parameters": int(summary["total"]),
+            "train_records": int(summary["train_records"]),
+            "val_records": int(summary["val_records"]),
+            "loss_curve": image_md(summary["loss_curve"], "loss curve"),
+            "mlflow_run_id": summary["mlflow_run_id"],
+        },
+    )
