@@ -1,0 +1,104 @@
+"""The MAEMI model on a tiny random Llama with SmolLM2's tokenizer and the paper ViT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from maemi_core.model.dyqlora_fa import DyLoRAFALinear
+from maemi_core.model.generation import generate_answers
+from maemi_core.model.language_model import load_language_model
+from maemi_core.model.maemi_model import MaemiModel, MaemiModelConfig
+from maemi_core.training.maemi_training import Example, ImageStore, MaemiTrainingConfig, build_examples, train_maemi
+from maemi_core.vision.vit import PaperViT, PaperViTConfig
+
+
+def tiny_model(quantize: bool = True, seed: int = 0) -> MaemiModel:
+    lm, tok = load_language_model("tiny", seed=seed)
+    torch.manual_seed(seed)
+    vit = PaperViT(PaperViTConfig(num_classes=2)).eval()
+    return MaemiModel(lm, tok, vit, 64, MaemiModelConfig(xattn_every=1, xattn_heads=2, xattn_head_dim=16,
+                                                         r_min=2, r_max=8, alpha=8, quantize=quantize))
+
+
+def test_closed_gates_give_exactly_the_base_lm():
+    lm, tok = load_language_model("tiny", seed=0)
+    ids = tok("a scanning electron micrograph of particles", return_tensors="pt")
+    with torch.no_grad():
+        ref = lm(**ids).logits
+    model = tiny_model(quantize=False)
+    img = torch.randint(0, 255, (1, 1, 3, 224, 224), dtype=torch.uint8)
+    with torch.no_grad():
+        out = model(ids["input_ids"], ids["attention_mask"], img).logits   # no <image> marker: nothing attends
+        prompt = tok("<image>\nwhat is it?", return_tensors="pt")
+        with_image = model(prompt["input_ids"], prompt["attention_mask"], img).logits
+        without = model(prompt["input_ids"], prompt["attention_mask"], None).logits
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(with_image, without)                          # gates at 0: the image has no effect
+
+
+def test_only_adapters_xattn_and_new_tokens_train():
+    model = tiny_model()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(("lora_B" in n) or (".xattn." in n) or n == "new_token_embeddings" for n in names)
+    assert any("lora_B" in n for n in names) and any(".xattn." in n for n in names)
+    layers = [m for m in model.modules() if isinstance(m, DyLoRAFALinear)]
+    assert len(layers) == 2 * 7 and all(m.weight_q.dtype == torch.int8 for m in layers)
+    counts = model.parameter_counts()
+    assert counts["trainable"] == counts["lora_B"] + counts["gated_xattn"] + counts["new_token_embeddings"]
+
+
+def _toy_data(model, n=12):
+    rng = np.random.default_rng(0)
+    images = {f"i{k}": (rng.integers(0, 255, (3, 224, 224), dtype=np.uint8)) for k in range(4)}
+    store = ImageStore({}, 224)
+    store._cache.update(images)
+    answers = ["bright round particles", "dark cracked cell", "uniform film", "porous sponge"]
+    records = [{"id": f"r{k}", "image_ids": [f"i{k % 4}"],
+                "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
+                                  {"from": "gpt", "value": answers[k % 4]}]} for k in range(n)]
+    examples, dropped = build_examples(records, model.tokenizer, 128)
+    assert dropped == 0
+    return examples, store
+
+
+def test_prompt_tokens_are_masked():
+    model = tiny_model()
+    (ex, *_), _ = _toy_data(model, 1)
+    answer = [t for t, l in zip(ex.input_ids, ex.labels) if l != -100]
+    assert model.tokenizer.decode(answer).startswith("bright round particles")
+    assert ex.input_ids.count(model.image_token_id) == 1 and model.encode_token_id in ex.input_ids
+
+
+def test_training_resumes_from_the_same_epoch(tmp_path):
+    cfg = MaemiTrainingConfig(lr=1e-2, micro_batch=4, effective_batch=8, max_epochs=3, seed=0)
+
+    straight = tiny_model()
+    examples, store = _toy_data(straight)
+    full = train_maemi(straight, examples, examples[:4], store, cfg, tmp_path / "a.pt", "f")
+    assert full.history[-1].val_loss < full.history[0].val_loss
+
+    killed = tiny_model()
+    part = train_maemi(killed, examples, examples[:4], store, cfg, tmp_path / "b.pt", "f", stop_after_epoch=1)
+    assert len(part.history) == 1
+    resumed_model = tiny_model()
+    resumed = train_maemi(resumed_model, examples, examples[:4], store, cfg, tmp_path / "b.pt", "f")
+    assert resumed.resumed_from_epoch == 1
+    assert [round(h.train_loss, 4) for h in resumed.history] == [round(h.train_loss, 4) for h in full.history]
+    a, b = straight.trainable_state_dict(), resumed_model.trainable_state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [2, 5, 8])
+def test_generation_runs_at_any_trained_rank(rank):
+    model = tiny_model()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, DyLoRAFALinear):
+                m.lora_B.normal_(0, 0.1)
+    img = np.zeros((3, 224, 224), np.uint8)
+    out = generate_answers(model, ["<image>\nWhat is it?", "<image><image>\nCompare."], [[img], [img, img]],
+                           max_new_tokens=5, rank=rank)
+    assert len(out) == 2 and all(isinstance(o, str) for o in out)
