@@ -158,3 +158,17 @@ def test_closed_gates_are_the_identity_and_masking_follows_the_latest_image():
     out2 = block(x, media2, mask)
     torch.testing.assert_close(out2[0, :4], out[0, :4])              # tokens before image 2 do not see it
     assert not torch.allclose(out2[0, 4:], out[0, 4:])
+
+
+def test_inference_uses_the_int8_kernel_on_the_same_weights():
+    torch.manual_seed(0)
+    layer = DyLoRAFALinear(nn.Linear(96, 48), 4, 8).eval()
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.05)
+        x = torch.randn(3, 5, 96)
+        fast = layer(x)
+        assert layer._packed_int8() is not None
+        ref = x @ layer.base_weight().T + layer.bias + (layer.alpha / 8) * (x @ layer.lora_A) @ layer.lora_B
+    # Only the activations are quantised on the fly (per tensor, 8 bits): a small relative error.
+    assert (fast - ref).abs().max() < 0.05 * ref.abs().max()
+    assert torch.equal(layer.weight_q, quantize_int8(layer.base_weight())[0])
