@@ -26,8 +26,6 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def build(variant: str):
-    import torch
-
     from maemi_core.model.language_model import load_language_model
 
     lm, _ = load_language_model("default")

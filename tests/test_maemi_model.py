@@ -10,7 +10,7 @@ from maemi_core.model.dyqlora_fa import DyLoRAFALinear
 from maemi_core.model.generation import generate_answers
 from maemi_core.model.language_model import load_language_model
 from maemi_core.model.maemi_model import MaemiModel, MaemiModelConfig
-from maemi_core.training.maemi_training import Example, ImageStore, MaemiTrainingConfig, build_examples, train_maemi
+from maemi_core.training.maemi_training import ImageStore, MaemiTrainingConfig, build_examples, train_maemi
 from maemi_core.vision.vit import PaperViT, PaperViTConfig
 
 

@@ -10,7 +10,6 @@ import pytest
 from maemi_core.config import ConfigError
 from maemi_core.data.manifest import build_manifest, leaked_images, load_manifest, manifest_dir, save_manifest, split_counts
 from maemi_core.data.image_io import sha256_file
-from tests.conftest import save_as
 
 
 def test_manifest_validates_every_kind_of_file(messy_imagefolder, profile_factory):

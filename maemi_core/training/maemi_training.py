@@ -10,7 +10,7 @@ checkpoint of the trainable tensors + optimizer after every epoch, and resume af
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from maemi_core.data.transforms import load_resized
 from maemi_core.model.dyqlora_fa import sample_rank, set_active_rank
 from maemi_core.model.maemi_model import ENCODE_TOKEN, MaemiModel
-from maemi_core.training.checkpoints import load_checkpoint, save_checkpoint
+from maemi_core.training.checkpoints import TrainingProgress, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -104,13 +104,7 @@ class MaemiEpoch:
     steps: int
 
 
-@dataclass
-class MaemiTrainingResult:
-    history: list[MaemiEpoch] = field(default_factory=list)
-    best_epoch: int = 0
-    best_val_loss: float = float("inf")
-    stopped_early: bool = False
-    resumed_from_epoch: int = 0
+MaemiTrainingResult = TrainingProgress
 
 
 @torch.no_grad()
@@ -138,20 +132,14 @@ def train_maemi(model: MaemiModel, train: list[Example], val: list[Example], ima
     opt = torch.optim.Adam(params, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience)
     accum = max(1, cfg.effective_batch // cfg.micro_batch)
-    result = MaemiTrainingResult()
+    result = TrainingProgress()
     best = model.trainable_state_dict()
-    bad, start = 0, 0
+    start = 0
     state = load_checkpoint(checkpoint_path, fingerprint)
     if state is not None and not state.get("finished"):
         model.load_state_dict(state["trainable"], strict=False)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        best, bad = state["best"], state["bad_epochs"]
-        result.history = [MaemiEpoch(**h) for h in state["history"]]
-        result.best_epoch, result.best_val_loss = state["best_epoch"], state["best_val_loss"]
-        start = result.resumed_from_epoch = state["epoch"]
+        best = state["best"]
+        start = result.restore(state, opt, sched, gen, MaemiEpoch)
 
     for epoch in range(start + 1, cfg.max_epochs + 1):
         model.train()
@@ -182,19 +170,12 @@ def train_maemi(model: MaemiModel, train: list[Example], val: list[Example], ima
         val_loss = evaluate_loss(model, val, pad_id, images, cfg.micro_batch) if val else total / max(tokens, 1)
         sched.step(val_loss)
         rec = MaemiEpoch(epoch, total / max(tokens, 1), val_loss, opt.param_groups[0]["lr"], tps, steps)
-        result.history.append(rec)
-        if val_loss < result.best_val_loss - 1e-6:
-            result.best_val_loss, result.best_epoch, bad = val_loss, epoch, 0
+        if result.record(rec, val_loss):
             best = model.trainable_state_dict()
-        else:
-            bad += 1
-        stop = bad >= cfg.early_stopping_patience
+        stop = result.bad_epochs >= cfg.early_stopping_patience
         save_checkpoint({
             "fingerprint": fingerprint, "epoch": epoch, "finished": stop or epoch == cfg.max_epochs,
-            "trainable": model.trainable_state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "best": best, "bad_epochs": bad,
-            "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
-            "history": [h.__dict__ for h in result.history],
+            "trainable": model.trainable_state_dict(), "best": best, **result.state(opt, sched, gen),
         }, checkpoint_path)
         on_epoch(rec)
         if stop:

@@ -14,7 +14,7 @@ Besides top-1 on validation, each encoder is scored by cosine k-NN on its embedd
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 

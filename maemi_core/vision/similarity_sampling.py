@@ -21,6 +21,7 @@ groups for evaluation), so no group mixes splits; demonstrations always come fro
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -254,7 +255,7 @@ def build_groups(index: pd.DataFrame, emb: np.ndarray, heterogeneity: np.ndarray
 
 # --- the demonstration_sets step -----------------------------------------------------------
 
-def demonstrations_dir(cfg) -> "Path":
+def demonstrations_dir(cfg) -> Path:
     return cfg.workdir_path / "demonstrations"
 
 
