@@ -53,22 +53,25 @@ def confusion_matrix_figure(y_true: np.ndarray, y_pred: np.ndarray, class_names:
     fig, ax = plt.subplots(figsize=(size, size))
     ConfusionMatrixDisplay(cm, display_labels=class_names).plot(ax=ax, colorbar=False, xticks_rotation=45, cmap="Blues")
     ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def loss_curve_figure(history: pd.DataFrame, title: str, path: str | Path) -> Path:
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    """Train/val loss per epoch, and validation accuracy when the history has it."""
+    with_acc = "val_acc" in history and history["val_acc"].notna().any()
+    fig, axes = plt.subplots(1, 2 if with_acc else 1, figsize=(10 if with_acc else 5.5, 3.6), squeeze=False)
+    ax = axes[0]
     ax[0].plot(history["epoch"], history["train_loss"], label="train")
     ax[0].plot(history["epoch"], history["val_loss"], label="val")
     ax[0].set_xlabel("epoch"); ax[0].set_ylabel("cross-entropy"); ax[0].legend()
-    ax[1].plot(history["epoch"], history["val_acc"], color="tab:green")
-    ax[1].set_xlabel("epoch"); ax[1].set_ylabel("val top-1")
+    if with_acc:
+        ax[1].plot(history["epoch"], history["val_acc"], color="tab:green")
+        ax[1].set_xlabel("epoch"); ax[1].set_ylabel("val top-1")
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,21 @@ class TrainingProgress:
                 "torch_rng": torch.get_rng_state(), "bad_epochs": self.bad_epochs, "best_epoch": self.best_epoch,
                 "best_val_loss": self.best_val_loss, "history": [asdict(r) for r in self.history]}
 
+    def end_epoch(self, rec, val_loss: float, patience: int, max_epochs: int, checkpoint_path, fingerprint: str,
+                  opt, sched, gen: torch.Generator, best_tensors, current_tensors) -> tuple[dict, bool]:
+        """Record the epoch, write the resumable checkpoint and decide on early stopping.
+
+        ``best_tensors`` are the weights kept so far; ``current_tensors()`` gives this epoch's
+        (called only as needed). Returns ``(best weights, stop)``."""
+        current = current_tensors()
+        if self.record(rec, val_loss):
+            best_tensors = current
+        stop = self.bad_epochs >= patience
+        save_checkpoint({"fingerprint": fingerprint, "epoch": rec.epoch, "finished": stop or rec.epoch == max_epochs,
+                         "weights": current, "best": best_tensors, **self.state(opt, sched, gen)}, checkpoint_path)
+        self.stopped_early = stop
+        return best_tensors, stop
+
     def restore(self, state: dict[str, Any], opt, sched, gen: torch.Generator, record_cls) -> int:
         """Load optimizer, scheduler and RNG states; returns the epoch to continue after."""
         opt.load_state_dict(state["optimizer"])

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from maemi_core.config import ClassifierTrainingConfig
 from maemi_core.data.transforms import augment, standardize
-from maemi_core.training.checkpoints import TrainingProgress, load_checkpoint, save_checkpoint
+from maemi_core.training.checkpoints import TrainingProgress, load_checkpoint
 
 
 @dataclass
@@ -80,8 +80,8 @@ def train_classifier(
 
     state = load_checkpoint(checkpoint_path, fingerprint)
     if state is not None and not state.get("finished"):
-        model.load_state_dict(state["model"])
-        best_state = state["best_state"]
+        model.load_state_dict(state["weights"])
+        best_state = state["best"]
         start_epoch = result.restore(state, opt, sched, gen, EpochRecord)
 
     y_train = torch.from_numpy(train_labels.astype(np.int64))
@@ -112,16 +112,11 @@ def train_classifier(
         val_acc = float((logits.argmax(1) == y_val).float().mean()) if len(y_val) else float("nan")
         sched.step(val_loss)
         rec = EpochRecord(epoch, total / seen, val_loss, val_acc, opt.param_groups[0]["lr"], ips)
-        if result.record(rec, val_loss):
-            best_state = copy.deepcopy(model.state_dict())
-        stop = result.bad_epochs >= cfg.early_stopping_patience
-        save_checkpoint({
-            "fingerprint": fingerprint, "epoch": epoch, "finished": stop or epoch == cfg.max_epochs,
-            "model": model.state_dict(), "best_state": best_state, **result.state(opt, sched, gen),
-        }, checkpoint_path)
+        best_state, stop = result.end_epoch(rec, val_loss, cfg.early_stopping_patience, cfg.max_epochs,
+                                            checkpoint_path, fingerprint, opt, sched, gen, best_state,
+                                            lambda: copy.deepcopy(model.state_dict()))
         on_epoch(rec)
         if stop:
-            result.stopped_early = True
             break
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break

@@ -93,7 +93,7 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
         package = save_package(model, cfg, out / "package")
         history = pd.DataFrame([h.__dict__ for h in result.history])
         history.to_csv(out / "history.csv", index=False)
-        fig = loss_curve_figure(history.assign(val_acc=float("nan")), "MAEMI instruction tuning", out / "loss_curve.png")
+        fig = loss_curve_figure(history, "MAEMI instruction tuning", out / "loss_curve.png")
         summary = {"best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
                    "epochs": len(result.history), "stopped_early": result.stopped_early,
                    "resumed_from_epoch": result.resumed_from_epoch, "train_records": len(train_ex),

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from maemi_core.data.transforms import load_resized
 from maemi_core.model.dyqlora_fa import sample_rank, set_active_rank
 from maemi_core.model.maemi_model import ENCODE_TOKEN, MaemiModel
-from maemi_core.training.checkpoints import TrainingProgress, load_checkpoint, save_checkpoint
+from maemi_core.training.checkpoints import TrainingProgress, load_checkpoint
 
 
 @dataclass
@@ -137,7 +137,7 @@ def train_maemi(model: MaemiModel, train: list[Example], val: list[Example], ima
     start = 0
     state = load_checkpoint(checkpoint_path, fingerprint)
     if state is not None and not state.get("finished"):
-        model.load_state_dict(state["trainable"], strict=False)
+        model.load_state_dict(state["weights"], strict=False)
         best = state["best"]
         start = result.restore(state, opt, sched, gen, MaemiEpoch)
 
@@ -170,16 +170,10 @@ def train_maemi(model: MaemiModel, train: list[Example], val: list[Example], ima
         val_loss = evaluate_loss(model, val, pad_id, images, cfg.micro_batch) if val else total / max(tokens, 1)
         sched.step(val_loss)
         rec = MaemiEpoch(epoch, total / max(tokens, 1), val_loss, opt.param_groups[0]["lr"], tps, steps)
-        if result.record(rec, val_loss):
-            best = model.trainable_state_dict()
-        stop = result.bad_epochs >= cfg.early_stopping_patience
-        save_checkpoint({
-            "fingerprint": fingerprint, "epoch": epoch, "finished": stop or epoch == cfg.max_epochs,
-            "trainable": model.trainable_state_dict(), "best": best, **result.state(opt, sched, gen),
-        }, checkpoint_path)
+        best, stop = result.end_epoch(rec, val_loss, cfg.early_stopping_patience, cfg.max_epochs,
+                                      checkpoint_path, fingerprint, opt, sched, gen, best, model.trainable_state_dict)
         on_epoch(rec)
         if stop:
-            result.stopped_early = True
             break
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
