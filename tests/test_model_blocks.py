@@ -172,3 +172,26 @@ def test_inference_uses_the_int8_kernel_on_the_same_weights():
     # Only the activations are quantised on the fly (per tensor, 8 bits): a small relative error.
     assert (fast - ref).abs().max() < 0.05 * ref.abs().max()
     assert torch.equal(layer.weight_q, quantize_int8(layer.base_weight())[0])
+
+
+def test_cached_visual_keys_values_give_the_same_decoding_output():
+    torch.manual_seed(0)
+    from maemi_core.model.gated_cross_attention import GatedCrossAttention, GatedXAttnDecoderLayer
+
+    xa = GatedCrossAttention(16, 12, heads=2, head_dim=8, ff_mult=2)
+    with torch.no_grad():
+        xa.attn_gate.fill_(0.7)
+        xa.ff_gate.fill_(0.3)
+    layer = GatedXAttnDecoderLayer(xa, torch.nn.Identity())
+    media = torch.randn(2, 3, 5, 12)
+    mask = torch.ones(2, 4, 3, dtype=torch.bool)
+    x = torch.randn(2, 4, 16)
+    expected = xa(x, media, mask)
+    layer.condition(media, mask)
+    with torch.no_grad():
+        first = layer(x)
+        again = layer(x)          # second call reuses the projected keys/values
+    assert layer._kv is not None
+    assert torch.allclose(first, expected, atol=1e-6) and torch.allclose(again, expected, atol=1e-6)
+    layer.condition(None, None)
+    assert layer._kv is None

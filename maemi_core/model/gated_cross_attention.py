@@ -44,14 +44,22 @@ class GatedCrossAttention(nn.Module):
                                 nn.Linear(ff_mult * dim, dim, bias=False))
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, media: torch.Tensor, media_mask: torch.Tensor) -> torch.Tensor:
-        """x (B, T, D) text states; media (B, M, N, V) visual tokens of M images; media_mask (B, T, M)."""
-        b, t, _ = x.shape
-        _, m, n, _ = media.shape
-        q = self.to_q(self.norm(x)).view(b, t, self.heads, self.head_dim).transpose(1, 2)      # (B, h, T, hd)
+    def project_media(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the visual tokens, (B, h, M*N, hd) each."""
+        b, m, n, _ = media.shape
         k, v = self.to_kv(media.reshape(b, m * n, -1)).chunk(2, dim=-1)                        # (B, M*N, inner)
-        k = k.view(b, m * n, self.heads, self.head_dim).transpose(1, 2)                       # (B, h, M*N, hd)
+        k = k.view(b, m * n, self.heads, self.head_dim).transpose(1, 2)
         v = v.view(b, m * n, self.heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(self, x: torch.Tensor, media: torch.Tensor, media_mask: torch.Tensor,
+                kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """x (B, T, D) text states; media (B, M, N, V) visual tokens of M images; media_mask (B, T, M);
+        ``kv``: :meth:`project_media` of ``media`` when the caller already has it."""
+        b, t, _ = x.shape
+        n = media.shape[2]
+        q = self.to_q(self.norm(x)).view(b, t, self.heads, self.head_dim).transpose(1, 2)      # (B, h, T, hd)
+        k, v = kv if kv is not None else self.project_media(media)                             # (B, h, M*N, hd)
         allowed = media_mask.repeat_interleave(n, dim=2)[:, None]                              # (B, 1, T, M*N)
         has_media = allowed.any(dim=-1, keepdim=True)                                          # (B, 1, T, 1)
         # Rows with no image yet would be all -inf: let them attend anywhere, then zero them.
@@ -73,14 +81,22 @@ class GatedXAttnDecoderLayer(nn.Module):
         self.decoder_layer = decoder_layer
         self.media: Optional[torch.Tensor] = None
         self.media_mask: Optional[torch.Tensor] = None
+        self._kv = None
 
     def condition(self, media: Optional[torch.Tensor], media_mask: Optional[torch.Tensor]) -> None:
-        self.media, self.media_mask = media, media_mask
+        self.media, self.media_mask, self._kv = media, media_mask, None
 
     def forward(self, hidden_states, *args, **kwargs):
         if self.xattn is not None and self.media is not None:
             mask = self.media_mask
             if mask.shape[1] != hidden_states.shape[1]:   # cached generation: only the newest tokens
                 mask = mask[:, -hidden_states.shape[1]:]
-            hidden_states = self.xattn(hidden_states, self.media, mask)
+            kv = None
+            if not torch.is_grad_enabled():
+                # Decoding: the visual keys/values are the same at every step; project them once
+                # per prompt (for a 5-image prompt this was most of a step's compute).
+                if self._kv is None:
+                    self._kv = self.xattn.project_media(self.media)
+                kv = self._kv
+            hidden_states = self.xattn(hidden_states, self.media, mask, kv)
         return self.decoder_layer(hidden_states, *args, **kwargs)
