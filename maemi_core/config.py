@@ -195,6 +195,32 @@ class ModelConfig(_Strict):
     max_new_tokens: int = 96
 
 
+class BaselineEndpoint(_Strict):
+    """A vision-language model served behind an OpenAI-compatible endpoint (e.g. LLaVA,
+    InstructBLIP or MiniGPT-4 under vLLM on premises), evaluated on the same test records."""
+    name: str
+    base_url: str
+    model: str
+    api_key_env: Optional[str] = None      # the key only ever lives in this environment variable
+    max_tokens: int = 256
+    temperature: float = 0.0
+    timeout_s: float = 120.0
+    allow_external: bool = False           # required to send a private dataset's images off this host
+    on_prem_hosts: list[str] = Field(default_factory=list)
+
+
+class EvaluationConfig(_Strict):
+    """``benchmark_tables``: the paper's evaluation on the held-out test split."""
+    max_records_per_task: Optional[int] = 16   # a stable hash slice of each task's test records; null: all
+    batch_size: int = 8                        # prompts decoded together
+    classification_max_new_tokens: int = 24    # the category comes first in a classification answer
+    rank_sweep: Optional[list[int]] = None     # deploy ranks to compare; null: r_min, the middle, r_max
+    rank_sweep_records: Optional[int] = 8      # VQA records per rank in the sweep
+    no_vision_baseline: bool = True            # the base LM with gates closed and no adapters
+    baselines: list[BaselineEndpoint] = Field(default_factory=list)
+    qualitative_samples: int = 6
+
+
 class MaemiConfig(_Strict):
     dataset: DatasetConfig
     workdir: str
@@ -203,6 +229,7 @@ class MaemiConfig(_Strict):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
     # Filled in by load_config, not read from YAML.
     config_name: str = ""

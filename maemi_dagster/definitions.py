@@ -5,7 +5,7 @@ import os
 import dagster as dg
 
 from maemi_core.config import TeacherConfig
-from maemi_dagster.assets import data, model, teacher, vision
+from maemi_dagster.assets import data, evaluation, model, teacher, vision
 from maemi_dagster.checks import INSTRUCTION_SET_CHECKS, RAW_IMAGES_CHECKS
 from maemi_dagster.resources import MaemiConfigResource, MLflowResource, TeacherResource
 
@@ -14,7 +14,7 @@ from maemi_dagster.resources import MaemiConfigResource, MLflowResource, Teacher
 _KEY_ENV = TeacherConfig().api_key_env
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([data, vision, teacher, model]),
+    assets=dg.load_assets_from_modules([data, vision, teacher, model, evaluation]),
     asset_checks=[*RAW_IMAGES_CHECKS, *INSTRUCTION_SET_CHECKS],
     resources={
         "maemi_config": MaemiConfigResource(),

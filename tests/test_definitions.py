@@ -13,7 +13,7 @@ from maemi_dagster.definitions import defs
 from tests.conftest import REPO
 
 EXPECTED_ASSETS = {"raw_images", "vit_classifier", "image_embeddings", "demonstration_sets", "instruction_set",
-                   "maemi_model"}
+                   "maemi_model", "benchmark_tables"}
 EXPECTED_CHECKS = {"raw_images_no_split_leakage", "raw_images_class_balance", "raw_images_rejected_fraction",
                    "instruction_set_records_valid", "instruction_set_train_coverage", "instruction_set_task_counts"}
 

@@ -39,14 +39,14 @@ def test_pipeline_on_the_tiny_profile(tmp_path, monkeypatch):
     )
     assert result.success
     cfg = load_config(profile)
-    reports = cfg.workdir_path / "reports"
+    vision = cfg.workdir_path / "vision"
 
-    classification = pd.read_csv(reports / "classification.csv")
+    classification = pd.read_csv(vision / "classification.csv")
     assert list(classification["model"]) == ["vit", "efficientnet_lite0", "classical"]
     assert {"model", "top1", "top5", "macro_f1"} <= set(classification.columns)
     assert classification["top1"].between(0, 1).all()
     assert (classification["top5"] == 1.0).all()  # 4 classes: top-5 is capped at top-4
-    per_class = pd.read_csv(reports / "per_class.csv")
+    per_class = pd.read_csv(vision / "per_class.csv")
     assert len(per_class) == 3 * 4 and {"precision", "recall", "f1", "support"} <= set(per_class.columns)
     assert (cfg.workdir_path / "vision" / "vit" / "model.safetensors").is_file()
 

@@ -53,3 +53,36 @@ def generate_answers(model: MaemiModel, questions: list[str], images: list[list[
     finally:
         model.condition(None, None)
     return [tok.decode(row, skip_special_tokens=True).strip() for row in out]
+
+
+@torch.no_grad()
+def candidate_log_likelihoods(model: MaemiModel, questions: list[str], images: list[list[np.ndarray]],
+                              candidates: list[str], rank: Optional[int] = None) -> np.ndarray:
+    """(len(questions), len(candidates)) summed log-probability of each candidate as the start of
+    the answer: a ranking of the categories for top-k accuracy, from the same model and prompt
+    as :func:`generate_answers` (the visual tokens are computed once per prompt)."""
+    if rank is not None:
+        set_deploy_rank(model, rank)
+    model.eval()
+    tok = model.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    cand_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in candidates]
+    size = model.cfg.image_size
+    out = np.zeros((len(questions), len(candidates)), dtype=np.float64)
+    for i, (q, arrs) in enumerate(zip(questions, images)):
+        p = prompt_ids(tok, q)
+        rows = [p + c for c in cand_ids]
+        t = max(len(r) for r in rows)
+        ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(rows), t), dtype=torch.long)
+        for j, r in enumerate(rows):                      # right padding: the prompt sits at the same positions
+            ids[j, : len(r)], attn[j, : len(r)] = torch.tensor(r), 1
+        imgs = torch.from_numpy(np.stack([np.asarray(a) for a in arrs]))[None] if arrs else \
+            torch.zeros((1, 0, 3, size, size), dtype=torch.uint8)
+        media = model.encode_images(imgs) if arrs else None
+        logits = model(ids, attn, None, media=None if media is None else media.expand(len(rows), *media.shape[1:])).logits
+        logp = torch.log_softmax(logits[:, :, : model.base_vocab].float(), dim=-1)
+        for j, c in enumerate(cand_ids):
+            pos = torch.arange(len(p) - 1, len(p) - 1 + len(c))
+            out[i, j] = float(logp[j, pos, torch.tensor(c)].sum())
+    return out

@@ -13,6 +13,7 @@ tokens. Everything else is frozen. With the gates at 0 the model is exactly its 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -93,6 +94,22 @@ class MaemiModel(nn.Module):
         """What training changed: small enough to checkpoint and register."""
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         return {k: v.detach().clone() for k, v in self.state_dict().items() if k in names}
+
+    @contextmanager
+    def base_lm_only(self):
+        """Within the block the model is its (int8) base LM: every gate closed and every adapter's
+        B zeroed, so images and tuning have no effect. Restored afterwards, even on error."""
+        saved = [(p, p.detach().clone()) for n, p in self.named_parameters()
+                 if n.endswith(("attn_gate", "ff_gate", "lora_B"))]
+        try:
+            with torch.no_grad():
+                for p, _ in saved:
+                    p.zero_()
+            yield self
+        finally:
+            with torch.no_grad():
+                for p, value in saved:
+                    p.copy_(value)
 
     # --- inputs -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -38,3 +38,16 @@ def alias_version(name: str, alias: str) -> Optional[str]:
         return MlflowClient().get_model_version_by_alias(name, alias).version
     except mlflow.exceptions.MlflowException:
         return None
+
+
+def download_package(name: str, alias: str, dst: Optional[str | Path] = None) -> tuple[Path, str]:
+    """The MAEMI package folder of ``models:/<name>@<alias>`` on local disk, and its version."""
+    version = alias_version(name, alias)
+    if version is None:
+        raise LookupError(f"registered model {name!r} has no version with alias {alias!r}: "
+                          "materialize maemi_model first")
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst) if dst else None)
+    package = Path(local) / "artifacts" / "package"
+    if not (package / "maemi.json").is_file():
+        raise FileNotFoundError(f"models:/{name}/{version} holds no MAEMI package (looked in {package})")
+    return package, version

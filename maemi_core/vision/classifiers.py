@@ -47,6 +47,7 @@ class ModelReport:
     summary: dict
     per_class: pd.DataFrame
     figures: dict[str, Path] = field(default_factory=dict)
+    test_scores: Optional[np.ndarray] = None   # (n_test, n_classes), manifest order of the test split
     params: dict = field(default_factory=dict)
     artifacts: list[Path] = field(default_factory=list)
     mlflow_run_id: Optional[str] = None
@@ -67,9 +68,6 @@ class VisionData:
 def vision_dir(cfg: MaemiConfig) -> Path:
     return cfg.workdir_path / "vision"
 
-
-def reports_dir(cfg: MaemiConfig) -> Path:
-    return cfg.workdir_path / "reports"
 
 
 def load_vision_data(cfg: MaemiConfig, manifest: pd.DataFrame) -> VisionData:
@@ -100,7 +98,7 @@ def _finish(name: str, data: VisionData, test_scores: np.ndarray, out_dir: Path,
     per_class = per_class_table(name, y_test, test_scores.argmax(1), data.class_names)
     cm = confusion_matrix_figure(y_test, test_scores.argmax(1), data.class_names,
                                  f"{name} on test (top-1 {summary['top1']:.3f})", out_dir / f"confusion_{name}.png")
-    return ModelReport(name, summary, per_class, figures={"confusion_matrix": cm})
+    return ModelReport(name, summary, per_class, figures={"confusion_matrix": cm}, test_scores=test_scores)
 
 
 def train_vit(cfg: MaemiConfig, data: VisionData, on_epoch: Callable[[EpochRecord], None],
@@ -130,8 +128,8 @@ def train_vit(cfg: MaemiConfig, data: VisionData, on_epoch: Callable[[EpochRecor
         "stopped_early": result.stopped_early, "resumed_from_epoch": result.resumed_from_epoch,
         "train_images_per_s": float(history["images_per_s"].median()) if len(history) else float("nan"),
     }
-    report = _finish("vit", data, test_scores, reports_dir(cfg) / "figures", extra)
-    report.figures["loss_curve"] = loss_curve_figure(history, "ViT training", reports_dir(cfg) / "figures" / "loss_vit.png")
+    report = _finish("vit", data, test_scores, vision_dir(cfg) / "figures", extra)
+    report.figures["loss_curve"] = loss_curve_figure(history, "ViT training", vision_dir(cfg) / "figures" / "loss_vit.png")
     report.params = {"vit." + k: val for k, val in v.model_dump().items()} | {"train." + k: val for k, val in t.model_dump().items()} | {
         "image_size": cfg.vision.image_size, "n_params": sum(p.numel() for p in model.parameters())}
     report.artifacts = [out / "model.safetensors", out / "config.json", out / "history.csv"]
@@ -167,7 +165,7 @@ def train_efficientnet_probe(cfg: MaemiConfig, data: VisionData) -> ModelReport:
     out = vision_dir(cfg) / "efficientnet_lite0"
     out.mkdir(parents=True, exist_ok=True)
     joblib.dump({"probe": probe, "class_names": data.class_names}, out / "probe.joblib")
-    report = _finish("efficientnet_lite0", data, test_scores, reports_dir(cfg) / "figures", {
+    report = _finish("efficientnet_lite0", data, test_scores, vision_dir(cfg) / "figures", {
         "val_top1": val_acc, "val_knn_top1": knn_top1(emb["train"], y["train"], emb["val"], y["val"])})
     report.params = {"mode": "linear_probe", "C": c, "features": "global-average 1280-d, frozen ImageNet weights"}
     report.artifacts = [out / "probe.joblib"]
@@ -189,7 +187,7 @@ def train_classical(cfg: MaemiConfig, data: VisionData) -> ModelReport:
     out = vision_dir(cfg) / "classical"
     out.mkdir(parents=True, exist_ok=True)
     joblib.dump({"model": model, "class_names": data.class_names}, out / "svm.joblib")
-    report = _finish("classical", data, test_scores, reports_dir(cfg) / "figures", {"val_top1": val_acc, "val_knn_top1": float("nan")})
+    report = _finish("classical", data, test_scores, vision_dir(cfg) / "figures", {"val_top1": val_acc, "val_knn_top1": float("nan")})
     report.params = {"features": "LBP(8,1)(16,2)(24,3) + GLCM(d=1,2,4) + HOG(112px) + intensity stats",
                      "classifier": "RBF SVM, class_weight=balanced", "C": c, "n_features": feats["train"].shape[1]}
     report.artifacts = [out / "svm.joblib"]
@@ -261,13 +259,19 @@ def train_classifiers(cfg: MaemiConfig, manifest: pd.DataFrame, tracker: Optiona
     per_class = pd.concat([r.per_class for r in reports], ignore_index=True)
     encoders = classification[classification["model"].isin(["vit", "efficientnet_lite0"])]
     best = str(encoders.sort_values(["val_knn_top1", "val_top1"], ascending=False).iloc[0]["model"])
-    rdir = reports_dir(cfg)
+    # The encoders' own reports live with them; benchmark_tables writes reports/classification.*
+    # with these rows next to MAEMI's, measured on the same records.
+    rdir = vision_dir(cfg)
     rdir.mkdir(parents=True, exist_ok=True)
     paths = {
         "classification_csv": rdir / "classification.csv", "classification_md": rdir / "classification.md",
         "per_class_csv": rdir / "per_class.csv", "per_class_md": rdir / "per_class.md",
-        "summary": vision_dir(cfg) / "summary.json",
+        "summary": rdir / "summary.json", "test_scores": rdir / "test_scores.parquet",
     }
+    test_ids = data.manifest.loc[data.manifest["split"] == "test", "image_id"].to_numpy()
+    pd.DataFrame([{"model": r.name, "image_id": iid, "label": data.class_names[y], "scores": list(map(float, sc))}
+                  for r in reports for iid, y, sc in zip(test_ids, data.split("test")[1], r.test_scores)]
+                 ).to_parquet(paths["test_scores"], index=False)
     classification.to_csv(paths["classification_csv"], index=False)
     per_class.to_csv(paths["per_class_csv"], index=False)
     paths["classification_md"].write_text(

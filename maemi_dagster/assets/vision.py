@@ -23,7 +23,7 @@ from maemi_dagster.resources import MaemiConfigResource, MLflowResource
         "The paper's ViT (224 px, 32 px patches, d=64, 4 heads of width 32) trained from scratch with "
         "class-weighted cross-entropy, orientation-free augmentation, lr halving and early stopping on val; "
         "plus the EfficientNet-Lite0 linear probe and the LBP/GLCM/HOG + SVM baseline on the same splits. "
-        "Test-split reports in <workdir>/reports/classification.csv and per_class.csv; one MLflow run per model."
+        "Test-split reports in <workdir>/vision/classification.csv and per_class.csv (per-image test scores in test_scores.parquet); one MLflow run per model."
     ),
 )
 def vit_classifier(context: dg.AssetExecutionContext, maemi_config: MaemiConfigResource,
@@ -33,7 +33,7 @@ def vit_classifier(context: dg.AssetExecutionContext, maemi_config: MaemiConfigR
     tracker = mlflow_tracking.tracking_context(context, cfg)
     with tracker.run("vit_classifier") as run:
         result = train_classifiers(cfg, manifest, tracker, log=context.log.info)
-        for key in ("classification_csv", "classification_md", "per_class_csv", "per_class_md", "summary"):
+        for key in ("classification_csv", "classification_md", "per_class_csv", "per_class_md", "summary", "test_scores"):
             mlflow.log_artifact(str(result.paths[key]), artifact_path="reports")
         mlflow.set_tag("maemi.best_encoder_on_val", result.best_encoder_on_val)
         parent_id = run.info.run_id
