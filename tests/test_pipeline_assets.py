@@ -1,6 +1,6 @@
 """The pipeline end to end in Dagster on the tiny profile: ViT + baselines, embeddings,
-demonstration sets, the instruction set, the MAEMI model registered as challenger, and the
-registered model answering in a fresh process."""
+demonstration sets, the instruction set, the MAEMI model registered as challenger, the
+registered model answering in a fresh process, and the benchmark tables."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from maemi_core.config import load_config
 from maemi_core.registry import tracking
 from maemi_core.vision.embeddings import load_embeddings
 from maemi_dagster.assets.data import raw_images
+from maemi_dagster.assets.evaluation import benchmark_tables
 from maemi_dagster.assets.model import maemi_model
 from maemi_dagster.assets.teacher import instruction_set
 from maemi_dagster.assets.vision import demonstration_sets, image_embeddings, vit_classifier
@@ -34,7 +35,7 @@ def test_pipeline_on_the_tiny_profile(tmp_path, monkeypatch):
     instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize(
         [raw_images, vit_classifier, image_embeddings, demonstration_sets, instruction_set, *INSTRUCTION_SET_CHECKS,
-         maemi_model],
+         maemi_model, benchmark_tables],
         resources=resources, instance=instance,
     )
     assert result.success
@@ -122,3 +123,27 @@ def test_pipeline_on_the_tiny_profile(tmp_path, monkeypatch):
     proc = subprocess.run([sys.executable, "-c", script, image], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ANSWERS ['str', 'str']" in proc.stdout
+
+    # The evaluation stage: every table, traceable to per-sample scores, tagged on the version.
+    reports = cfg.workdir_path / "reports"
+    for name in ("captioning", "vqa", "vqa_intra_dissimilar", "vqa_inter_similar", "vqa_heterogeneity",
+                 "classification", "per_class", "qualitative", "rank_sweep"):
+        assert (reports / f"{name}.md").is_file() and (reports / f"{name}.csv").is_file(), name
+    cap = pd.read_csv(reports / "captioning.csv").set_index("method")
+    assert {"maemi", "base_lm", "llava_unreachable"} == set(cap.index)
+    assert cap.loc["llava_unreachable", "status"].startswith("unavailable") and pd.isna(cap.loc["llava_unreachable", "meteor"])
+    assert cap.loc["maemi", "n"] == 3 and 0 <= cap.loc["maemi", "meteor"] <= 1
+    samples = pd.read_csv(reports / "samples" / "captioning.csv")
+    mine = samples[samples["method"] == "maemi"]
+    assert abs(mine["meteor"].mean() - cap.loc["maemi", "meteor"]) < 1e-9     # the table is the samples' mean
+    cls = pd.read_csv(reports / "classification.csv").set_index("method")
+    assert {"maemi_zero_shot", "maemi_few_shot", "vit", "efficientnet_lite0", "classical"} <= set(cls.index)
+    assert (cls["n_test"] == cls.loc["maemi_zero_shot", "n_test"]).all()      # same records for every row
+    sweep = pd.read_csv(reports / "rank_sweep.csv")
+    assert list(sweep["rank"]) == [2, 5, 8] and (sweep["tokens_per_s"] > 0).all()
+    assert "![" in (reports / "qualitative.md").read_text()
+    (bt,) = result.asset_materializations_for_node("benchmark_tables")
+    assert bt.metadata["model_version"].value == str(version.version)
+    assert bt.metadata["text_metrics"].value.startswith("![text_metrics](data:image/png;base64,")
+    tags = client.get_model_version("maemi-elpv-tiny", version.version).tags
+    assert float(tags["benchmark.vqa.meteor"]) == bt.metadata["vqa.meteor"].value

@@ -99,3 +99,27 @@ def test_gives_up_after_bounded_retries(tmp_path):
         with pytest.raises(TeacherFailed, match="503"):
             teacher.answer(req)
         assert stats(url)["requests"] == 3
+
+
+def test_external_baseline_row_over_http_and_privacy_refusal(tmp_path, elpv_paths):
+    """An OpenAI-compatible endpoint answers the student prompts (images as data URLs, markers
+    removed); an unreachable one is unavailable; a private dataset never reaches an outside host."""
+    from maemi_core.config import BaselineEndpoint
+    from maemi_core.evaluation.external_baselines import ask_baseline
+
+    cfg, manifest, _, _ = teacher_project(tmp_path, tasks=["caption"], per_class=1)
+    recs = [{"id": f"r{i}", "image": str(p), "image_ids": [f"id{i}"], "conversations": [
+        {"from": "human", "value": "<image>\nDescribe the cell."}, {"from": "gpt", "value": "ref"}]}
+        for i, p in enumerate(elpv_paths[:2])]
+    with teacher_server() as url:
+        got = ask_baseline(cfg, BaselineEndpoint(name="local_vlm", base_url=url, model="m"), recs, {})
+        assert got.unavailable is None and got.failed == 0
+        assert set(got.answers) == {"r0", "r1"} and all(len(a) > 20 for a in got.answers.values())
+        assert stats(url)["requests"] == 2
+    down = ask_baseline(cfg, BaselineEndpoint(name="gone", base_url="http://127.0.0.1:9/v1", model="m",
+                                              timeout_s=3), recs, {})
+    assert down.unavailable and "Connection" in down.unavailable and not down.answers
+    assert cfg.dataset.private
+    outside = ask_baseline(cfg, BaselineEndpoint(name="cloud", base_url="https://vlm.example.com/v1", model="m"),
+                           recs, {})
+    assert outside.unavailable and "private" in outside.unavailable

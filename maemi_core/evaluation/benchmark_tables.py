@@ -107,7 +107,6 @@ class Answerer:
                desc: str = "answering", stats: Optional[DecodeStats] = None) -> list[str]:
         from maemi_core.model.generation import generate_answers
 
-        out: list[str] = []
         # Similar prompt lengths decode together (less padding); answers go back in input order.
         order = sorted(range(len(records)), key=lambda i: (len(records[i]["image_ids"]), len(_question(records[i]))))
         answers: dict[int, str] = {}
@@ -115,16 +114,16 @@ class Answerer:
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             t0 = time.perf_counter()
+            counts: list[int] = []
             got = generate_answers(self.model, [_question(records[i]) for i in idx], [self.arrays(records[i]) for i in idx],
-                                   max_new_tokens=max_new_tokens, rank=rank)
+                                   max_new_tokens=max_new_tokens, rank=rank, token_counts=counts)
             if stats is not None:
                 stats.seconds += time.perf_counter() - t0
-                stats.tokens += sum(len(self.model.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in got)
+                stats.tokens += sum(counts)
             answers.update(zip(idx, got))
             bar.update(len(idx))
         bar.close()
-        out = [answers[i] for i in range(len(records))]
-        return out
+        return [answers[i] for i in range(len(records))]
 
 
 @dataclass

@@ -21,8 +21,11 @@ from maemi_core.training.maemi_training import prompt_ids
 @torch.no_grad()
 def generate_answers(model: MaemiModel, questions: list[str], images: list[list[np.ndarray]],
                      max_new_tokens: int = 96, do_sample: bool = False, temperature: float = 0.7,
-                     top_p: float = 0.9, rank: Optional[int] = None, seed: int = 0) -> list[str]:
-    """``questions[i]`` holds one ``<image>`` per array in ``images[i]`` ((3, S, S) uint8 each)."""
+                     top_p: float = 0.9, rank: Optional[int] = None, seed: int = 0,
+                     token_counts: Optional[list[int]] = None) -> list[str]:
+    """``questions[i]`` holds one ``<image>`` per array in ``images[i]`` ((3, S, S) uint8 each).
+    ``token_counts``, when given, is extended with the number of tokens generated per answer
+    (up to and including end-of-sequence), for throughput figures."""
     if rank is not None:
         set_deploy_rank(model, rank)
     model.eval()
@@ -52,6 +55,10 @@ def generate_answers(model: MaemiModel, questions: list[str], images: list[list[
                                 top_k=None, pad_token_id=pad_id, eos_token_id=tok.eos_token_id, use_cache=True)
     finally:
         model.condition(None, None)
+    if token_counts is not None:
+        for row in out:
+            ends = (row == tok.eos_token_id).nonzero().flatten()
+            token_counts.append(int(ends[0]) + 1 if len(ends) else len(row))
     return [tok.decode(row, skip_special_tokens=True).strip() for row in out]
 
 
