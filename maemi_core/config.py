@@ -221,6 +221,24 @@ class EvaluationConfig(_Strict):
     qualitative_samples: int = 6
 
 
+class OperationsConfig(_Strict):
+    """Day-to-day re-tuning: the fab's drop folder, the sensor that watches it, the schedule."""
+    incoming_dir: Optional[str] = None     # null: <workdir>/incoming; batches as <batch>/<class>/<files>
+    complete_marker: str = "_COMPLETE"     # a batch with this file is complete...
+    quiet_period_s: Optional[float] = 600  # ...or once nothing in it changed for this long (null: marker only)
+    sensor_interval_s: int = 30
+    retune_cron: str = "0 3 * * 1"         # weekly, Monday 03:00
+    timezone: str = "UTC"
+    warm_start_from_champion: bool = True  # re-tuning continues from the champion's adapters
+
+
+class PromotionConfig(_Strict):
+    """When a challenger may become champion: no key metric worse than the champion's by more
+    than its tolerance (absolute), both measured on the same benchmark records."""
+    key_metrics: dict[str, float] = Field(default_factory=lambda: {
+        "classification.zero_shot_top1": 0.02, "vqa.meteor": 0.01, "vqa.rougeL": 0.01})
+
+
 class MaemiConfig(_Strict):
     dataset: DatasetConfig
     workdir: str
@@ -230,6 +248,8 @@ class MaemiConfig(_Strict):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    operations: OperationsConfig = Field(default_factory=OperationsConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
     # Filled in by load_config, not read from YAML.
     config_name: str = ""
@@ -244,6 +264,11 @@ class MaemiConfig(_Strict):
     @property
     def workdir_path(self) -> Path:
         return self.resolve(self.workdir)
+
+    @property
+    def incoming_path(self) -> Path:
+        o = self.operations.incoming_dir
+        return self.resolve(o) if o else self.workdir_path / "incoming"
 
     @property
     def experiment_name(self) -> str:

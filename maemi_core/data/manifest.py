@@ -83,8 +83,11 @@ def build_manifest(
             rejected.append(_reject(cand, "unreadable", f"cannot read the file ({exc})"))
 
     if ds.max_per_class is not None:
-        hashed = _stable_slice(hashed, ds.max_per_class, cfg, has_official_test)
-        log(f"max_per_class={ds.max_per_class}: kept {len(hashed)} files")
+        # The slice applies to the base dataset; new fab batches always come in whole.
+        fab = [h for h in hashed if h[0].source.startswith("incoming:")]
+        hashed = _stable_slice([h for h in hashed if not h[0].source.startswith("incoming:")], ds.max_per_class,
+                               cfg, has_official_test) + fab
+        log(f"max_per_class={ds.max_per_class}: kept {len(hashed)} files ({len(fab)} from fab batches)")
     n_candidates = len(hashed) + len(rejected)
 
     rows: list[dict] = []

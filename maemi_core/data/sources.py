@@ -88,10 +88,14 @@ def list_imagefolder(root: Path, source: str, forced_split: Optional[str] = None
 
 
 def list_candidates(cfg: MaemiConfig) -> list[Candidate]:
+    """The configured dataset's files plus those of every ingested fab batch (incoming.py)."""
+    from maemi_core.data.incoming import incoming_candidates
+
     ds = cfg.dataset
     if ds.kind == "elpv":
-        return list_elpv()
-    cands = list_imagefolder(cfg.resolve(ds.root), source="imagefolder")
-    if ds.test_root:
-        cands += list_imagefolder(cfg.resolve(ds.test_root), source="imagefolder_test", forced_split="test")
-    return cands
+        cands = list_elpv()
+    else:
+        cands = list_imagefolder(cfg.resolve(ds.root), source="imagefolder")
+        if ds.test_root:
+            cands += list_imagefolder(cfg.resolve(ds.test_root), source="imagefolder_test", forced_split="test")
+    return cands + incoming_candidates(cfg)

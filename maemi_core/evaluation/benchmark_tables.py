@@ -135,6 +135,7 @@ class BenchmarkResult:
     unavailable: dict[str, str] = field(default_factory=dict)
     evaluation_tokens_per_s: float = float("nan")
     seconds: float = 0.0
+    records_hash: str = ""
 
 
 # --- table builders (pure: records + answers in, DataFrames out) ----------------------------------
@@ -257,13 +258,14 @@ def _thumbnail(path: str, crop: int, out: Path, size: int = 96) -> Path:
 # --- the benchmark ----------------------------------------------------------------------------
 
 def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict], package_dir: str | Path,
-                  log: Callable[[str], None] = lambda m: None, model_label: str = "") -> BenchmarkResult:
+                  log: Callable[[str], None] = lambda m: None, model_label: str = "",
+                  out_dir: Optional[Path] = None) -> BenchmarkResult:
     from maemi_core.model.generation import candidate_log_likelihoods
     from maemi_core.model.maemi_model import load_package
 
     t_start = time.perf_counter()
     ev = cfg.evaluation
-    out = reports_dir(cfg)
+    out = out_dir or reports_dir(cfg)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     model = load_package(package_dir, cfg.model.lm_cache and str(cfg.resolve(cfg.model.lm_cache)))
     answerer = Answerer(model, manifest, ev.batch_size)
@@ -275,6 +277,7 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
     unavailable_all: dict[str, str] = {}
     samples_by_table: dict[str, pd.DataFrame] = {}
     source = f" Model: {model_label}." if model_label else ""
+    used: list[dict] = []          # every record any table uses: their hash says "same records"
 
     # 1-3. text tables ---------------------------------------------------------------------------
     for name, (task, paper_table, title) in TEXT_TABLES.items():
@@ -282,6 +285,7 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
         if not recs:
             log(f"{name}: no test records for task {task}; table skipped")
             continue
+        used += recs
         answers = {"maemi": answerer.answer(recs, max_new, desc=f"{name}: maemi", stats=stats)}
         if ev.no_vision_baseline:
             with model.base_lm_only():
@@ -324,6 +328,7 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
         recs = benchmark_records(records, task, ev.max_records_per_task)
         if not recs:
             continue
+        used += recs
         got = answerer.answer(recs, ev.classification_max_new_tokens, desc=f"classification: {method}", stats=stats)
         predicted = [parse_category(a, class_names) for a in got]
         ll = candidate_log_likelihoods(model, [_question(r) for r in recs], [answerer.arrays(r) for r in recs],
@@ -429,10 +434,11 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
         for method in CLASSIFICATION_TASKS:
             if method in c.index:
                 key[f"classification.{method.removeprefix('maemi_')}_top1"] = float(c.loc[method, "top1"])
+    records_hash = _stable("\n".join(sorted(f"{r['id']}\t{_reference(r)}" for r in used)))
     result = BenchmarkResult(tables, paths, key, figures, unavailable_all, stats.tokens_per_s,
-                             time.perf_counter() - t_start)
+                             time.perf_counter() - t_start, records_hash)
     (out / "benchmark.json").write_text(json.dumps({
-        "key_metrics": key, "model": model_label, "unavailable": unavailable_all,
+        "key_metrics": key, "model": model_label, "records_hash": records_hash, "unavailable": unavailable_all,
         "evaluation_tokens_per_s": result.evaluation_tokens_per_s, "seconds": result.seconds,
         "records_per_task": ev.max_records_per_task}, indent=2, default=float))
     paths["benchmark_json"] = out / "benchmark.json"
@@ -444,7 +450,8 @@ ASSET = "benchmark_tables"
 
 
 def benchmark_registered_model(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict], tracker=None,
-                               log: Callable[[str], None] = lambda m: None, alias: str = "challenger") -> dict:
+                               log: Callable[[str], None] = lambda m: None, alias: str = "challenger",
+                               out_dir: Optional[Path] = None) -> dict:
     """Evaluate ``models:/maemi-<dataset>@<alias>`` (the exact registered artifact) and record
     the result: one MLflow run with the key metrics and every report, and the key metrics as
     ``benchmark.*`` tags on the model version (what promotion compares). Without tracking, the
@@ -460,20 +467,22 @@ def benchmark_registered_model(cfg: MaemiConfig, manifest: pd.DataFrame, records
     from maemi_core.registry.model_registry import download_package, registered_model_name
 
     name = registered_model_name(cfg.dataset.name)
-    with tracker.run(ASSET) as active, tempfile.TemporaryDirectory() as tmp:
+    with tracker.run(ASSET if alias == "challenger" else f"{ASSET}-{alias}") as active, \
+            tempfile.TemporaryDirectory() as tmp:
         package, version = download_package(name, alias, tmp)
         log(f"evaluating {name} version {version} (@{alias})")
-        result = run_benchmark(cfg, manifest, records, package, log, f"{name} version {version} (@{alias})")
+        result = run_benchmark(cfg, manifest, records, package, log, f"{name} version {version} (@{alias})", out_dir)
         mlflow.log_params({"registered_model": name, "model_version": version, "alias": alias,
                            "records_per_task": cfg.evaluation.max_records_per_task,
                            "baselines": ",".join(b.name for b in cfg.evaluation.baselines) or "none"})
         mlflow.log_metrics({k.replace(".", "/"): v for k, v in result.key_metrics.items() if np.isfinite(v)}
                            | {"evaluation_tokens_per_s": result.evaluation_tokens_per_s})
-        mlflow.log_artifacts(str(reports_dir(cfg)), artifact_path="reports")
+        mlflow.log_artifacts(str(out_dir or reports_dir(cfg)), artifact_path="reports")
         client = MlflowClient()
         for k, v in result.key_metrics.items():
             client.set_model_version_tag(name, version, f"benchmark.{k}", f"{v:.6f}")
         client.set_model_version_tag(name, version, "benchmark.mlflow_run_id", active.info.run_id)
+        client.set_model_version_tag(name, version, "benchmark.records_hash", result.records_hash)
         client.set_model_version_tag(name, version, "benchmark.records_per_task",
                                      str(cfg.evaluation.max_records_per_task))
         return {"result": result, "version": version, "registered_model": name, "mlflow_run_id": active.info.run_id}

@@ -35,7 +35,7 @@ def log_and_register(package_dir: str | Path, name: str, tags: dict[str, str],
 
 def alias_version(name: str, alias: str) -> Optional[str]:
     try:
-        return MlflowClient().get_model_version_by_alias(name, alias).version
+        return str(MlflowClient().get_model_version_by_alias(name, alias).version)
     except mlflow.exceptions.MlflowException:
         return None
 
