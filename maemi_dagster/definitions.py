@@ -5,8 +5,9 @@ import os
 import dagster as dg
 
 from maemi_core.config import TeacherConfig
-from maemi_dagster.assets import data, evaluation, model, teacher, vision
-from maemi_dagster.checks import INSTRUCTION_SET_CHECKS, RAW_IMAGES_CHECKS
+from maemi_dagster.assets import data, evaluation, model, operations, teacher, vision
+from maemi_dagster.automation import JOBS, SCHEDULES, SENSORS
+from maemi_dagster.checks import EVALUATION_CHECKS, INSTRUCTION_SET_CHECKS, RAW_IMAGES_CHECKS
 from maemi_dagster.resources import MaemiConfigResource, MLflowResource, TeacherResource
 
 # The key is only bound when its variable exists, so profiles with the on-prem measurement
@@ -14,8 +15,11 @@ from maemi_dagster.resources import MaemiConfigResource, MLflowResource, Teacher
 _KEY_ENV = TeacherConfig().api_key_env
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([data, vision, teacher, model, evaluation]),
-    asset_checks=[*RAW_IMAGES_CHECKS, *INSTRUCTION_SET_CHECKS],
+    assets=dg.load_assets_from_modules([data, vision, teacher, model, evaluation, operations]),
+    asset_checks=[*RAW_IMAGES_CHECKS, *INSTRUCTION_SET_CHECKS, *EVALUATION_CHECKS],
+    jobs=JOBS,
+    sensors=SENSORS,
+    schedules=SCHEDULES,
     resources={
         "maemi_config": MaemiConfigResource(),
         "mlflow_tracking": MLflowResource(),

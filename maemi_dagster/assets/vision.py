@@ -59,7 +59,7 @@ def vit_classifier(context: dg.AssetExecutionContext, maemi_config: MaemiConfigR
     code_version="1",
     owners=OWNERS,
     kinds={"pytorch", "numpy"},
-    deps=[vit_classifier],
+    deps=[raw_images, vit_classifier],
     description="L2-normalised h_cls embedding of every image (all splits) from vision.encoder, keyed by image_id.",
 )
 def image_embeddings(context: dg.AssetExecutionContext, maemi_config: MaemiConfigResource) -> dg.MaterializeResult:

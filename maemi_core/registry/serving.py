@@ -1,0 +1,86 @@
+"""Asking a registered MAEMI version questions (``maemi ask`` / ``maemi classify``).
+
+Both resolve ``models:/<name>@<alias>`` in the project's MLflow store (the profile's
+``mlflow.tracking_uri``, else ``MLFLOW_TRACKING_URI``, else the embedded store) in a fresh
+process. ``ask`` goes through the registered pyfunc, exactly what ``mlflow models serve``
+runs; ``classify`` loads the package to rank the categories by likelihood as well.
+"""
+
+from __future__ import annotations
+
+import base64
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from maemi_core.config import MaemiConfig
+from maemi_core.registry.model_registry import registered_model_name
+from maemi_core.registry.tracking import resolve_tracking_uri
+
+
+def use_project_store(cfg: MaemiConfig) -> str:
+    import mlflow
+
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.project_root)[0]
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def default_model_uri(cfg: MaemiConfig, alias: str = "champion") -> str:
+    return f"models:/{registered_model_name(cfg.dataset.name)}@{alias}"
+
+
+def _check_images(paths: list[str]) -> list[Path]:
+    out = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise FileNotFoundError(f"image {p} does not exist")
+        out.append(path)
+    return out
+
+
+def ask(model_uri: str, image_paths: list[str], question: str, rank: Optional[int] = None) -> str:
+    import mlflow
+
+    paths = _check_images(image_paths)
+    model = mlflow.pyfunc.load_model(model_uri)
+    b64 = [base64.b64encode(p.read_bytes()).decode() for p in paths]
+    frame = pd.DataFrame({"image": [b64 if len(b64) > 1 else b64[0]], "question": [question]})
+    if rank is not None:
+        frame["rank"] = [rank]
+    return str(model.predict(frame)["answer"].iloc[0])
+
+
+def classify(model_uri: str, image_paths: list[str], rank: Optional[int] = None) -> pd.DataFrame:
+    """Per image: the category parsed from the model's answer, and a probability per category
+    (softmax over the model's log-likelihood of each category name as the answer)."""
+    import mlflow
+
+    from maemi_core.evaluation.category_parser import parse_category
+    from maemi_core.model.generation import candidate_log_likelihoods, generate_answers
+    from maemi_core.model.maemi_model import load_package
+    from maemi_core.registry.maemi_pyfunc import decode_image
+
+    paths = _check_images(image_paths)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        model = load_package(local / "artifacts" / "package")
+    meta = model.package_meta
+    classes, question = meta.get("class_names"), meta.get("classify_question")
+    if not classes or not question:
+        raise ValueError(f"{model_uri} was registered without category names: re-run maemi_model to classify")
+    size = model.cfg.image_size
+    arrays = [[decode_image(base64.b64encode(p.read_bytes()).decode(), size)] for p in paths]
+    answers = generate_answers(model, [question] * len(paths), arrays, max_new_tokens=24, rank=rank)
+    ll = candidate_log_likelihoods(model, [question] * len(paths), arrays, classes, rank=rank)
+    probs = np.exp(ll - ll.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    rows = []
+    for p, a, pr in zip(paths, answers, probs):
+        rows.append({"image": str(p), "category": parse_category(a, classes) or "(unparsed)",
+                     **{c: float(v) for c, v in zip(classes, pr)}, "answer": a})
+    return pd.DataFrame(rows)

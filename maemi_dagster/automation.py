@@ -1,0 +1,88 @@
+"""Jobs, sensors and the schedule that re-tune MAEMI on new fab data.
+
+incoming_batches (sensor, every operations.sensor_interval_s): a new *complete* batch in the
+drop folder becomes a ``fab_batches`` partition and an ingestion run; its cursor remembers the
+batches already requested, so a batch is picked up once, and a half-copied one not at all.
+retune_after_ingest (run-status sensor): a successful ingestion requests the re-tuning job.
+weekly_retune (schedule, operations.retune_cron): the re-tuning job even when no sensor fired.
+All three start enabled and can be switched off in the UI (Automation); the daemon that runs
+them is part of ``dagster dev``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+
+from maemi_core.config import ConfigError, config_path_from_env, load_config
+from maemi_core.data.incoming import scan_batches
+from maemi_dagster.assets.data import raw_images
+from maemi_dagster.assets.evaluation import benchmark_tables
+from maemi_dagster.assets.model import maemi_model
+from maemi_dagster.assets.operations import fab_batch, fab_batches, model_promotion
+from maemi_dagster.assets.teacher import instruction_set
+from maemi_dagster.assets.vision import demonstration_sets, image_embeddings
+from maemi_dagster.resources import MaemiConfigResource
+
+try:
+    _OPS = load_config(config_path_from_env()).operations
+except ConfigError:  # a broken profile must not stop the code location from loading
+    from maemi_core.config import OperationsConfig
+
+    _OPS = OperationsConfig()
+
+ingest_job = dg.define_asset_job(
+    "ingest_fab_batch", selection=dg.AssetSelection.assets(fab_batch), partitions_def=fab_batches,
+    description="Validate one new fab batch (a fab_batches partition) so raw_images includes it.")
+
+# The ViT and its baselines are not re-trained on every batch (materialize vit_classifier for that);
+# everything that depends on the images is.
+retune_job = dg.define_asset_job(
+    "retune",
+    selection=dg.AssetSelection.assets(raw_images, image_embeddings, demonstration_sets, instruction_set, maemi_model,
+                                       benchmark_tables, model_promotion),
+    description="Re-tune on everything ingested: manifest, embeddings, demonstrations, instructions for the new "
+                "images (the teacher cache answers the rest), training from the champion's adapters, the benchmark, "
+                "and promotion if the challenger is not worse.",
+    tags={"maemi/job": "retune"},
+)
+
+
+@dg.sensor(job=ingest_job, minimum_interval_seconds=_OPS.sensor_interval_s,
+           default_status=dg.DefaultSensorStatus.RUNNING,
+           description="New complete batches in the drop folder -> a fab_batches partition and an ingestion run.")
+def incoming_batches(context: dg.SensorEvaluationContext, maemi_config: MaemiConfigResource):
+    cfg = maemi_config.load()
+    seen = set(json.loads(context.cursor)) if context.cursor else set()
+    statuses = scan_batches(cfg)
+    waiting = [f"{b.name} ({b.reason})" for b in statuses if not b.complete]
+    new = [b.name for b in statuses if b.complete and b.name not in seen]
+    if not new:
+        return dg.SkipReason("no new complete batch in " + str(cfg.incoming_path)
+                             + (f"; waiting: {', '.join(waiting)}" if waiting else ""))
+    context.log.info(f"new batches: {new}" + (f"; still waiting: {waiting}" if waiting else ""))
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(partition_key=b, run_key=f"ingest-{b}", tags={"maemi/batch": b}) for b in new],
+        dynamic_partitions_requests=[fab_batches.build_add_request(new)],
+        cursor=json.dumps(sorted(seen | set(new))),
+    )
+
+
+@dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, monitored_jobs=[ingest_job], request_job=retune_job,
+                      default_status=dg.DefaultSensorStatus.RUNNING,
+                      description="A successful batch ingestion requests a re-tuning run.")
+def retune_after_ingest(context: dg.RunStatusSensorContext):
+    batch = context.dagster_run.tags.get("dagster/partition", "")
+    return dg.RunRequest(run_key=f"retune-after-{context.dagster_run.run_id}",
+                         tags={"maemi/trigger": "fab_batch", "maemi/batch": batch})
+
+
+weekly_retune = dg.ScheduleDefinition(
+    name="weekly_retune", job=retune_job, cron_schedule=_OPS.retune_cron, execution_timezone=_OPS.timezone,
+    default_status=dg.DefaultScheduleStatus.RUNNING, tags={"maemi/trigger": "schedule"},
+    description="Re-tune on everything accumulated since the last champion, even when no sensor fired.")
+
+JOBS = [ingest_job, retune_job]
+SENSORS = [incoming_batches, retune_after_ingest]
+SCHEDULES = [weekly_retune]
