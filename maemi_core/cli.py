@@ -133,14 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     except LookupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:
         if type(exc).__module__.startswith("mlflow"):  # e.g. no version under that alias yet
             print(f"error: {exc}\n(run `make demo` to register a model, or pass --model)", file=sys.stderr)
             return 2
         raise
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

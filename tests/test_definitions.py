@@ -13,9 +13,10 @@ from maemi_dagster.definitions import defs
 from tests.conftest import REPO
 
 EXPECTED_ASSETS = {"raw_images", "vit_classifier", "image_embeddings", "demonstration_sets", "instruction_set",
-                   "maemi_model", "benchmark_tables"}
+                   "maemi_model", "benchmark_tables", "model_promotion", "fab_batch"}
 EXPECTED_CHECKS = {"raw_images_no_split_leakage", "raw_images_class_balance", "raw_images_rejected_fraction",
-                   "instruction_set_records_valid", "instruction_set_train_coverage", "instruction_set_task_counts"}
+                   "instruction_set_records_valid", "instruction_set_train_coverage", "instruction_set_task_counts",
+                  "benchmark_tables_challenger_not_worse"}
 
 
 def test_definitions_list_the_expected_assets_and_checks():
@@ -28,6 +29,15 @@ def test_definitions_list_the_expected_assets_and_checks():
         node = graph.get(key)
         assert node.group_name in {"data", "vision", "teacher", "model", "evaluation", "registry"}
         assert node.description and node.code_version and node.owners
+
+
+def test_promotion_gate_blocks_and_automation_is_listed():
+    from maemi_dagster.checks import benchmark_tables_challenger_not_worse
+
+    (spec,) = benchmark_tables_challenger_not_worse.check_specs
+    assert spec.blocking and spec.asset_key == dg.AssetKey("benchmark_tables")
+    assert {s.name for s in defs.sensors} == {"incoming_batches", "retune_after_ingest"}
+    assert {s.name for s in defs.schedules} == {"weekly_retune"}
 
 
 def test_leakage_check_blocks():

@@ -1,0 +1,90 @@
+"""The drop-folder sensor with build_sensor_context: a new complete batch, a half-copied one,
+a batch already seen; and batch ingestion."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import dagster as dg
+import pytest
+
+from maemi_core.config import ConfigError, load_config
+from maemi_core.data.incoming import ingest_batch, ingested_batches, scan_batches
+from maemi_dagster.automation import incoming_batches, retune_job, weekly_retune
+from maemi_dagster.resources import MaemiConfigResource
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def project(tmp_path, elpv_paths):
+    (tmp_path / "configs").mkdir()
+    profile = tmp_path / "configs" / "tiny.yaml"
+    shutil.copy(REPO / "configs" / "tiny.yaml", profile)
+    cfg = load_config(profile)
+
+    def drop(batch: str, n: int = 3, complete: bool = True, age_s: float = 0.0):
+        for i, src in enumerate(elpv_paths[:n]):
+            dst = cfg.incoming_path / batch / ("functional" if i % 2 else "defective") / src.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dst)
+            if age_s:
+                t = time.time() - age_s
+                os.utime(dst, (t, t))
+        if complete:
+            (cfg.incoming_path / batch / "_COMPLETE").touch()
+
+    return profile, cfg, drop
+
+
+def _evaluate(profile, cursor=None):
+    ctx = dg.build_sensor_context(cursor=cursor, resources={"maemi_config": MaemiConfigResource(path=str(profile))})
+    return incoming_batches(ctx)
+
+
+def test_new_complete_batch_is_registered_and_requested_once(project):
+    profile, cfg, drop = project
+    assert isinstance(_evaluate(profile), dg.SkipReason)          # no drop folder yet
+    drop("lot-a")
+    result = _evaluate(profile)
+    assert [r.partition_key for r in result.run_requests] == ["lot-a"]
+    assert result.dynamic_partitions_requests[0].partition_keys == ["lot-a"]
+    assert json.loads(result.cursor) == ["lot-a"]
+    again = _evaluate(profile, cursor=result.cursor)               # already seen: nothing new
+    assert isinstance(again, dg.SkipReason)
+    drop("lot-b")
+    more = _evaluate(profile, cursor=result.cursor)
+    assert [r.partition_key for r in more.run_requests] == ["lot-b"] and json.loads(more.cursor) == ["lot-a", "lot-b"]
+
+
+def test_half_copied_batch_waits_for_the_marker_or_the_quiet_period(project):
+    profile, cfg, drop = project
+    drop("lot-copying", complete=False)                            # files just written, no marker
+    skipped = _evaluate(profile)
+    assert isinstance(skipped, dg.SkipReason) and "lot-copying (still changing)" in skipped.skip_message
+    with pytest.raises(ConfigError, match="not complete"):
+        ingest_batch(cfg, "lot-copying")
+    drop("lot-quiet", complete=False, age_s=cfg.operations.quiet_period_s + 5)   # untouched long enough
+    result = _evaluate(profile)
+    assert [r.partition_key for r in result.run_requests] == ["lot-quiet"]
+    status = {b.name: b for b in scan_batches(cfg)}
+    assert status["lot-quiet"].complete and "unchanged" in status["lot-quiet"].reason
+    assert not status["lot-copying"].complete
+
+
+def test_ingestion_validates_and_records_the_batch(project):
+    profile, cfg, drop = project
+    drop("lot-a", n=4)
+    (cfg.incoming_path / "lot-a" / "functional" / "broken.png").write_bytes(b"not an image")
+    rec = ingest_batch(cfg, "lot-a")
+    assert rec["images_per_class"] == {"defective": 2, "functional": 2}
+    assert [r["reason"] for r in rec["rejected"]] and ingested_batches(cfg) == ["lot-a"]
+
+
+def test_schedule_and_jobs_are_defined():
+    assert weekly_retune.cron_schedule == "0 3 * * 1"
+    assert weekly_retune.default_status == dg.DefaultScheduleStatus.RUNNING
+    assert incoming_batches.default_status == dg.DefaultSensorStatus.RUNNING
+    assert retune_job.name == "retune"
