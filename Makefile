@@ -12,7 +12,7 @@ export MAEMI_CONFIG
 export DAGSTER_HOME := $(CURDIR)/.dagster
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: venv demo test dagster mlflow-ui validate clean
+.PHONY: venv demo test dagster mlflow-ui validate serve screenshot clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,17 @@ validate: venv
 
 dagster: venv $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(DAGSTER_PORT)
+
+# Serve the champion over HTTP (POST /invocations; see the README for the curl command).
+SERVE_PORT ?= 5001
+MODEL_URI  ?= models:/maemi-elpv@champion
+serve: venv
+	PATH=$(CURDIR)/$(BIN):$$PATH MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow/mlflow.db \
+		$(BIN)/mlflow models serve -m $(MODEL_URI) --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
+
+# The README's asset-graph image, from headless Chromium against a real `dagster dev`.
+screenshot: venv
+	scripts/dagster_screenshot.sh docs/asset_graph.png
 
 mlflow-ui: venv
 	mkdir -p mlflow/artifacts
