@@ -33,6 +33,7 @@ from maemi_core.evaluation.classification_metrics import (
 )
 from maemi_core.evaluation.external_baselines import ask_baseline
 from maemi_core.evaluation.text_metrics import METRICS, format_mean_std, mean_std, score_pairs
+from maemi_core.teacher.instruction_set import stable_slice
 
 # table name -> (instruction task, paper table, title)
 TEXT_TABLES = {
@@ -57,19 +58,8 @@ def _stable(key: str) -> str:
 def benchmark_records(records: list[dict], task: str, limit: Optional[int]) -> list[dict]:
     """The test records of ``task`` that every method answers: a stable slice by id hash; for
     VQA round-robin over question families so each family is represented."""
-    chosen = sorted((r for r in records if r["split"] == "test" and r["task"] == task), key=lambda r: _stable(r["id"]))
-    if limit is None or len(chosen) <= limit:
-        return chosen
-    groups: dict[str, list[dict]] = {}
-    for r in chosen:
-        groups.setdefault(str(r.get("family") or ""), []).append(r)
-    out, i = [], 0
-    while len(out) < limit:
-        for g in sorted(groups):
-            if i < len(groups[g]) and len(out) < limit:
-                out.append(groups[g][i])
-        i += 1
-    return out
+    return stable_slice([r for r in records if r["split"] == "test" and r["task"] == task], limit,
+                        lambda r: str(r.get("family") or ""))
 
 
 def _question(r: dict) -> str:

@@ -24,6 +24,17 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN.findall(str(text).lower())
 
 
+def pair_metric_info(description: str, citation: str, inputs: str):
+    """The ``MetricInfo`` of this package's metric modules: one prediction and one reference
+    string per sample."""
+    import datasets
+    import evaluate
+
+    return evaluate.MetricInfo(description=description, citation=citation, inputs_description=inputs,
+                               features=datasets.Features({"predictions": datasets.Value("string"),
+                                                           "references": datasets.Value("string")}))
+
+
 @lru_cache(maxsize=None)
 def _module(name: str):
     import evaluate

@@ -314,3 +314,22 @@ def validate_records(records: list[dict]) -> list[str]:
         if is_refusal(conv[-1]["value"]):
             problems.append(f"{r['id']}: empty or refused answer")
     return problems
+
+
+def stable_slice(records: list[dict], limit: Optional[int], group: Callable[[dict], str]) -> list[dict]:
+    """``records`` in a stable order (sha256 of the id); with ``limit``, the first ``limit`` taken
+    round-robin over ``group(record)`` so every group is represented. Adding records elsewhere
+    never reshuffles which ones are chosen within a group."""
+    chosen = sorted(records, key=lambda r: hashlib.sha256(r["id"].encode()).hexdigest())
+    if limit is None or len(chosen) <= limit:
+        return chosen
+    groups: dict[str, list[dict]] = {}
+    for r in chosen:
+        groups.setdefault(group(r), []).append(r)
+    out, i = [], 0
+    while len(out) < limit:
+        for g in sorted(groups):
+            if i < len(groups[g]) and len(out) < limit:
+                out.append(groups[g][i])
+        i += 1
+    return out

@@ -14,6 +14,7 @@ from maemi_core.config import MaemiConfig
 from maemi_core.evaluation.classification_metrics import loss_curve_figure
 from maemi_core.model.maemi_model import build_model, save_package
 from maemi_core.registry.tracking import TrackingContext
+from maemi_core.teacher.instruction_set import stable_slice
 from maemi_core.training.maemi_training import (
     ImageStore, MaemiEpoch, MaemiTrainingConfig, build_examples, train_maemi,
 )
@@ -28,20 +29,8 @@ def model_dir(cfg: MaemiConfig) -> Path:
 def select_records(records: list[dict], split: str, tasks: list[str], limit: Optional[int]) -> list[dict]:
     """Records of one split and the training tasks; with ``limit``, a stable slice by id hash
     that keeps every task represented (round-robin over tasks)."""
-    chosen = [r for r in records if r["split"] == split and r["task"] in tasks]
-    chosen.sort(key=lambda r: hashlib.sha256(r["id"].encode()).hexdigest())
-    if limit is None or len(chosen) <= limit:
-        return chosen
-    by_task: dict[str, list[dict]] = {}
-    for r in chosen:
-        by_task.setdefault(r["task"], []).append(r)
-    out, i = [], 0
-    while len(out) < limit:
-        for t in sorted(by_task):
-            if i < len(by_task[t]) and len(out) < limit:
-                out.append(by_task[t][i])
-        i += 1
-    return out
+    return stable_slice([r for r in records if r["split"] == split and r["task"] in tasks], limit,
+                        lambda r: r["task"])
 
 
 def package_meta(records: list[dict], manifest: pd.DataFrame) -> dict:

@@ -6,7 +6,6 @@ positive number instead of 0 with a warning. Text is lower-cased and split into 
 punctuation by :func:`maemi_core.evaluation.text_metrics.tokenize`. Scores are in [0, 1].
 """
 
-import datasets
 import evaluate
 
 _DESCRIPTION = "Per-sample BLEU-2 and BLEU-4 (nltk sentence_bleu, smoothing method 1)."
@@ -22,10 +21,9 @@ Returns:
 
 class MaemiBleu(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION, citation=_CITATION, inputs_description=_KWARGS,
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}))
+        from maemi_core.evaluation.text_metrics import pair_metric_info
+
+        return pair_metric_info(_DESCRIPTION, _CITATION, _KWARGS)
 
     def _compute(self, predictions, references):
         from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu

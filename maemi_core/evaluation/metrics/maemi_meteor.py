@@ -9,7 +9,6 @@ after the stem stage in their stemmed form, so a synonym is credited when both s
 WordNet lemmas (car ~ auto; not picture ~ image, whose stems are "pictur" and "imag").
 """
 
-import datasets
 import evaluate
 
 _DESCRIPTION = "Per-sample METEOR (nltk meteor_score with WordNet 3.0 synonyms)."
@@ -25,10 +24,9 @@ Returns:
 
 class MaemiMeteor(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION, citation=_CITATION, inputs_description=_KWARGS,
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}))
+        from maemi_core.evaluation.text_metrics import pair_metric_info
+
+        return pair_metric_info(_DESCRIPTION, _CITATION, _KWARGS)
 
     def _compute(self, predictions, references):
         from nltk.translate.meteor_score import meteor_score

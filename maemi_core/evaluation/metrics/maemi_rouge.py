@@ -4,7 +4,6 @@ Backed by Google's ``rouge_score`` (the scorer behind the ROUGE numbers of most 
 summarisation papers) with its own tokenizer and the Porter stemmer. Scores are in [0, 1].
 """
 
-import datasets
 import evaluate
 
 _DESCRIPTION = "Per-sample ROUGE-1/2/L F1 (rouge_score, Porter stemming)."
@@ -20,10 +19,9 @@ Returns:
 
 class MaemiRouge(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION, citation=_CITATION, inputs_description=_KWARGS,
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}))
+        from maemi_core.evaluation.text_metrics import pair_metric_info
+
+        return pair_metric_info(_DESCRIPTION, _CITATION, _KWARGS)
 
     def _compute(self, predictions, references):
         from rouge_score import rouge_scorer
