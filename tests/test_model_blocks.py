@@ -195,3 +195,26 @@ def test_cached_visual_keys_values_give_the_same_decoding_output():
     assert torch.allclose(first, expected, atol=1e-6) and torch.allclose(again, expected, atol=1e-6)
     layer.condition(None, None)
     assert layer._kv is None
+
+
+def test_lean_swiglu_matches_autograd_and_keeps_two_tensors():
+    from maemi_core.model.frozen_activations import SwiGLU, use_lean_swiglu
+    from maemi_core.model.language_model import load_language_model
+
+    torch.manual_seed(0)
+    g = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SwiGLU.apply, (g, u))
+    lm, _ = load_language_model("tiny")
+    ids = torch.randint(0, 1000, (2, 7))
+    ref = lm(input_ids=ids).logits
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        lm(input_ids=ids).logits.sum().backward()
+    n_before = len(saved)
+    assert use_lean_swiglu(lm) == len(lm.model.layers)
+    assert torch.allclose(lm(input_ids=ids).logits, ref, atol=1e-5)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        lm(input_ids=ids).logits.sum().backward()
+    assert len(saved) == n_before - len(lm.model.layers)     # one tensor fewer per MLP

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from typing import Iterable, Optional
 
 import torch
@@ -33,17 +34,41 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.float()
 
 
+_SCRATCH = threading.local()   # per thread: concurrent requests in one server never share a buffer
+
+
+def _scratch(slot: str, shape: torch.Size, dtype: torch.dtype, device) -> torch.Tensor:
+    """A reusable buffer per (slot, dtype, device), grown to the largest shape asked for. The
+    transient dequantised weight and dropout mask of every layer live here instead of being
+    allocated (and, under a returning allocator, mapped and unmapped) at every call. Only for
+    values consumed before the next call of the same slot."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (slot, dtype, str(device))
+    n = math.prod(shape)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < n:
+        buf = buffers[key] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n].view(shape)
+
+
+def _dequantized(w_q: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    w = _scratch("weight", w_q.shape, dtype, w_q.device)
+    torch.mul(w_q, w_scale[:, None].to(dtype), out=w)
+    return w
+
+
 def _dropout_mask(shape: torch.Size, p: float, seed: int, device) -> torch.Tensor:
     gen = torch.Generator(device=device).manual_seed(seed)
-    return (torch.rand(shape, generator=gen, device=device) >= p).to(torch.float32) / (1.0 - p)
+    mask = _scratch("dropout", shape, torch.float32, device)
+    mask.uniform_(generator=gen)
+    return mask.ge_(p).div_(1.0 - p)
 
 
 class _DyQLoRAFAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_q, w_scale, bias, a, b, scaling: float, p: float, seed: int):
         # x (..., d_in); w_q (d_out, d_in) int8; a (d_in, r); b (r, d_out)
-        w = w_q.to(x.dtype) * w_scale[:, None].to(x.dtype)            # transient dequantised W0
-        y = x @ w.T
+        y = x @ _dequantized(w_q, w_scale, x.dtype).T                  # transient dequantised W0
         if bias is not None:
             y = y + bias
         xd = x * _dropout_mask(x.shape, p, seed, x.device) if p > 0 else x
@@ -60,11 +85,10 @@ class _DyQLoRAFAFunction(torch.autograd.Function):
         if ctx.needs_input_grad[5]:
             grad_b = ctx.scaling * xa.reshape(-1, xa.shape[-1]).T @ gy.reshape(-1, gy.shape[-1])   # (r, d_out)
         if ctx.needs_input_grad[0]:
-            w = w_q.to(gy.dtype) * w_scale[:, None].to(gy.dtype)
             g_adapter = ctx.scaling * (gy @ b.T) @ a.T                                          # (..., d_in)
             if ctx.p > 0:
                 g_adapter = g_adapter * _dropout_mask(ctx.x_shape, ctx.p, ctx.seed, gy.device)
-            grad_x = gy @ w + g_adapter
+            grad_x = gy @ _dequantized(w_q, w_scale, gy.dtype) + g_adapter
         return grad_x, None, None, None, None, grad_b, None, None, None
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from maemi_core.data.transforms import standardize
 from maemi_core.model.dyqlora_fa import DEFAULT_TARGETS, apply_dyqlora_fa, dylora_layers
+from maemi_core.model.frozen_activations import use_lean_swiglu
 from maemi_core.model.gated_cross_attention import GatedCrossAttention, GatedXAttnDecoderLayer, media_attention_mask
 
 IMAGE_TOKEN = "<image>"
@@ -77,6 +78,7 @@ class MaemiModel(nn.Module):
             layers[i] = GatedXAttnDecoderLayer(xattn, layers[i])
         self.n_adapted = apply_dyqlora_fa(lm.model.layers, cfg.targets, cfg.r_min, cfg.r_max, cfg.alpha,
                                           cfg.lora_dropout, cfg.quantize)
+        use_lean_swiglu(lm)   # the frozen MLPs keep 2 of their 3 activations for backward
 
     # --- parameters -------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

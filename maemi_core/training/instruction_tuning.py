@@ -71,7 +71,7 @@ def training_config(cfg: MaemiConfig) -> MaemiTrainingConfig:
     m = cfg.model
     return MaemiTrainingConfig(lr=m.lr, micro_batch=m.micro_batch, effective_batch=m.effective_batch,
                                max_epochs=m.max_epochs, early_stopping_patience=m.early_stopping_patience,
-                               lr_patience=m.lr_patience, seed=m.seed)
+                               lr_patience=m.lr_patience, seed=m.seed, low_memory_allocator=m.low_memory_allocator)
 
 
 def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
