@@ -62,8 +62,8 @@ def pipeline(tmp_path_factory):
 
 
 def test_pipeline_on_the_tiny_profile(pipeline):
-    tmp_path, profile, cfg, resources, instance, result = (pipeline.tmp_path, pipeline.profile, pipeline.cfg,
-                                                           pipeline.resources, pipeline.instance, pipeline.result)
+    tmp_path, cfg, resources, instance, result = (pipeline.tmp_path, pipeline.cfg, pipeline.resources,
+                                                  pipeline.instance, pipeline.result)
     vision = cfg.workdir_path / "vision"
 
     classification = pd.read_csv(vision / "classification.csv")
@@ -254,7 +254,11 @@ def test_mlflow_models_serve_answers_on_loopback(pipeline):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # never leave a server behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
 
 
 def test_a_new_fab_batch_leads_to_a_new_version_and_a_promotion_decision(pipeline):

@@ -31,7 +31,11 @@ def teacher_server(*args: str):
         yield m.group(1)
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # never leave a server behind
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 def stats(base_url: str) -> dict:

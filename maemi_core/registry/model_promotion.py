@@ -17,7 +17,6 @@ the model version and as a row in ``<workdir>/registry/promotion_log.csv``.
 from __future__ import annotations
 
 import fcntl
-import json
 import math
 import os
 import threading

@@ -155,6 +155,12 @@ class _Handler(BaseHTTPRequestHandler):
 
 def serve(host: str = "127.0.0.1", port: int = 8765, model: str = "maemi-measurement-teacher",
           faults: Optional[list[int]] = None, api_key_env: Optional[str] = None) -> None:
+    import signal
+
+    # Stop on SIGTERM (systemd, docker, a test harness) even when the parent left it blocked
+    # or ignored: a blocked signal mask is inherited by child processes.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     api_key = os.environ.get(api_key_env) if api_key_env else None
     server = TeacherHTTPServer((host, port), model, faults or [], api_key)
     print(f"maemi teacher-serve listening on http://{host}:{server.server_address[1]}/v1 (model {model})", flush=True)
