@@ -87,8 +87,7 @@ class Answerer:
         from maemi_core.training.maemi_training import ImageStore
 
         self.model, self.batch_size = model, batch_size
-        self.images = ImageStore({r["image_id"]: (r["path"], int(r.get("crop_bottom") or 0))
-                                  for _, r in manifest.iterrows()}, model.cfg.image_size)
+        self.images = ImageStore.from_manifest(manifest, model.cfg.image_size)
 
     def arrays(self, r: dict) -> list[np.ndarray]:
         return [self.images.get(i) for i in r["image_ids"]]
@@ -259,7 +258,7 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
     (out / "samples").mkdir(parents=True, exist_ok=True)
     model = load_package(package_dir, cfg.model.lm_cache and str(cfg.resolve(cfg.model.lm_cache)))
     answerer = Answerer(model, manifest, ev.batch_size)
-    crop = {r["image_id"]: int(r.get("crop_bottom") or 0) for _, r in manifest.iterrows()}
+    crop = {iid: c for iid, (_, c) in answerer.images.paths.items()}
     max_new = cfg.model.max_new_tokens
     stats = DecodeStats()
     tables: dict[str, pd.DataFrame] = {}
@@ -367,12 +366,11 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
     qual_rows = []
     pool = [s[s["method"] == "maemi"] for n, s in samples_by_table.items() if n in ("captioning", "vqa")]
     pool_df = pd.concat(pool, ignore_index=True) if pool else pd.DataFrame()
-    paths_by_id = dict(zip(manifest["image_id"], manifest["path"]))
     if len(pool_df):
         pool_df = pool_df.assign(_k=pool_df["record_id"].map(_stable)).sort_values("_k").head(ev.qualitative_samples)
         for _, s in pool_df.iterrows():
             iid = s["image_ids"].split(",")[-1]
-            thumb = _thumbnail(paths_by_id[iid], crop.get(iid, 0), out / "qualitative" / f"{iid[:16]}.png")
+            thumb = _thumbnail(answerer.images.paths[iid][0], crop.get(iid, 0), out / "qualitative" / f"{iid[:16]}.png")
             qual_rows.append({"record_id": s["record_id"], "thumbnail": str(thumb.relative_to(out)),
                               "question": s["question"].replace(IMAGE_TOKEN, "").strip(), "teacher_answer": s["reference"],
                               "maemi_answer": s["answer"], "bleu2": s["bleu2"], "rougeL": s["rougeL"], "meteor": s["meteor"]})

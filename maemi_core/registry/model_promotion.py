@@ -168,9 +168,6 @@ def rollback(name: str, lock_path: Path, log_path: Path, run_id: str = "") -> tu
         return current, previous
 
 
-def challenger_version(name: str) -> Optional[str]:
-    return alias_version(name, CHALLENGER)
-
 
 # --- the pipeline's entry points (benchmark_tables' blocking check, model_promotion) -------------
 

@@ -93,8 +93,7 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
         f"{model.n_adapted} DyQLoRA-FA layers; {len(train_recs)} train / {len(val_recs)} val records")
     train_ex, dropped_tr = build_examples(train_recs, model.tokenizer, m.max_len)
     val_ex, dropped_va = build_examples(val_recs, model.tokenizer, m.max_len)
-    paths = {r["image_id"]: (r["path"], int(r.get("crop_bottom") or 0)) for _, r in manifest.iterrows()}
-    images = ImageStore(paths, cfg.vision.image_size)
+    images = ImageStore.from_manifest(manifest, cfg.vision.image_size)
     data_hash = hashlib.sha256("".join(r["provenance"]["cache_key"] for r in train_recs + val_recs).encode()).hexdigest()[:16]
     tcfg = training_config(cfg)
     warm: dict = {"version": None}

@@ -61,6 +61,12 @@ class ImageStore:
         self.paths, self.size = paths, size
         self._cache: dict[str, np.ndarray] = {}
 
+    @classmethod
+    def from_manifest(cls, manifest, size: int) -> "ImageStore":
+        """Every manifest image by id: (path, data-bar rows to crop)."""
+        return cls({iid: (path, int(crop or 0)) for iid, path, crop in
+                    zip(manifest["image_id"], manifest["path"], manifest["crop_bottom"])}, size)
+
     def get(self, image_id: str) -> np.ndarray:
         if image_id not in self._cache:
             path, crop = self.paths[image_id]
