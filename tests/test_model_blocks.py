@@ -218,3 +218,59 @@ def test_lean_swiglu_matches_autograd_and_keeps_two_tensors():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         lm(input_ids=ids).logits.sum().backward()
     assert len(saved) == n_before - len(lm.model.layers)     # one tensor fewer per MLP
+
+
+def test_a_step_of_rank_b_leaves_rows_past_b_and_their_adam_state_bit_identical():
+    from maemi_core.model.dyqlora_fa import step_within_rank
+
+    torch.manual_seed(0)
+    model = nn.Sequential(DyLoRAFALinear(nn.Linear(16, 16), 2, 8, dropout=0.0), nn.ReLU(), nn.Linear(16, 3))
+    for p in model[2].parameters():
+        p.requires_grad_(False)
+    layer = model[0]
+    opt = torch.optim.Adam([layer.lora_B], lr=1e-2)
+    x, y = torch.randn(32, 16), torch.randint(0, 3, (32,))
+
+    def step(rank):
+        set_active_rank(model, rank)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        step_within_rank(opt, model, rank)
+
+    step(3)                                  # first step creates Adam's state at rank 3
+    assert torch.count_nonzero(layer.lora_B[3:]) == 0
+    assert torch.count_nonzero(opt.state[layer.lora_B]["exp_avg"][3:]) == 0
+    step(8)                                  # full rank: every row has momentum now
+    b_before = layer.lora_B.detach().clone()
+    m_before = {k: v.clone() for k, v in opt.state[layer.lora_B].items() if k != "step"}
+    step(2)
+    assert torch.equal(layer.lora_B[2:], b_before[2:])                     # plain Adam would move them
+    for k, v in m_before.items():
+        assert torch.equal(opt.state[layer.lora_B][k][2:], v[2:])
+    assert not torch.equal(layer.lora_B[:2], b_before[:2])
+    # The same step with a plain optimizer.step() does move the rows past b (the bug it fixes).
+    opt.zero_grad()
+    set_active_rank(model, 2)
+    nn.functional.cross_entropy(model(x), y).backward()
+    before = layer.lora_B.detach().clone()
+    opt.step()
+    assert not torch.equal(layer.lora_B[2:], before[2:])
+
+
+def test_training_numerics_turns_the_activation_quantising_kernel_off():
+    from maemi_core.model.dyqlora_fa import training_numerics
+
+    torch.manual_seed(0)
+    layer = DyLoRAFALinear(nn.Linear(96, 48), 4, 8, dropout=0.0)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.05)
+    x = torch.randn(3, 5, 96)
+    train_out = layer.train()(x).detach()             # the function training optimises
+    layer.eval()
+    with torch.no_grad():
+        fast = layer(x)
+        with training_numerics(layer):
+            exact = layer(x)
+        assert layer.fast_kernel                          # restored after the block
+    assert torch.allclose(exact, train_out, atol=1e-5)
+    assert not torch.allclose(fast, train_out, atol=1e-5)

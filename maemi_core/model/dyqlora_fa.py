@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import threading
+from contextlib import contextmanager
 from typing import Iterable, Optional
 
 import torch
@@ -115,6 +116,9 @@ class DyLoRAFALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(r_max, d_out))
         self.rank = r_max                 # the deployment rank used outside training
         self.active_rank: Optional[int] = None   # set per training step by set_active_rank
+        # Inference may use PyTorch's dynamic-quantisation kernel (int8 activations too); False
+        # forces the training numerics (int8 weights dequantised, fp32 activations).
+        self.fast_kernel = True
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank=[{self.r_min},{self.r_max}], "
@@ -143,12 +147,15 @@ class DyLoRAFALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.current_rank()
-        if not self.training and not torch.is_grad_enabled() and x.dtype == torch.float32:
+        if self.fast_kernel and not self.training and not torch.is_grad_enabled() and x.dtype == torch.float32:
             packed = self._packed_int8()
             if packed is not None:
                 # Inference: int8 x int8 matmul with dynamically quantised activations reads a quarter
                 # of fp32's weight bytes per token (4.5x faster than fp32 for one token on x86 here).
-                y = torch.ops.quantized.linear_dynamic(x.contiguous(), packed)
+                # reduce_range: 7-bit activations. On CPUs without VNNI (AVX2 only) the kernel's
+                # u8 x s8 pair sums saturate int16 and full-range activations were off by 20% of
+                # the output's scale here; PyTorch's default x86 dynamic qconfig sets it too.
+                y = torch.ops.quantized.linear_dynamic(x.contiguous(), packed, True)
                 return y + (self.alpha / r) * ((x @ self.lora_A[:, :r]) @ self.lora_B[:r])
         p = self.dropout if self.training else 0.0
         seed = int(torch.randint(0, 2**62, (1,))) if p > 0 else 0
@@ -162,6 +169,54 @@ class DyLoRAFALinear(nn.Module):
         """The adapter as a (d_out, d_in) matrix at ``rank`` (deploy-any-rank, merging)."""
         r = rank or self.rank
         return (self.alpha / r) * (self.lora_A[:, :r] @ self.lora_B[:r]).T
+
+
+@contextmanager
+def training_numerics(model: nn.Module):
+    """Within the block every adapted layer computes exactly as in training (int8 weights
+    dequantised to fp32, fp32 activations), also in eval mode under ``no_grad``: validation
+    loss, early stopping and the best-epoch choice then measure the function that was trained,
+    not the dynamic-quantisation kernel that also rounds activations to int8."""
+    layers = dylora_layers(model)
+    saved = [m.fast_kernel for m in layers]
+    try:
+        for m in layers:
+            m.fast_kernel = False
+        yield model
+    finally:
+        for m, v in zip(layers, saved):
+            m.fast_kernel = v
+
+
+def set_fast_kernel(model: nn.Module, enabled: bool) -> None:
+    for m in dylora_layers(model):
+        m.fast_kernel = enabled
+
+
+def step_within_rank(optimizer: torch.optim.Optimizer, model: nn.Module, rank: int) -> None:
+    """``optimizer.step()`` that updates only ``B[:rank]`` of every adapter (paper A.1: a step of
+    rank b trains the leading b rows). Rows past ``rank`` get zero gradient, but a stateful
+    optimizer (Adam's momentum and second moment) would still move them with what earlier,
+    higher-rank steps left in its state; here those rows and their optimizer state are restored
+    bit for bit after the step. Adam's step count stays per tensor, so the bias correction of
+    a rarely trained row assumes more updates than it had (it moves a little more cautiously)."""
+    saved = []
+    for m in dylora_layers(model):
+        p = m.lora_B
+        if rank >= p.shape[0]:
+            continue
+        state = optimizer.state.get(p, {})
+        moments = {k: (v[rank:].clone() if torch.is_tensor(v) and v.shape == p.shape else None)
+                   for k, v in state.items()}
+        saved.append((p, p.detach()[rank:].clone(), moments))
+    optimizer.step()
+    with torch.no_grad():
+        for p, rows, moments in saved:
+            p[rank:] = rows
+            for k, v in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    before = moments.get(k)
+                    v[rank:] = 0 if before is None else before   # state created by this step: as if never touched
 
 
 def sample_rank(r_min: int, r_max: int, generator: Optional[torch.Generator] = None,

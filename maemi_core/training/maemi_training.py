@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from maemi_core.data.transforms import load_resized
-from maemi_core.model.dyqlora_fa import sample_rank, set_active_rank
+from maemi_core.model.dyqlora_fa import sample_rank, set_active_rank, step_within_rank, training_numerics
 from maemi_core.model.frozen_activations import use_returning_allocator
 from maemi_core.model.maemi_model import ENCODE_TOKEN, MaemiModel
 from maemi_core.training.checkpoints import TrainingProgress, load_checkpoint
@@ -117,14 +117,16 @@ MaemiTrainingResult = TrainingProgress
 
 @torch.no_grad()
 def evaluate_loss(model: MaemiModel, examples: list[Example], pad_id: int, images: ImageStore, micro_batch: int) -> float:
-    """Token-weighted mean answer loss at the deployment rank."""
+    """Token-weighted mean answer loss at the deployment rank, with the training numerics
+    (int8 weights, fp32 activations): what early stopping and the best epoch are chosen on."""
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(examples), micro_batch):
-        batch = collate(examples[i: i + micro_batch], pad_id, images)
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(model(**batch).loss) * n
-        count += n
+    with training_numerics(model):
+        for i in range(0, len(examples), micro_batch):
+            batch = collate(examples[i: i + micro_batch], pad_id, images)
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(model(**batch).loss) * n
+            count += n
     return total / max(count, 1)
 
 
@@ -161,7 +163,8 @@ def train_maemi(model: MaemiModel, train: list[Example], val: list[Example], ima
                    leave=False, mininterval=2)
         for s in bar:
             group = micro[s: s + accum]
-            set_active_rank(model, sample_rank(model.cfg.r_min, model.cfg.r_max, gen))
+            rank = sample_rank(model.cfg.r_min, model.cfg.r_max, gen)
+            set_active_rank(model, rank)
             n_tok = sum(sum(1 for l in train[i].labels[1:] if l != -100) for mb in group for i in mb)
             opt.zero_grad(set_to_none=True)
             for mb in group:
@@ -171,7 +174,7 @@ def train_maemi(model: MaemiModel, train: list[Example], val: list[Example], ima
                 (loss * n / max(n_tok, 1)).backward()     # token-weighted mean over the whole step
                 total += float(loss.detach()) * n
                 tokens += n
-            opt.step()
+            step_within_rank(opt, model, rank)      # only B[:rank] moves, Adam state included
             steps += 1
             bar.set_postfix(loss=f"{total / max(tokens, 1):.3f}",
                             tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
