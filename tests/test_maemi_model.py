@@ -102,3 +102,63 @@ def test_generation_runs_at_any_trained_rank(rank):
     out = generate_answers(model, ["<image>\nWhat is it?", "<image><image>\nCompare."], [[img], [img, img]],
                            max_new_tokens=5, rank=rank)
     assert len(out) == 2 and all(isinstance(o, str) for o in out)
+
+
+def _opened(model):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(("attn_gate", "ff_gate")):
+                p.fill_(0.8)
+            elif "lora_B" in n:
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def test_cached_candidate_likelihoods_equal_one_full_forward_per_candidate():
+    from maemi_core.model.dyqlora_fa import training_numerics
+    from maemi_core.model.generation import candidate_log_likelihoods
+    from maemi_core.training.maemi_training import prompt_ids
+
+    model = _opened(tiny_model())
+    rng = np.random.default_rng(0)
+    imgs = [[rng.integers(0, 255, (3, 224, 224), dtype=np.uint8)] for _ in range(2)] + \
+           [[rng.integers(0, 255, (3, 224, 224), dtype=np.uint8) for _ in range(2)]]
+    questions = ["<image>\nWhich class?", "<image>\nClassify this cell image, please.", "<image> <image>\nThe last?"]
+    cands = ["functional", "possibly_defective", "defective"]
+    with training_numerics(model):
+        got = candidate_log_likelihoods(model, questions, imgs, cands, batch_size=2)
+        tok = model.tokenizer
+        for i, (q, arrs) in enumerate(zip(questions, imgs)):
+            p = prompt_ids(tok, q)
+            media = model.encode_images(torch.from_numpy(np.stack(arrs))[None])
+            for j, c in enumerate(cands):
+                cid = tok(c, add_special_tokens=False)["input_ids"]
+                ids = torch.tensor([p + cid])
+                with torch.no_grad():
+                    logits = model(ids, torch.ones_like(ids), None, media=media).logits[0, :, : model.base_vocab]
+                logp = torch.log_softmax(logits.float(), -1)
+                ref = sum(float(logp[len(p) - 1 + k, t]) for k, t in enumerate(cid))
+                assert abs(got[i, j] - ref) < 1e-3, (i, j, got[i, j], ref)
+
+
+def test_plain_prompt_is_the_shipped_lm_and_a_call_rank_does_not_persist():
+    from maemi_core.model.dyqlora_fa import dylora_layers
+    from maemi_core.training.maemi_training import prompt_ids
+
+    model = _opened(tiny_model(quantize=False))
+    tok = model.tokenizer
+    plain = prompt_ids(tok, "<image>\nWhat is  it?", plain=True)
+    assert model.image_token_id not in plain and model.encode_token_id not in plain
+    assert plain == list(tok.apply_chat_template([{"role": "user", "content": "What is it?"}],
+                                                 add_generation_prompt=True, tokenize=True, return_dict=False))
+    lm, _ = load_language_model("tiny", seed=0)
+    img = np.zeros((3, 224, 224), np.uint8)
+    with model.base_lm_only():
+        got = generate_answers(model, ["<image>\nWhat is it?"], [[img]], max_new_tokens=6, plain=True)
+    ids = torch.tensor([plain])
+    ref = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                      pad_token_id=tok.eos_token_id)
+    assert got[0] == tok.decode(ref[0, len(plain):], skip_special_tokens=True).strip()
+    generate_answers(model, ["<image>\nWhat is it?"], [[img]], max_new_tokens=2, rank=3)
+    assert all(m.rank == 8 for m in dylora_layers(model))

@@ -1,60 +1,106 @@
-"""Answers from the MAEMI model: batched greedy or sampled decoding with a KV cache.
+"""Answers from the MAEMI model: batched greedy or sampled decoding with a KV cache, and the
+likelihood of candidate answers (category names) for classification.
 
 The visual tokens of each prompt are computed once, before decoding; every decoding step
 reuses them and the LM's key/value cache, so a step costs one token's worth of LM compute
-plus the cross-attention of that token.
+plus the cross-attention of that token. The deployment rank of a call applies to that call
+only: it is restored afterwards.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
-from maemi_core.model.dyqlora_fa import set_deploy_rank
+from maemi_core.model.dyqlora_fa import dylora_layers, set_deploy_rank
 from maemi_core.model.gated_cross_attention import media_attention_mask
 from maemi_core.model.maemi_model import MaemiModel
 from maemi_core.training.maemi_training import prompt_ids
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """Controls against greedy decoding's loops (a sentence repeated until the token budget
+    ends). The same settings apply to every method of a table."""
+    repetition_penalty: float = 1.0     # > 1 down-weights tokens already in the prompt or answer (CTRL)
+    no_repeat_ngram_size: int = 0       # > 0: never repeat an n-gram of this length
+
+
+@contextmanager
+def deploy_rank(model: MaemiModel, rank: Optional[int]):
+    """The adapters at ``rank`` inside the block, at their previous rank afterwards."""
+    layers = dylora_layers(model)
+    before = [m.rank for m in layers]
+    try:
+        if rank is not None:
+            set_deploy_rank(model, rank)
+        yield
+    finally:
+        for m, r in zip(layers, before):
+            m.rank = r
+
+
+def _left_padded(model: MaemiModel, questions: list[str], images: list[list[np.ndarray]], plain: bool):
+    tok = model.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = [prompt_ids(tok, q, plain=plain) for q in questions]
+    t = max(len(i) for i in ids)
+    input_ids = torch.full((len(ids), t), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(ids), t), dtype=torch.long)
+    for i, row in enumerate(ids):
+        input_ids[i, t - len(row):] = torch.tensor(row)
+        attn[i, t - len(row):] = 1
+    media = None
+    m = 0 if plain else max((len(x) for x in images), default=0)
+    if m:
+        size = model.cfg.image_size
+        imgs = torch.zeros((len(ids), m, 3, size, size), dtype=torch.uint8)
+        for i, arrs in enumerate(images):
+            for j, a in enumerate(arrs):
+                imgs[i, j] = torch.from_numpy(np.asarray(a))
+        media = model.encode_images(imgs)                                          # once per prompt
+    return input_ids, attn, media, pad_id
 
 
 @torch.no_grad()
 def generate_answers(model: MaemiModel, questions: list[str], images: list[list[np.ndarray]],
                      max_new_tokens: int = 96, do_sample: bool = False, temperature: float = 0.7,
                      top_p: float = 0.9, rank: Optional[int] = None, seed: int = 0,
-                     token_counts: Optional[list[int]] = None) -> list[str]:
+                     token_counts: Optional[list[int]] = None, plain: bool = False,
+                     decoding: DecodingConfig = DecodingConfig()) -> list[str]:
     """``questions[i]`` holds one ``<image>`` per array in ``images[i]`` ((3, S, S) uint8 each).
     ``token_counts``, when given, is extended with the number of tokens generated per answer
-    (up to and including end-of-sequence), for throughput figures."""
-    if rank is not None:
-        set_deploy_rank(model, rank)
+    (up to and including end-of-sequence), for throughput figures. ``plain``: prompt without
+    image markers, ``<Encode>`` or images (the LM as it ships)."""
     model.eval()
     tok = model.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids = [prompt_ids(tok, q) for q in questions]
-    t = max(len(i) for i in ids)
-    m = max(1, max(len(x) for x in images))
-    size = model.cfg.image_size
-    input_ids = torch.full((len(ids), t), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(ids), t), dtype=torch.long)
-    imgs = torch.zeros((len(ids), m, 3, size, size), dtype=torch.uint8)
-    for i, (row, arrs) in enumerate(zip(ids, images)):
-        input_ids[i, t - len(row):] = torch.tensor(row)       # left padding for decoding
-        attn[i, t - len(row):] = 1
-        for j, a in enumerate(arrs):
-            imgs[i, j] = torch.from_numpy(np.asarray(a))
-    media = model.encode_images(imgs)                                          # once per prompt
-    mask = media_attention_mask(model.image_positions(input_ids, m), t, m)
-    model.condition(media, mask)
+    input_ids, attn, media, pad_id = _left_padded(model, questions, images, plain)
+    t = input_ids.shape[1]
+    mask = None if media is None else media_attention_mask(model.image_positions(input_ids, media.shape[1]), t,
+                                                           media.shape[1])
     if do_sample:
         torch.manual_seed(seed)
-    try:
-        out = model.lm.generate(inputs_embeds=model.embed(input_ids), attention_mask=attn,
-                                max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-                                top_k=None, pad_token_id=pad_id, eos_token_id=tok.eos_token_id, use_cache=True)
-    finally:
-        model.condition(None, None)
+    extra = {}
+    if decoding.repetition_penalty != 1.0:
+        extra["repetition_penalty"] = decoding.repetition_penalty
+    if decoding.no_repeat_ngram_size:
+        extra["no_repeat_ngram_size"] = decoding.no_repeat_ngram_size
+    with deploy_rank(model, rank):
+        model.condition(media, mask)
+        try:
+            # Only embeddings go in (the image tokens are ours), so the repetition controls see the
+            # answer's own tokens: they stop the answer repeating itself, not quoting the question.
+            out = model.lm.generate(inputs_embeds=model.embed(input_ids), attention_mask=attn,
+                                    max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                    temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
+                                    top_k=None, pad_token_id=pad_id, eos_token_id=tok.eos_token_id, use_cache=True,
+                                    **extra)
+        finally:
+            model.condition(None, None)
     if token_counts is not None:
         for row in out:
             ends = (row == tok.eos_token_id).nonzero().flatten()
@@ -64,32 +110,54 @@ def generate_answers(model: MaemiModel, questions: list[str], images: list[list[
 
 @torch.no_grad()
 def candidate_log_likelihoods(model: MaemiModel, questions: list[str], images: list[list[np.ndarray]],
-                              candidates: list[str], rank: Optional[int] = None) -> np.ndarray:
+                              candidates: list[str], rank: Optional[int] = None, plain: bool = False,
+                              batch_size: int = 8) -> np.ndarray:
     """(len(questions), len(candidates)) summed log-probability of each candidate as the start of
-    the answer: a ranking of the categories for top-k accuracy, from the same model and prompt
-    as :func:`generate_answers` (the visual tokens are computed once per prompt)."""
-    if rank is not None:
-        set_deploy_rank(model, rank)
+    the answer: the model's ranking of the categories (top-1/top-k on every test image), from the
+    same prompt as :func:`generate_answers`. The prompt is run once per question with the KV
+    cache, which is then shared by the candidates: the cost is one prompt plus a few tokens per
+    candidate, not one prompt per candidate."""
     model.eval()
     tok = model.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     cand_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in candidates]
-    size = model.cfg.image_size
-    out = np.zeros((len(questions), len(candidates)), dtype=np.float64)
-    for i, (q, arrs) in enumerate(zip(questions, images)):
-        p = prompt_ids(tok, q)
-        rows = [p + c for c in cand_ids]
-        t = max(len(r) for r in rows)
-        ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(rows), t), dtype=torch.long)
-        for j, r in enumerate(rows):                      # right padding: the prompt sits at the same positions
-            ids[j, : len(r)], attn[j, : len(r)] = torch.tensor(r), 1
-        imgs = torch.from_numpy(np.stack([np.asarray(a) for a in arrs]))[None] if arrs else \
-            torch.zeros((1, 0, 3, size, size), dtype=torch.uint8)
-        media = model.encode_images(imgs) if arrs else None
-        logits = model(ids, attn, None, media=None if media is None else media.expand(len(rows), *media.shape[1:])).logits
-        logp = torch.log_softmax(logits[:, :, : model.base_vocab].float(), dim=-1)
-        for j, c in enumerate(cand_ids):
-            pos = torch.arange(len(p) - 1, len(p) - 1 + len(c))
-            out[i, j] = float(logp[j, pos, torch.tensor(c)].sum())
+    n_c, l_c = len(cand_ids), max(len(c) for c in cand_ids)
+    out = np.zeros((len(questions), n_c), dtype=np.float64)
+    with deploy_rank(model, rank):
+        for start in range(0, len(questions), batch_size):
+            qs, ims = questions[start:start + batch_size], images[start:start + batch_size]
+            ids, attn, media, pad_id = _left_padded(model, qs, ims, plain)
+            b, t = ids.shape
+            mask = None
+            if media is not None:   # candidate tokens see the last image, like the answer would
+                mask = media_attention_mask(model.image_positions(ids, media.shape[1]), t + l_c, media.shape[1])
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            model.condition(media, None if mask is None else mask[:, :t])
+            try:
+                res = model.lm.model(inputs_embeds=model.embed(ids), attention_mask=attn, position_ids=pos,
+                                     use_cache=True)
+                first = torch.log_softmax(model.lm.lm_head(res.last_hidden_state[:, -1]).float()[:, : model.base_vocab],
+                                          dim=-1)                                          # (b, V)
+                cache = res.past_key_values
+                cache.batch_repeat_interleave(n_c)
+                cand = torch.full((b * n_c, l_c), pad_id, dtype=torch.long)
+                cand_attn = torch.zeros((b * n_c, l_c), dtype=torch.long)
+                for i in range(b):
+                    for j, c in enumerate(cand_ids):
+                        cand[i * n_c + j, : len(c)], cand_attn[i * n_c + j, : len(c)] = torch.tensor(c), 1
+                full_attn = torch.cat([attn.repeat_interleave(n_c, 0), cand_attn], dim=1)
+                cand_pos = pos[:, -1:].repeat_interleave(n_c, 0) + 1 + torch.arange(l_c)[None]
+                if media is not None:
+                    model.condition(media.repeat_interleave(n_c, 0), mask.repeat_interleave(n_c, 0))
+                hid = model.lm.model(inputs_embeds=model.embed(cand), attention_mask=full_attn, position_ids=cand_pos,
+                                     cache=cache, use_cache=True).last_hidden_state     # (b*C, L, D)
+                rest = torch.log_softmax(model.lm.lm_head(hid[:, :-1]).float()[..., : model.base_vocab], dim=-1)
+            finally:
+                model.condition(None, None)
+            for i in range(b):
+                for j, c in enumerate(cand_ids):
+                    row = i * n_c + j
+                    lp = float(first[i, c[0]])
+                    for k in range(1, len(c)):
+                        lp += float(rest[row, k - 1, c[k]])
+                    out[start + i, j] = lp
     return out

@@ -35,8 +35,8 @@ ENCODE_TOKEN = "<Encode>"
 @dataclass
 class MaemiModelConfig:
     xattn_every: int = 2            # a gated cross-attention block before every n-th decoder layer
-    xattn_heads: int = 8
-    xattn_head_dim: int = 64
+    xattn_heads: int = 4            # paper A.8: 4 heads of width 32
+    xattn_head_dim: int = 32
     xattn_ff_mult: int = 2
     r_min: int = 4
     r_max: int = 16
@@ -98,11 +98,8 @@ class MaemiModel(nn.Module):
         return {k: v.detach().clone() for k, v in self.state_dict().items() if k in names}
 
     @contextmanager
-    def base_lm_only(self):
-        """Within the block the model is its (int8) base LM: every gate closed and every adapter's
-        B zeroed, so images and tuning have no effect. Restored afterwards, even on error."""
-        saved = [(p, p.detach().clone()) for n, p in self.named_parameters()
-                 if n.endswith(("attn_gate", "ff_gate", "lora_B"))]
+    def _zeroed(self, suffixes: tuple[str, ...]):
+        saved = [(p, p.detach().clone()) for n, p in self.named_parameters() if n.endswith(suffixes)]
         try:
             with torch.no_grad():
                 for p, _ in saved:
@@ -112,6 +109,18 @@ class MaemiModel(nn.Module):
             with torch.no_grad():
                 for p, value in saved:
                     p.copy_(value)
+
+    def base_lm_only(self):
+        """Within the block the model is its (int8) base LM: every gate closed and every adapter's
+        B zeroed, so images and tuning have no effect. Restored afterwards, even on error. The LM
+        as it ships also never saw ``<image>`` / ``<Encode>``: prompt it with ``plain=True``
+        (:func:`maemi_core.model.generation.generate_answers`)."""
+        return self._zeroed(("attn_gate", "ff_gate", "lora_B"))
+
+    def gates_closed(self):
+        """The tuned LM without its eyes: adapters and new-token embeddings as trained, every
+        cross-attention gate closed. What it scores is what imitating the teacher's style buys."""
+        return self._zeroed(("attn_gate", "ff_gate"))
 
     # --- inputs -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -258,4 +267,9 @@ def load_package(directory, lm_cache: Optional[str] = None) -> MaemiModel:
         raise ValueError(f"adapter does not fit the model: unexpected {missing.unexpected_keys[:5]}")
     model.max_new_tokens = meta.get("max_new_tokens", 96)
     model.package_meta = meta
+    from maemi_core.model.dyqlora_fa import set_fast_kernel
+    from maemi_core.model.inference_kernel import FAST
+
+    # Packages from before the kernel decision carry no choice: serve the training numerics.
+    set_fast_kernel(model, meta.get("inference_kernel") == FAST)
     return model.eval()

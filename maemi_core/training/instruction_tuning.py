@@ -67,6 +67,27 @@ def warm_start_from_champion(model, cfg: MaemiConfig, log: Callable[[str], None]
     return version
 
 
+def choose_inference_kernel(model, val_recs: list[dict], val_ex, images: ImageStore, cfg: MaemiConfig,
+                            log: Callable[[str], None]):
+    """Serve with the fast int8 kernel only where it answers like the training numerics on the
+    validation records (greedy tokens and loss); see maemi_core/model/inference_kernel.py."""
+    from maemi_core.model.inference_kernel import measure_agreement
+    from maemi_core.training.maemi_training import evaluate_loss
+
+    tok = model.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    probe = val_recs[:8]
+    agreement = measure_agreement(
+        model, lambda fast: evaluate_loss(model, val_ex, pad_id, images, cfg.model.micro_batch, exact=not fast),
+        [r["conversations"][0]["value"] for r in probe], [[images.get(i) for i in r["image_ids"]] for r in probe],
+        min(32, cfg.model.max_new_tokens), cfg.model.inference_kernel)
+    log(f"inference numerics: {agreement.chosen} (val loss {agreement.val_loss_training_numerics:.4f} training "
+        f"numerics vs {agreement.val_loss_fast_kernel:.4f} fast kernel; greedy answers identical on "
+        f"{agreement.exact_match:.0%} of {agreement.prompts} val prompts, leading-token agreement "
+        f"{agreement.token_agreement:.0%})")
+    return agreement
+
+
 def training_config(cfg: MaemiConfig) -> MaemiTrainingConfig:
     m = cfg.model
     return MaemiTrainingConfig(lr=m.lr, micro_batch=m.micro_batch, effective_batch=m.effective_batch,
@@ -113,7 +134,10 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
                                   "train": asdict(tcfg), "warm_start": warm["version"]}, sort_keys=True)
         result = train_maemi(model, train_ex, val_ex, images, tcfg, out / "checkpoint.pt", fingerprint,
                              on_epoch=on_epoch, stop_after_epoch=stop_after_epoch)
-        package = save_package(model, cfg, out / "package", extra_meta=package_meta(records, manifest))
+        kernel = choose_inference_kernel(model, val_recs, val_ex, images, cfg, log)
+        package = save_package(model, cfg, out / "package",
+                               extra_meta=package_meta(records, manifest) | {"inference_kernel": kernel.chosen,
+                                                                             "kernel_agreement": kernel.as_dict()})
         history = pd.DataFrame([h.__dict__ for h in result.history])
         history.to_csv(out / "history.csv", index=False)
         fig = loss_curve_figure(history, "MAEMI instruction tuning", out / "loss_curve.png")
@@ -122,7 +146,8 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
                    "resumed_from_epoch": result.resumed_from_epoch, "train_records": len(train_ex),
                    "val_records": len(val_ex), "dropped_too_long": dropped_tr + dropped_va, **counts,
                    "data_hash": data_hash, "package": str(package), "loss_curve": str(fig),
-                   "warm_start_version": warm["version"]}
+                   "warm_start_version": warm["version"], "inference_kernel": kernel.chosen,
+                   "kernel_agreement": kernel.as_dict()}
         return summary
 
     if tracker is None:
@@ -143,13 +168,18 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
             "trainable_parameters": counts["trainable"],
         })
         summary = run()
-        mlflow.log_metrics({"best_val_loss": summary["best_val_loss"], "best_epoch": summary["best_epoch"]})
+        mlflow.log_metrics({"best_val_loss": summary["best_val_loss"], "best_epoch": summary["best_epoch"]}
+                           | {f"kernel_{k}": float(v) for k, v in summary["kernel_agreement"].items()
+                              if isinstance(v, (int, float))})
+        mlflow.set_tag("inference_numerics", summary["inference_kernel"])
         mlflow.log_artifact(summary["loss_curve"], artifact_path="figures")
         mlflow.log_artifact(str(out / "history.csv"))
         name = registered_model_name(cfg.dataset.name)
         uri, version = log_and_register(summary["package"], name, {
             "data_hash": data_hash, "manifest_version": manifest_hash(manifest), "code_version": "1",
-            "dagster_run_id": tracker.dagster_run_id, "lm_profile": m.lm_profile, "prompt_pack_version": pack_version})
+            "dagster_run_id": tracker.dagster_run_id, "lm_profile": m.lm_profile, "prompt_pack_version": pack_version,
+            "training_numerics": "int8 weight-only" if m.quantize_8bit else "fp32",
+            "inference_numerics": summary["inference_kernel"]})
         summary |= {"model_uri": uri, "version": version, "registered_model": name, "mlflow_run_id": active.info.run_id}
         log(f"registered {name} version {version} as challenger")
     return summary

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from maemi_core.data.transforms import load_resized
 from maemi_core.model.dyqlora_fa import sample_rank, set_active_rank, step_within_rank, training_numerics
 from maemi_core.model.frozen_activations import use_returning_allocator
-from maemi_core.model.maemi_model import ENCODE_TOKEN, MaemiModel
+from maemi_core.model.maemi_model import ENCODE_TOKEN, IMAGE_TOKEN, MaemiModel
 from maemi_core.training.checkpoints import TrainingProgress, load_checkpoint
 
 
@@ -33,8 +33,14 @@ class Example:
     image_ids: list[str]
 
 
-def prompt_ids(tokenizer, human: str) -> list[int]:
-    """The student prompt in the LM's chat template, closed by <Encode> (paper Figure 2)."""
+def prompt_ids(tokenizer, human: str, plain: bool = False) -> list[int]:
+    """The student prompt in the LM's chat template, closed by <Encode> (paper Figure 2).
+    ``plain``: the prompt the LM as it ships can read, without the ``<image>`` markers and
+    ``<Encode>`` it has never seen (the untuned ``base_lm`` row)."""
+    if plain:
+        text = " ".join(human.replace(IMAGE_TOKEN, " ").split())
+        msgs = [{"role": "user", "content": text}]
+        return list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
     msgs = [{"role": "user", "content": f"{human} {ENCODE_TOKEN}"}]
     return list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
 
@@ -116,12 +122,16 @@ MaemiTrainingResult = TrainingProgress
 
 
 @torch.no_grad()
-def evaluate_loss(model: MaemiModel, examples: list[Example], pad_id: int, images: ImageStore, micro_batch: int) -> float:
+def evaluate_loss(model: MaemiModel, examples: list[Example], pad_id: int, images: ImageStore, micro_batch: int,
+                  exact: bool = True) -> float:
     """Token-weighted mean answer loss at the deployment rank, with the training numerics
-    (int8 weights, fp32 activations): what early stopping and the best epoch are chosen on."""
+    (int8 weights, fp32 activations): what early stopping and the best epoch are chosen on.
+    ``exact=False`` measures the layers' inference kernel instead (for the kernel decision)."""
+    from contextlib import nullcontext
+
     model.eval()
     total, count = 0.0, 0
-    with training_numerics(model):
+    with training_numerics(model) if exact else nullcontext():
         for i in range(0, len(examples), micro_batch):
             batch = collate(examples[i: i + micro_batch], pad_id, images)
             n = int((batch["labels"][:, 1:] != -100).sum())
