@@ -181,6 +181,7 @@ class ModelConfig(_Strict):
     quantize_8bit: bool = True
     # training
     lr: float = 1e-3
+    gate_lr_multiplier: float = 1.0       # the cross-attention gates learn this many times faster
     micro_batch: int = 4
     effective_batch: int = 32
     max_epochs: int = 50
@@ -222,6 +223,11 @@ class EvaluationConfig(_Strict):
     classification_max_new_tokens: int = 24    # the category comes first in a classification answer
     rank_sweep: Optional[list[int]] = None     # deploy ranks to compare; null: r_min, the middle, r_max
     rank_sweep_records: Optional[int] = 8      # VQA records per rank in the sweep
+    # Classification: every model scores the same test images by likelihood; null: every test image.
+    classification_max_images: Optional[int] = None
+    # Decoding controls, the same for every method of a table (greedy decoding repeats sentences).
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
     no_vision_baseline: bool = True            # the base LM with gates closed and no adapters
     baselines: list[BaselineEndpoint] = Field(default_factory=list)
     qualitative_samples: int = 6

@@ -7,8 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from maemi_core.evaluation.answering import benchmark_records
 from maemi_core.evaluation.benchmark_tables import (
-    benchmark_records, classification_rows, family_table, text_samples, text_table,
+    bootstrap_ci, family_table, likelihood_classification, paired_differences, text_samples, text_table,
 )
 from maemi_core.evaluation.category_parser import parse_category
 from maemi_core.evaluation.classification_metrics import top_k
@@ -92,16 +93,28 @@ def test_category_parser_on_messy_answers(answer, expected):
     assert parse_category(answer, CLASSES) == expected
 
 
-def test_classification_rows_count_unparsed_answers_as_wrong_at_every_k():
+def test_likelihood_classification_scores_every_image_and_reports_generated_answers_apart():
     labels = ["defective", "functional", "functional", "possibly_defective"]
-    predicted = ["defective", "defective", None, "possibly_defective"]
-    ll = np.array([[0, -1, -2, -3], [-3, -1, -2, 0], [0, 0, 0, 0], [-1, -1, -1, 0]], dtype=float)
-    summary, per_class, y_pred = classification_rows("maemi_zero_shot", labels, predicted, ll, CLASSES)
-    assert summary["top1"] == 0.5 and summary["unparsed"] == 1 and summary["n_test"] == 4
-    assert summary["top5_k"] == 4 and summary["top5"] == 0.75   # every parsed answer is in the top 4
-    assert list(y_pred) == [0, 0, -1, 3]
+    ll = np.array([[0, -1, -2, -3], [-3, -1, -2, 0], [-1, 0, -2, -2], [-1, -1, -1, 0]], dtype=float)
+    summary, per_class, y_pred = likelihood_classification("maemi_zero_shot", labels, ll, CLASSES,
+                                                           generated=["defective", None], generated_labels=labels[:2])
+    assert list(y_pred) == [0, 3, 1, 3]
+    assert summary["top1"] == 0.75 and summary["n_images"] == 4 and summary["top5_k"] == 4
+    assert summary["top1_ci_low"] <= 0.75 <= summary["top1_ci_high"]
+    assert summary["generated_top1"] == 0.5 and summary["unparsed"] == 1 and summary["n_generated"] == 2
     row = per_class.set_index("label").loc["functional"]
-    assert row["recall"] == 0 and row["support"] == 2
+    assert row["recall"] == 0.5 and row["support"] == 2
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_records():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(0.3, 0.1, 16), rng.normal(0.3, 0.1, 256)
+    lo_s, hi_s = bootstrap_ci(small)
+    lo_l, hi_l = bootstrap_ci(large)
+    assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
+    assert (hi_l - lo_l) < 0.5 * (hi_s - lo_s)                  # ~1/sqrt(16) of the width
+    assert bootstrap_ci(np.full(10, 0.4)) == (pytest.approx(0.4), pytest.approx(0.4))
+    assert all(np.isnan(bootstrap_ci([])))
 
 
 def _rec(i: int, task: str, family: str | None = None, split: str = "test") -> dict:
@@ -126,6 +139,10 @@ def test_text_table_builders_on_fixed_records():
     table = text_table(samples, ["maemi", "base_lm"], {"llava": "APIConnectionError: refused"})
     t = table.set_index("method")
     assert t.loc["maemi", "rougeL"] == pytest.approx(1.0) and t.loc["maemi", "rougeL_std"] == pytest.approx(0.0)
+    assert t.loc["maemi", "meteor_ci_low"] <= t.loc["maemi", "meteor"] <= t.loc["maemi", "meteor_ci_high"]
+    assert list(table.columns[2:6]) == ["bleu2", "bleu2_ci_low", "bleu2_ci_high", "bleu2_std"]
+    diff = paired_differences("vqa", samples, "maemi", ["base_lm"]).set_index("metric")
+    assert diff.loc["meteor", "diff"] > 0.5 and diff.loc["meteor", "excludes_zero"] and diff.loc["meteor", "n"] == 4
     assert t.loc["base_lm", "bleu2"] < 0.1 and t.loc["maemi", "n"] == 4
     assert t.loc["llava", "status"].startswith("unavailable") and np.isnan(t.loc["llava", "meteor"])
     fam = family_table(samples)

@@ -154,15 +154,22 @@ def test_pipeline_on_the_tiny_profile(pipeline):
                  "classification", "per_class", "qualitative", "rank_sweep"):
         assert (reports / f"{name}.md").is_file() and (reports / f"{name}.csv").is_file(), name
     cap = pd.read_csv(reports / "captioning.csv").set_index("method")
-    assert {"maemi", "base_lm", "llava_unreachable"} == set(cap.index)
+    assert {"maemi", "maemi_gates_closed", "base_lm", "llava_unreachable"} == set(cap.index)
+    assert (cap.loc["maemi", "meteor_ci_low"] <= cap.loc["maemi", "meteor"] <= cap.loc["maemi", "meteor_ci_high"])
     assert cap.loc["llava_unreachable", "status"].startswith("unavailable") and pd.isna(cap.loc["llava_unreachable", "meteor"])
     assert cap.loc["maemi", "n"] == 3 and 0 <= cap.loc["maemi", "meteor"] <= 1
     samples = pd.read_csv(reports / "samples" / "captioning.csv")
     mine = samples[samples["method"] == "maemi"]
     assert abs(mine["meteor"].mean() - cap.loc["maemi", "meteor"]) < 1e-9     # the table is the samples' mean
     cls = pd.read_csv(reports / "classification.csv").set_index("method")
-    assert {"maemi_zero_shot", "maemi_few_shot", "vit", "efficientnet_lite0", "classical"} <= set(cls.index)
-    assert (cls["n_test"] == cls.loc["maemi_zero_shot", "n_test"]).all()      # same records for every row
+    assert {"maemi_zero_shot", "maemi_few_shot", "zero_shot:base_lm", "zero_shot:maemi_gates_closed", "vit",
+            "efficientnet_lite0", "classical"} <= set(cls.index)
+    manifest = pd.read_parquet(cfg.workdir_path / "raw_images" / "manifest.parquet")
+    test_images = (manifest["split"] == "test").sum()
+    assert (cls["n_images"] == test_images).all()                 # every row scores every test image
+    assert cls.loc["maemi_zero_shot", "n_generated"] == 3         # generated answers on the record slice
+    diffs = pd.read_csv(reports / "paired_differences.csv")
+    assert {"maemi - base_lm", "maemi - maemi_gates_closed", "maemi_zero_shot - zero_shot:base_lm"} <= set(diffs["comparison"])
     sweep = pd.read_csv(reports / "rank_sweep.csv")
     assert list(sweep["rank"]) == [2, 5, 8] and (sweep["tokens_per_s"] > 0).all()
     assert "![" in (reports / "qualitative.md").read_text()

@@ -180,7 +180,7 @@ def gate_challenger(cfg, manifest, records, tracker=None, log: Callable[[str], N
     """The blocking check before promotion: the challenger against the champion on the same
     benchmark records. When the champion was measured on other records (new fab data changed
     the test split), it is re-evaluated on the current ones first. A rejection is recorded."""
-    from maemi_core.evaluation.benchmark_tables import benchmark_registered_model
+    from maemi_core.evaluation.benchmark_run import benchmark_registered_model
     from maemi_core.registry.model_registry import registered_model_name
 
     name = registered_model_name(cfg.dataset.name)

@@ -92,7 +92,8 @@ def training_config(cfg: MaemiConfig) -> MaemiTrainingConfig:
     m = cfg.model
     return MaemiTrainingConfig(lr=m.lr, micro_batch=m.micro_batch, effective_batch=m.effective_batch,
                                max_epochs=m.max_epochs, early_stopping_patience=m.early_stopping_patience,
-                               lr_patience=m.lr_patience, seed=m.seed, low_memory_allocator=m.low_memory_allocator)
+                               lr_patience=m.lr_patience, seed=m.seed, low_memory_allocator=m.low_memory_allocator,
+                               gate_lr_multiplier=m.gate_lr_multiplier)
 
 
 def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
@@ -161,7 +162,8 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
             "warm_start_from": warm["version"] or "none",
             "lm_profile": m.lm_profile, "vision_encoder": cfg.vision.encoder, "r_min": m.r_min, "r_max": m.r_max,
             "alpha": m.alpha, "lora_dropout": m.lora_dropout, "quantization": "int8 weight-only" if m.quantize_8bit else "fp32",
-            "xattn_every": m.xattn_every, "xattn_heads": m.xattn_heads, "lr": m.lr, "micro_batch": m.micro_batch,
+            "xattn_every": m.xattn_every, "xattn_heads": m.xattn_heads, "xattn_head_dim": m.xattn_head_dim,
+            "lr": m.lr, "gate_lr_multiplier": m.gate_lr_multiplier, "micro_batch": m.micro_batch,
             "effective_batch": m.effective_batch, "max_epochs": m.max_epochs, "max_len": m.max_len,
             "train_tasks": ",".join(m.train_tasks), "prompt_pack": cfg.dataset.prompt_pack,
             "prompt_pack_version": pack_version, "data_hash": data_hash, "manifest_version": manifest_hash(manifest),

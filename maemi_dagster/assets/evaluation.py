@@ -3,7 +3,8 @@
 import dagster as dg
 
 from maemi_core.data.manifest import load_manifest
-from maemi_core.evaluation.benchmark_tables import TEXT_TABLES, benchmark_registered_model
+from maemi_core.evaluation.benchmark_run import benchmark_registered_model
+from maemi_core.evaluation.benchmark_tables import TEXT_TABLES
 from maemi_core.teacher.instruction_set import load_instruction_set
 from maemi_dagster.assets.data import OWNERS
 from maemi_dagster.assets.model import maemi_model

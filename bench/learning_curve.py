@@ -1,0 +1,187 @@
+"""How far the MAEMI model gets as training compute grows: metric vs training tokens.
+
+    .venv/bin/python bench/learning_curve.py [--budgets 10,30,60,120] [--eval-images 0]
+        [--eval-records 64] [--threads 2] [--config configs/default.yaml] [--figure docs/learning_curve.png]
+
+Needs the profile's ``instruction_set`` (and so ``raw_images``) materialized (``make demo`` does).
+Trains the profile's model on **all** train records of ``model.train_tasks`` (not the demo's
+slice), optimizer step by optimizer step, and at each cumulative budget (minutes of training
+wall time; each budget continues the last) evaluates on the same fixed test records:
+
+- zero-shot classification top-1 by category-name likelihood on the test images
+  (``--eval-images 0``: every test image), for MAEMI and for the tuned LM with its
+  cross-attention gates closed (what the image adds);
+- METEOR (mean and 95% bootstrap interval) of greedy answers on ``--eval-records`` open-ended
+  VQA and captioning test records;
+- the validation answer loss.
+
+``base_lm`` (the LM as it ships) is evaluated once, at 0 tokens. Every point is logged to the
+MLflow experiment ``maemi-learning-curve-<dataset>`` (step = training tokens) and written to
+``<workdir>/reports/learning_curve.csv``; the figure goes to ``--figure``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--budgets", default="10,30,60,120", help="cumulative minutes of training")
+    ap.add_argument("--eval-images", type=int, default=0, help="0: every test image")
+    ap.add_argument("--eval-records", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--figure", default="docs/learning_curve.png")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import mlflow
+
+    from maemi_core.config import load_config
+    from maemi_core.data.manifest import load_manifest
+    from maemi_core.evaluation.answering import BASE_LM, GATES_CLOSED, MAEMI, Answerer, benchmark_records, reference
+    from maemi_core.evaluation.benchmark_run import classification_images
+    from maemi_core.evaluation.benchmark_tables import bootstrap_ci
+    from maemi_core.evaluation.text_metrics import score_pairs
+    from maemi_core.model.maemi_model import build_model
+    from maemi_core.registry.tracking import resolve_tracking_uri, tracked_run
+    from maemi_core.teacher.instruction_set import load_instruction_set
+    from maemi_core.training.instruction_tuning import select_records, training_config
+    from maemi_core.training.maemi_training import (
+        ImageStore, MediaCache, build_examples, evaluate_loss, length_buckets, make_optimizer, optimizer_step,
+    )
+
+    cfg = load_config(args.config)
+    m = cfg.model
+    manifest = load_manifest(cfg)
+    records = load_instruction_set(cfg)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    train_recs = select_records(records, "train", m.train_tasks, None)
+    val_recs = select_records(records, "val", m.train_tasks, m.max_val_records)
+    model = build_model(cfg)
+    train_ex, _ = build_examples(train_recs, model.tokenizer, m.max_len)
+    val_ex, _ = build_examples(val_recs, model.tokenizer, m.max_len)
+    images = ImageStore.from_manifest(manifest, cfg.vision.image_size)
+    media = MediaCache(model, images)
+    tok = model.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    tcfg = training_config(cfg)
+    opt = make_optimizer(model, tcfg)
+    gen = torch.Generator().manual_seed(tcfg.seed)
+    torch.manual_seed(tcfg.seed)
+
+    class_names = sorted(manifest["label"].unique())
+    image_ids = classification_images(records, None, args.eval_images or None)
+    zs = {r["image_ids"][-1]: r for r in records if r["split"] == "test" and r["task"] == "classify_zero_shot"}
+    cls_recs = [zs[i] for i in image_ids]
+    y = np.array([class_names.index(r["label"]) for r in cls_recs])
+    text_recs = {t: benchmark_records(records, t, args.eval_records) for t in ("vqa", "caption")}
+    answerer = Answerer(model, manifest, cfg.evaluation.batch_size)
+    print(f"{len(train_ex)} train examples, {len(val_ex)} val; evaluation: {len(cls_recs)} test images, "
+          + ", ".join(f"{len(v)} {k} records" for k, v in text_recs.items()))
+
+    def evaluate(tokens: int, seconds: float, methods) -> list[dict]:
+        rows = []
+        model.eval()
+        for method in methods:
+            t0 = time.perf_counter()
+            row = {"method": method, "train_tokens": tokens, "train_minutes": seconds / 60}
+            sc = answerer.category_scores(cls_recs, class_names, method)
+            hit = (sc.argmax(1) == y).astype(float)
+            lo, hi = bootstrap_ci(hit)
+            row |= {"zero_shot_top1": hit.mean(), "zero_shot_top1_ci_low": lo, "zero_shot_top1_ci_high": hi}
+            if method != GATES_CLOSED:
+                for task, recs in text_recs.items():
+                    got = answerer.answer(recs, m.max_new_tokens, desc=f"{task}: {method}", method=method)
+                    met = score_pairs(got, [reference(r) for r in recs])["meteor"].to_numpy()
+                    lo, hi = bootstrap_ci(met)
+                    row |= {f"{task}_meteor": met.mean(), f"{task}_meteor_ci_low": lo, f"{task}_meteor_ci_high": hi}
+            if method == MAEMI:
+                row["val_loss"] = evaluate_loss(model, val_ex, pad_id, images, m.micro_batch, media=media)
+            row["eval_seconds"] = time.perf_counter() - t0
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            rows.append(row)
+        return rows
+
+    uri, artifact_root = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.project_root)
+    rows: list[dict] = []
+    with tracked_run(uri, f"maemi-learning-curve-{cfg.dataset.name}", "learning_curve", time.strftime("%Y%m%dT%H%M%S"),
+                     Path(args.config).name, artifact_root):
+        mlflow.log_params({"budgets_min": args.budgets, "train_examples": len(train_ex), "eval_images": len(cls_recs),
+                           "eval_records": args.eval_records, "threads": args.threads, "lr": tcfg.lr,
+                           "effective_batch": tcfg.effective_batch, "gate_lr_multiplier": tcfg.gate_lr_multiplier,
+                           "xattn_heads": m.xattn_heads, "xattn_head_dim": m.xattn_head_dim})
+        rows += evaluate(0, 0.0, [BASE_LM, MAEMI, GATES_CLOSED])
+        accum = max(1, tcfg.effective_batch // tcfg.micro_batch)
+        lengths = [len(e.input_ids) for e in train_ex]
+        trained, tokens, epoch, queue = 0.0, 0, 0, []
+        for budget in budgets:
+            model.train()
+            model.vision.eval()
+            while trained < budget * 60:
+                if not queue:
+                    epoch += 1
+                    order = torch.randperm(len(train_ex), generator=gen).tolist()
+                    micro = length_buckets(order, lengths, tcfg.micro_batch, gen)
+                    queue = [micro[s: s + accum] for s in range(0, len(micro), accum)]
+                group = queue.pop(0)
+                t0 = time.perf_counter()
+                _, n = optimizer_step(model, opt, [[train_ex[i] for i in mb] for mb in group], pad_id, images, media, gen)
+                trained += time.perf_counter() - t0
+                tokens += sum(len(train_ex[i].input_ids) for mb in group for i in mb)
+            print(f"budget {budget:g} min: epoch {epoch}, {tokens} training tokens", flush=True)
+            rows += evaluate(tokens, trained, [MAEMI, GATES_CLOSED])
+            for r in rows[-2:]:
+                mlflow.log_metrics({f"{r['method']}.{k}": float(v) for k, v in r.items()
+                                    if k not in ("method",) and isinstance(v, (int, float)) and np.isfinite(v)},
+                                   step=tokens)
+        df = pd.DataFrame(rows)
+        out = cfg.workdir_path / "reports"
+        out.mkdir(parents=True, exist_ok=True)
+        df.to_csv(out / "learning_curve.csv", index=False)
+        fig = figure(df, Path(args.figure), cfg.dataset.name)
+        mlflow.log_artifact(str(out / "learning_curve.csv"))
+        mlflow.log_artifact(str(fig), artifact_path="figures")
+    print(df.round(4).to_string(index=False))
+
+
+def figure(df: pd.DataFrame, path: Path, dataset: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("zero_shot_top1", "zero-shot top-1 (likelihood, test images)"), ("vqa_meteor", "VQA METEOR"),
+              ("caption_meteor", "caption METEOR")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.8))
+    for ax, (metric, title) in zip(axes, panels):
+        for method, g in df.groupby("method", sort=False):
+            g = g.dropna(subset=[metric])
+            if not len(g):
+                continue
+            x = g["train_tokens"] / 1e3
+            if len(g) == 1:   # a fixed reference (base_lm): a horizontal line
+                ax.axhline(g[metric].iloc[0], ls="--", color="grey", label=method)
+                continue
+            ax.plot(x, g[metric], marker="o", label=method)
+            ax.fill_between(x, g[f"{metric}_ci_low"], g[f"{metric}_ci_high"], alpha=0.2)
+        ax.set_xlabel("training tokens (thousands)")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"MAEMI learning curve ({dataset}; bands: 95% bootstrap intervals)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Answers of one loaded MAEMI package for benchmark records, in each of the benchmark's methods.
+
+- ``maemi``: the tuned model as registered, with its images.
+- ``maemi_gates_closed``: the tuned LM (adapters and new-token embeddings as trained) with every
+  cross-attention gate closed: what imitating the teacher's style scores without seeing.
+- ``base_lm``: the LM as it ships: adapters zeroed, gates closed, and a plain prompt without the
+  ``<image>`` / ``<Encode>`` tokens it has never seen.
+
+Without images an answer depends on the prompt text alone, so both ablations decode each
+distinct question once (greedy decoding is deterministic) and share the answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from maemi_core.model.generation import DecodingConfig
+from maemi_core.teacher.instruction_set import stable_slice
+
+MAEMI, GATES_CLOSED, BASE_LM = "maemi", "maemi_gates_closed", "base_lm"
+IMAGE_FREE = (GATES_CLOSED, BASE_LM)
+
+
+def benchmark_records(records: list[dict], task: str, limit: Optional[int]) -> list[dict]:
+    """The test records of ``task`` that every method answers: a stable slice by id hash; for
+    VQA round-robin over question families so each family is represented."""
+    return stable_slice([r for r in records if r["split"] == "test" and r["task"] == task], limit,
+                        lambda r: str(r.get("family") or ""))
+
+
+def question(r: dict) -> str:
+    return r["conversations"][0]["value"]
+
+
+def reference(r: dict) -> str:
+    return r["conversations"][-1]["value"]
+
+
+def stable_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass
+class DecodeStats:
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else float("nan")
+
+
+class Answerer:
+    """Batched answers of one loaded MAEMI package for instruction records."""
+
+    def __init__(self, model, manifest: pd.DataFrame, batch_size: int, decoding: DecodingConfig = DecodingConfig()):
+        from maemi_core.training.maemi_training import ImageStore
+
+        self.model, self.batch_size, self.decoding = model, batch_size, decoding
+        self.images = ImageStore.from_manifest(manifest, model.cfg.image_size)
+
+    def arrays(self, r: dict) -> list[np.ndarray]:
+        return [self.images.get(i) for i in r["image_ids"]]
+
+    def method(self, method: str):
+        """The model as ``method`` within the block."""
+        if method == MAEMI:
+            return nullcontext(self.model)
+        if method == GATES_CLOSED:
+            return self.model.gates_closed()
+        if method == BASE_LM:
+            return self.model.base_lm_only()
+        raise ValueError(f"unknown method {method!r}")
+
+    def answer(self, records: list[dict], max_new_tokens: int, rank: Optional[int] = None,
+               desc: str = "answering", stats: Optional[DecodeStats] = None, method: str = MAEMI) -> list[str]:
+        if method in IMAGE_FREE:       # the image cannot matter: one answer per distinct question
+            distinct = list(dict.fromkeys(question(r) for r in records))
+            proxies = [{"conversations": [{"value": q}], "image_ids": []} for q in distinct]
+            with self.method(method):
+                got = dict(zip(distinct, self._answer(proxies, max_new_tokens, rank, desc, stats,
+                                                      plain=method == BASE_LM)))
+            return [got[question(r)] for r in records]
+        with self.method(method):
+            return self._answer(records, max_new_tokens, rank, desc, stats, plain=False)
+
+    def _answer(self, records, max_new_tokens, rank, desc, stats, plain) -> list[str]:
+        from maemi_core.model.generation import generate_answers
+
+        # Similar prompt lengths decode together (less padding); answers go back in input order.
+        order = sorted(range(len(records)), key=lambda i: (len(records[i]["image_ids"]), len(question(records[i]))))
+        answers: dict[int, str] = {}
+        bar = tqdm(total=len(records), desc=desc, unit="rec", mininterval=2)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            t0 = time.perf_counter()
+            counts: list[int] = []
+            got = generate_answers(self.model, [question(records[i]) for i in idx],
+                                   [self.arrays(records[i]) for i in idx], max_new_tokens=max_new_tokens, rank=rank,
+                                   token_counts=counts, plain=plain, decoding=self.decoding)
+            if stats is not None:
+                stats.seconds += time.perf_counter() - t0
+                stats.tokens += sum(counts)
+            answers.update(zip(idx, got))
+            bar.update(len(idx))
+        bar.close()
+        return [answers[i] for i in range(len(records))]
+
+    def category_scores(self, records: list[dict], class_names: list[str], method: str = MAEMI) -> np.ndarray:
+        """(n, C) log-likelihood of each category name as the answer to each record's question."""
+        from maemi_core.model.generation import candidate_log_likelihoods
+
+        qs = [question(r) for r in records]
+        with self.method(method):
+            if method in IMAGE_FREE:
+                distinct = list(dict.fromkeys(qs))
+                ll = candidate_log_likelihoods(self.model, distinct, [[] for _ in distinct], class_names,
+                                               plain=method == BASE_LM, batch_size=self.batch_size)
+                row = {q: ll[i] for i, q in enumerate(distinct)}
+                return np.stack([row[q] for q in qs]) if qs else np.zeros((0, len(class_names)))
+            out = []
+            for start in tqdm(range(0, len(records), self.batch_size), desc=f"category likelihoods: {method}",
+                              unit="batch", mininterval=2):
+                chunk = records[start:start + self.batch_size]
+                out.append(candidate_log_likelihoods(self.model, [question(r) for r in chunk],
+                                                     [self.arrays(r) for r in chunk], class_names,
+                                                     batch_size=self.batch_size))
+            return np.concatenate(out) if out else np.zeros((0, len(class_names)))
