@@ -156,6 +156,10 @@ class TeacherConfig(_Strict):
                         "intra_dissimilar", "inter_similar", "heterogeneity"]] = Field(
         default_factory=lambda: list(TEACHER_TASKS))
     vqa_questions_per_image: Optional[int] = 3   # null: every question of the pack for every image
+    # Paper A.7: a concise and a detailed answer to the same question for these tasks (the student
+    # prompt says which length it wants); [] keeps one detailed answer per question.
+    concise_tasks: list[Literal["caption", "vqa", "classify_zero_shot", "classify_few_shot"]] = Field(
+        default_factory=lambda: ["caption", "vqa", "classify_zero_shot", "classify_few_shot"])
     splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train", "val", "test"])
 
     @model_validator(mode="after")

@@ -102,14 +102,30 @@ def test_plan_covers_tasks_without_leaking_the_query_label(tmp_path):
     for p in plan:
         if p.task.startswith("classify"):
             assert p.request.images[-1].label is None and p.request.query_label == p.label
-            # The query is the last image followed only by the question: no label after it.
-            assert p.student_prompt.endswith("<image>\n" + p.request.question)
+            # The query is the last image followed only by the question and the answer length: no label after it.
+            assert p.student_prompt.rsplit("\n", 1)[0].endswith("<image>\n" + p.request.question)
+            assert p.student_prompt.endswith(("Answer in detail.", "Answer with the category name only."))
         assert p.student_prompt.count("<image>") == len(p.request.images)
         assert "Known from the dataset" not in p.student_prompt
     fs = [p for p in plan if p.task == "classify_few_shot"]
     train_ids = set(manifest.loc[manifest["split"] == "train", "image_id"])
     assert all({r.image_id for r in p.request.images[:-1]} <= train_ids for p in fs)
     assert len({p.id for p in plan}) == len(plan)
+    # Paper A.7: a concise and a detailed answer to the same question, the teacher told which.
+    concise = {p.id.removesuffix("-concise"): p for p in plan if p.length == "concise"}
+    detailed = {p.id: p for p in plan if p.length == "detailed"}
+    assert concise and concise.keys() == detailed.keys()
+    assert {p.task for p in concise.values()} == {"caption", "vqa", "classify_zero_shot", "classify_few_shot"}
+    for pid, c in concise.items():
+        assert c.request.question == detailed[pid].request.question and c.request.length == "concise"
+        assert render_teacher_prompt(c.request) != render_teacher_prompt(detailed[pid].request)
+        assert parse_teacher_prompt(render_teacher_prompt(c.request)).length == "concise"
+    teacher = MeasurementTeacher()
+    zs = next(c for c in concise.values() if c.task == "classify_zero_shot")
+    assert teacher.answer(zs.request).text == f"{zs.label}."
+    cap = next(c for c in concise.values() if c.task == "caption")
+    short, long = teacher.answer(cap.request).text, teacher.answer(detailed[cap.id.removesuffix("-concise")].request).text
+    assert long.startswith(short) and len(short) < len(long) and short.endswith(".")
 
 
 def test_cache_makes_the_second_run_free_and_prompt_changes_regenerate_only_them(tmp_path):

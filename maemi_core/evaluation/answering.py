@@ -30,10 +30,10 @@ IMAGE_FREE = (GATES_CLOSED, BASE_LM)
 
 
 def benchmark_records(records: list[dict], task: str, limit: Optional[int]) -> list[dict]:
-    """The test records of ``task`` that every method answers: a stable slice by id hash; for
-    VQA round-robin over question families so each family is represented."""
+    """The test records of ``task`` that every method answers: a stable slice by id hash,
+    round-robin over question families and answer lengths so each is represented."""
     return stable_slice([r for r in records if r["split"] == "test" and r["task"] == task], limit,
-                        lambda r: str(r.get("family") or ""))
+                        lambda r: f"{r.get('family') or ''}/{r.get('length') or ''}")
 
 
 def question(r: dict) -> str:

@@ -25,7 +25,7 @@ from maemi_core.evaluation.answering import (
 )
 from maemi_core.evaluation.benchmark_tables import (
     CLASSIFICATION_COLUMNS, CLASSIFICATION_TASKS, IMAGE_TOKEN, TEXT_TABLES, _thumbnail, _write, family_table,
-    likelihood_classification, markdown_table, paired_difference, paired_differences, text_metrics_figure,
+    length_table, likelihood_classification, markdown_table, paired_difference, paired_differences, text_metrics_figure,
     text_samples, text_table,
 )
 from maemi_core.evaluation.category_parser import parse_category
@@ -56,8 +56,8 @@ class BenchmarkResult:
 def classification_images(records: list[dict], vision_scores: Optional[pd.DataFrame], limit: Optional[int]) -> list[str]:
     """The test images every row of the classification table is scored on: those with a zero-shot
     record, a few-shot record (when the set has any) and a score from every vision model."""
-    by_task = {task: {r["image_ids"][-1] for r in records if r["split"] == "test" and r["task"] == task}
-               for task in CLASSIFICATION_TASKS.values()}
+    by_task = {task: {r["image_ids"][-1] for r in records if r["split"] == "test" and r["task"] == task
+                      and r.get("length") != "concise"} for task in CLASSIFICATION_TASKS.values()}
     ids = by_task["classify_zero_shot"]
     if by_task["classify_few_shot"]:
         ids &= by_task["classify_few_shot"]
@@ -90,6 +90,7 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
     unavailable_all: dict[str, str] = {}
     samples_by_table: dict[str, pd.DataFrame] = {}
     diffs: list[pd.DataFrame] = []
+    by_length: list[pd.DataFrame] = []
     source = f" Model: {model_label}." if model_label else ""
     numerics = model.package_meta.get("inference_kernel", "weight_only_int8")
     decoding_note = (f" Greedy decoding, repetition penalty {decoding.repetition_penalty}, no repeated "
@@ -130,12 +131,21 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
         paths |= _write(table, markdown_table(table, f"{title} ({cfg.dataset.name})", intro), out / name)
         log(f"{name}: " + ", ".join(f"{r['method']} METEOR {r['meteor']:.3f} [{r['meteor_ci_low']:.3f}, "
                                     f"{r['meteor_ci_high']:.3f}]" for _, r in table.iterrows() if r["status"] == "ok"))
+        if samples["length"].notna().any():
+            by_length.append(length_table(name, samples))
         if name == "vqa":
             fam = family_table(samples)
             tables["vqa_by_family"] = fam
             paths |= _write(fam, markdown_table(fam, f"Open-ended VQA by question family ({cfg.dataset.name})",
                                                 "Table 3 broken down by the prompt pack's question families."),
                             out / "vqa_by_family")
+
+    if by_length:
+        bl = pd.concat(by_length, ignore_index=True)
+        tables["by_length"] = bl
+        paths |= _write(bl, markdown_table(bl, f"Text tables by answer length ({cfg.dataset.name})",
+                                           "Paper A.7: the same questions asked for a concise and a detailed answer "
+                                           "(the length is part of the student prompt)."), out / "by_length")
 
     # 4. classification: every model on the same test images ------------------------------------------
     class_names = sorted(manifest["label"].unique())
@@ -147,8 +157,8 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
     if image_ids:
         wanted = set(image_ids)
         for method, task in CLASSIFICATION_TASKS.items():
-            by_image = {r["image_ids"][-1]: r for r in records
-                        if r["split"] == "test" and r["task"] == task and r["image_ids"][-1] in wanted}
+            by_image = {r["image_ids"][-1]: r for r in records if r["split"] == "test" and r["task"] == task
+                        and r.get("length") != "concise" and r["image_ids"][-1] in wanted}
             if not by_image:
                 continue
             recs = [by_image[i] for i in image_ids]

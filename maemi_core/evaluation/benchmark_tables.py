@@ -43,6 +43,7 @@ def text_samples(records: list[dict], answers: dict[str, list[str]]) -> pd.DataF
         scores = score_pairs(got, refs)
         frames.append(pd.DataFrame({
             "method": method, "record_id": [r["id"] for r in records], "family": [r.get("family") for r in records],
+            "length": [r.get("length") for r in records],
             "image_ids": [",".join(r["image_ids"]) for r in records], "question": [_question(r) for r in records],
             "reference": refs, "answer": got}).join(scores))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -114,6 +115,14 @@ def family_table(samples: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (method, family), s in samples.groupby(["method", "family"], sort=True):
         rows.append({"method": method, "family": family, "n": int(len(s)), **mean_ci(s)})
+    return pd.DataFrame(rows)
+
+
+def length_table(table: str, samples: pd.DataFrame) -> pd.DataFrame:
+    """Per method and answer length (paper A.7): mean and interval of each metric."""
+    rows = []
+    for (method, length), s in samples.dropna(subset=["length"]).groupby(["method", "length"], sort=True):
+        rows.append({"table": table, "method": method, "length": length, "n": int(len(s)), **mean_ci(s)})
     return pd.DataFrame(rows)
 
 

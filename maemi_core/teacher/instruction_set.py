@@ -44,6 +44,33 @@ class PlannedRecord:
     family: Optional[str] = None
     question_id: Optional[str] = None
     group_id: Optional[str] = None
+    length: Optional[str] = None          # "concise" / "detailed" where the task has both (paper A.7)
+
+
+# What the student prompt asks for, per answer length (paper A.7).
+LENGTH_INSTRUCTIONS = {
+    "detailed": "Answer in detail.",
+    "concise": "Answer in one short sentence.",
+}
+CONCISE_CLASSIFICATION = "Answer with the category name only."
+
+
+def with_lengths(plan: list[PlannedRecord], tasks: list[str]) -> list[PlannedRecord]:
+    """Each planned record of ``tasks`` twice: the detailed answer (the same teacher request as
+    before, so cached answers stay valid) and a concise one (id suffix ``-concise``); the
+    student prompt ends with the length it wants."""
+    from dataclasses import replace
+
+    out = []
+    for p in plan:
+        if p.task not in tasks:
+            out.append(p)
+            continue
+        concise = (CONCISE_CLASSIFICATION if p.task.startswith("classify") else LENGTH_INSTRUCTIONS["concise"])
+        out.append(replace(p, student_prompt=f"{p.student_prompt}\n{LENGTH_INSTRUCTIONS['detailed']}", length="detailed"))
+        out.append(replace(p, id=f"{p.id}-concise", request=replace(p.request, length="concise"),
+                           student_prompt=f"{p.student_prompt}\n{concise}", length="concise"))
+    return out
 
 
 def _rank(*parts: str) -> str:
@@ -131,7 +158,7 @@ def plan_records(cfg: MaemiConfig, manifest: pd.DataFrame, few_shot: pd.DataFram
                                       TeacherRequest(task, q, members, template.facts, **common),
                                       IMAGE_TOKEN * len(members) + "\n" + q, labels[0] if len(set(labels)) == 1 else None,
                                       group_id=g.group_id))
-    return plan
+    return with_lengths(plan, list(t.concise_tasks))
 
 
 @dataclass
@@ -181,7 +208,7 @@ def _record(p: PlannedRecord, answer: dict, key: str, pack: PromptPack, identity
         "image_ids": [ref.image_id for ref in p.request.images],
         "conversations": [{"from": "human", "value": p.student_prompt}, {"from": "gpt", "value": answer["text"]}],
         "task": p.task, "split": p.split, "label": p.label, "family": p.family, "question_id": p.question_id,
-        "group_id": p.group_id,
+        "group_id": p.group_id, "length": p.length,
         "provenance": {
             "teacher": identity.get("teacher"), "model": identity.get("model") or f"measurement-v{identity.get('version')}",
             "prompt_pack": pack.name, "prompt_pack_version": pack.version,

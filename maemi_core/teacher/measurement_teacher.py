@@ -10,7 +10,9 @@ Deterministic: the same image and prompt always give the same answer.
 
 from __future__ import annotations
 
+import re
 import threading
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
@@ -180,8 +182,20 @@ def _values(vals: list[float]) -> str:
     return ", ".join(f"image {i + 1}: {v:.2f}" for i, v in enumerate(vals))
 
 
+def _first_sentence(text: str) -> str:
+    """Up to the first full stop that ends a sentence (not one inside a number like 0.33)."""
+    m = re.search(r"(?<!\d)\.(?=\s|$)|\.(?=\s+[A-Z])", text)
+    return text[: m.end()].strip() if m else text.strip()
+
+
 def compose_answer(req: TeacherRequest, ms: list[dict]) -> str:
-    """The answer text for ``req`` given the measurements of its images (in order)."""
+    """The answer text for ``req`` given the measurements of its images (in order). A concise
+    answer (paper A.7) is the category alone for classification, else the first sentence of the
+    detailed answer: the same finding, without the supporting measurements."""
+    if req.length == "concise":
+        if req.task in ("classify_zero_shot", "classify_few_shot"):
+            return f"{req.query_label or req.images[-1].label}."
+        return _first_sentence(compose_answer(replace(req, length="detailed"), ms))
     n = len(req.images)
     if req.task in ("caption", "vqa"):
         return _describe(req.facts, ms[0], req.images[0], req)

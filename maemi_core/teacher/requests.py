@@ -40,6 +40,7 @@ class TeacherRequest:
     subject: str
     query_label: Optional[str] = None     # the true category of the query image (classification tasks)
     categories: list[str] = field(default_factory=list)
+    length: str = "detailed"              # paper A.7: "concise" or "detailed" answer to the same question
 
 
 @dataclass
@@ -68,6 +69,8 @@ _TECH = "Imaging technique:"
 _SUBJECT = "Subject:"
 _TRUE = "True category of the last image:"
 _CATS = "Categories:"
+_LENGTH = "Answer length:"
+CONCISE_INSTRUCTION = "concise: one short sentence that states the key finding (for classification: the category only)"
 
 
 def _image_line(i: int, ref: ImageRef) -> str:
@@ -86,6 +89,8 @@ def render_teacher_prompt(req: TeacherRequest) -> str:
     lines.append(_KNOWN)
     lines += [_image_line(i + 1, ref) for i, ref in enumerate(req.images)]
     lines.append(f"{_FOCUS} {', '.join(req.facts)}")
+    if req.length == "concise":   # detailed prompts stay as they were: their cached answers stay valid
+        lines.append(f"{_LENGTH} {CONCISE_INSTRUCTION}")
     return "\n".join(lines)
 
 
@@ -101,6 +106,7 @@ class ParsedPrompt:
     metadata: list[dict[str, str]]
     query_label: Optional[str]
     categories: list[str]
+    length: str = "detailed"
 
 
 def parse_teacher_prompt(text: str) -> ParsedPrompt:
@@ -128,4 +134,5 @@ def parse_teacher_prompt(text: str) -> ParsedPrompt:
         labels=labels, pixel_sizes=sizes, metadata=metas,
         query_label=true.split(" (")[0] if true else None,
         categories=[c.strip() for c in get.get(_CATS, "").split("|") if c.strip()],
+        length="concise" if get.get(_LENGTH, "").startswith("concise") else "detailed",
     )

@@ -85,7 +85,8 @@ def answer_messages(teacher: MeasurementTeacher, messages: list[dict]) -> str:
     refs = [ImageRef(image_id=h, path="", label=lab, pixel_size_nm=ps, metadata=tuple(meta.items()))
             for (h, _), lab, ps, meta in zip(images, p.labels, p.pixel_sizes, p.metadata)]
     req = TeacherRequest(task=p.task, question=p.question, images=refs, facts=p.facts, system=system,
-                         technique=p.technique, subject=p.subject, query_label=p.query_label, categories=p.categories)
+                         technique=p.technique, subject=p.subject, query_label=p.query_label, categories=p.categories,
+                         length=p.length)
     return teacher.answer(req, grays=[g for _, g in images]).text
 
 
