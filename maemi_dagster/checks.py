@@ -6,7 +6,7 @@ import pandas as pd
 from maemi_core.data.manifest import imbalance_ratio, leaked_images, load_manifest, manifest_dir, split_counts
 from maemi_core.data.splits import SPLITS
 from maemi_core.registry.model_promotion import gate_challenger
-from maemi_core.teacher.instruction_set import load_instruction_set, validate_records
+from maemi_core.teacher.instruction_set import failure_table, load_failed, load_instruction_set, validate_records
 from maemi_dagster.assets.data import raw_images
 from maemi_dagster.assets.evaluation import benchmark_tables
 from maemi_dagster.assets.teacher import instruction_set
@@ -99,7 +99,30 @@ def instruction_set_task_counts(maemi_config: MaemiConfigResource) -> dg.AssetCh
                                          "empty_tasks": ", ".join(empty) or "none"})
 
 
-INSTRUCTION_SET_CHECKS = [instruction_set_records_valid, instruction_set_train_coverage, instruction_set_task_counts]
+@dg.asset_check(asset=instruction_set, blocking=True,
+                description="Fails when the teacher could not answer more than teacher.max_failed_fraction of any "
+                            "split's records (after retries): a test split that silently shrank would make the "
+                            "benchmark measure something else.")
+def instruction_set_teacher_failures(maemi_config: MaemiConfigResource) -> dg.AssetCheckResult:
+    cfg = maemi_config.load()
+    failed = load_failed(cfg)
+    table = failure_table(load_instruction_set(cfg), failed)
+    limit = cfg.teacher.max_failed_fraction
+    over = table[table["failed_fraction"] > limit]
+    errors = pd.Series([f["error"][:120] for f in failed]).value_counts().head(5) if failed else pd.Series(dtype=int)
+    return dg.AssetCheckResult(
+        passed=over.empty,
+        description=("teacher failures within budget" if over.empty else
+                     f"teacher failed on {', '.join(f'{r.failed}/{r.planned} {r.split}' for r in over.itertuples())} "
+                     f"records (> {limit:.0%}): fix the teacher (see failed.jsonl) and re-materialize; answered "
+                     "records are cached and not asked again"),
+        metadata={"failures_per_split": table_md(table.round(4), index=False), "max_failed_fraction": limit,
+                  "failed": len(failed),
+                  "top_errors": dg.MetadataValue.md("\n".join(f"- {n} x `{e}`" for e, n in errors.items()) or "none")})
+
+
+INSTRUCTION_SET_CHECKS = [instruction_set_records_valid, instruction_set_train_coverage, instruction_set_task_counts,
+                          instruction_set_teacher_failures]
 
 
 @dg.asset_check(asset=benchmark_tables, blocking=True,

@@ -105,3 +105,56 @@ def test_concurrent_challengers_never_leave_a_worse_champion(registry):
     assert alias_version("maemi-test", CHAMPION) == strong
     decisions = read_log(log).set_index("version")["decision"]
     assert decisions[strong] == "promoted" and decisions[weak] == "rejected"
+
+
+def test_a_registry_that_answers_500_fails_promotion_loudly_and_moves_nothing(registry, tmp_path, monkeypatch):
+    """A tracking server answering 500 (a loopback HTTP server) must never read as "no champion
+    yet": the promotion raises, naming the server, instead of promoting without comparison."""
+    import http.server
+
+    from maemi_core.registry.model_registry import RegistryError
+
+    client, version, lock, log = registry
+    v1 = version(BASE)
+    promote_if_not_worse("maemi-test", v1, TOL, lock, log)
+    seen = []
+
+    class Broken(http.server.BaseHTTPRequestHandler):
+        def _fail(self):
+            seen.append(self.path)
+            body = b'{"error_code": "INTERNAL_ERROR", "message": "database is down"}'
+            self.send_response(500)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PATCH = do_DELETE = _fail
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Broken)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    sqlite_uri = mlflow.get_tracking_uri()
+    try:
+        mlflow.set_tracking_uri(url)              # (MLflow also exports it as MLFLOW_TRACKING_URI)
+        with pytest.raises(RegistryError, match=r"127\.0\.0\.1.*Nothing was promoted"):
+            promote_if_not_worse("maemi-test", "2", TOL, lock, log)
+        with pytest.raises(RegistryError):
+            alias_version("maemi-test", CHAMPION)
+    finally:
+        server.shutdown()
+        server.server_close()
+        mlflow.set_tracking_uri(sqlite_uri)                            # the fixture's sqlite registry
+    assert seen                                                     # the server was really asked
+    assert alias_version("maemi-test", CHAMPION) == v1
+    assert list(read_log(log)["version"]) == [v1]                   # no decision was recorded for the failure
+
+
+def test_a_missing_alias_or_model_is_none_not_an_error(registry):
+    assert alias_version("maemi-test", CHAMPION) is None            # model exists, alias does not
+    assert alias_version("maemi-nothing", CHAMPION) is None         # model does not exist

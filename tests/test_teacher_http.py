@@ -127,3 +127,21 @@ def test_external_baseline_row_over_http_and_privacy_refusal(tmp_path, elpv_path
     outside = ask_baseline(cfg, BaselineEndpoint(name="cloud", base_url="https://vlm.example.com/v1", model="m"),
                            recs, {})
     assert outside.unavailable and "private" in outside.unavailable
+
+
+def test_a_teacher_failing_on_30_percent_fails_the_blocking_check_with_counts(tmp_path):
+    from maemi_dagster.checks import instruction_set_teacher_failures
+    from maemi_dagster.resources import MaemiConfigResource
+
+    with teacher_server("--fail-fraction", "0.3") as url:
+        cfg, manifest, few_shot, groups = teacher_project(
+            tmp_path, teacher={"kind": "openai", "base_url": url, "model": "m", "concurrency": 2, "max_retries": 1,
+                               "backoff_base_s": 0.0}, tasks=["caption"], per_class=3)
+        result = generate_instruction_set(cfg, manifest, few_shot, groups)
+    planned = 2 * len(manifest)
+    assert len(result.records) + len(result.failed) == planned and 0.1 < len(result.failed) / planned < 0.6
+    check = instruction_set_teacher_failures(MaemiConfigResource(path=str(cfg.config_path)))
+    assert not check.passed and "re-materialize" in check.description
+    table = check.metadata["failures_per_split"].value
+    assert "failed_fraction" in table and check.metadata["failed"].value == len(result.failed)
+    assert "injected persistent fault" in check.metadata["top_errors"].value

@@ -296,13 +296,20 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
     if "vqa" in tables and (tables["vqa"]["method"] == BASE_LM).any():
         key["vqa.base_lm_meteor"] = float(tables["vqa"].set_index("method").loc[BASE_LM, "meteor"])
     records_hash = stable_key("\n".join(sorted(f"{r['id']}\t{reference(r)}" for r in used)))
+    from maemi_core.teacher.instruction_set import load_failed
+
+    failed_test = [f for f in load_failed(cfg) if f["split"] == "test"]
+    unusable = {"count": len(failed_test), "by_task": pd.Series([f["task"] for f in failed_test], dtype=str).value_counts().to_dict(),
+                "errors": pd.Series([f["error"][:120] for f in failed_test], dtype=str).value_counts().head(5).to_dict()}
+    if failed_test:
+        log(f"{len(failed_test)} test records could not be used: the teacher failed on them (see failed.jsonl)")
     result = BenchmarkResult(tables, paths, key, figures, unavailable_all, stats.tokens_per_s,
                              time.perf_counter() - t_start, records_hash)
     (out / "benchmark.json").write_text(json.dumps({
         "key_metrics": key, "model": model_label, "records_hash": records_hash, "unavailable": unavailable_all,
         "evaluation_tokens_per_s": result.evaluation_tokens_per_s, "seconds": result.seconds,
         "records_per_task": ev.max_records_per_task, "classification_images": len(image_ids),
-        "inference_numerics": numerics}, indent=2, default=float))
+        "inference_numerics": numerics, "test_records_the_teacher_could_not_answer": unusable}, indent=2, default=float))
     paths["benchmark_json"] = out / "benchmark.json"
     log(f"benchmark done in {result.seconds:.0f} s; maemi decoding {result.evaluation_tokens_per_s:.1f} tokens/s")
     return result

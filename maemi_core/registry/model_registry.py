@@ -33,11 +33,29 @@ def log_and_register(package_dir: str | Path, name: str, tags: dict[str, str],
     return info.model_uri, version
 
 
+class RegistryError(RuntimeError):
+    """The model registry could not answer: nothing may be promoted or assumed absent."""
+
+
+def is_missing(exc: Exception) -> bool:
+    """True only for "this model / alias does not exist" (sqlite answers a missing alias with
+    INVALID_PARAMETER_VALUE "... alias ... not found"); a 5xx, an auth error or a timeout is not."""
+    code = getattr(exc, "error_code", "")
+    return code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "not found" in str(exc).lower())
+
+
 def alias_version(name: str, alias: str) -> Optional[str]:
+    """The version ``alias`` points at; None only when the model or the alias does not exist.
+    Any other registry error raises :class:`RegistryError` naming the tracking URI, so that a
+    failing server never reads as "no champion yet" (which would promote without comparison)."""
     try:
         return str(MlflowClient().get_model_version_by_alias(name, alias).version)
-    except mlflow.exceptions.MlflowException:
-        return None
+    except mlflow.exceptions.MlflowException as exc:
+        if is_missing(exc):
+            return None
+        raise RegistryError(f"the MLflow registry at {mlflow.get_tracking_uri()} failed to resolve {name}@{alias}: "
+                            f"{exc}. Nothing was promoted and no alias moved; check the tracking server "
+                            "(MLFLOW_TRACKING_URI / mlflow.tracking_uri) and re-run.") from exc
 
 
 def download_package(name: str, alias: str, dst: Optional[str | Path] = None) -> tuple[Path, str]:

@@ -312,6 +312,25 @@ def save_instruction_set(cfg: MaemiConfig, result: InstructionSetResult, identit
     return paths
 
 
+def load_failed(cfg: MaemiConfig) -> list[dict]:
+    """The records the teacher could not answer in the last run (``failed.jsonl``)."""
+    path = instructions_dir(cfg) / "failed.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def failure_table(records: list[dict], failed: list[dict]) -> pd.DataFrame:
+    """Per split: planned records, failed ones and the failed fraction."""
+    rows = []
+    for split in ("train", "val", "test"):
+        ok = sum(1 for r in records if r["split"] == split)
+        bad = sum(1 for r in failed if r["split"] == split)
+        if ok or bad:
+            rows.append({"split": split, "planned": ok + bad, "failed": bad, "failed_fraction": bad / (ok + bad)})
+    return pd.DataFrame(rows, columns=["split", "planned", "failed", "failed_fraction"])
+
+
 def load_instruction_set(cfg: MaemiConfig) -> list[dict]:
     path = instructions_dir(cfg) / "instructions.jsonl"
     if not path.is_file():

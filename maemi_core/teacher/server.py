@@ -5,7 +5,9 @@ Implements ``GET /v1/models`` and ``POST /v1/chat/completions`` (text + base64 `
 parts, several images per message). A site can point any OpenAI client at it; the tests
 drive :class:`~maemi_core.teacher.openai_teacher.OpenAITeacher` through it for real.
 ``--fault 429 --fault 500`` makes the first requests fail with those statuses (a drill for
-retry handling); ``GET /stats`` reports how many requests arrived.
+retry handling); ``--fail-fraction 0.3`` answers 500 to every request whose content falls in that
+fraction (by hash, so retries of the same record fail too: a teacher that cannot answer some
+records at all); ``GET /stats`` reports how many requests arrived.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ GENERIC_FACTS = ["intensity", "particles", "edges", "texture", "uniformity"]
 class TeacherHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, addr, model: str, faults: list[int], api_key: Optional[str] = None):
+    def __init__(self, addr, model: str, faults: list[int], api_key: Optional[str] = None, fail_fraction: float = 0.0):
         super().__init__(addr, _Handler)
+        self.fail_fraction = fail_fraction
         self.model = model
         self.teacher = MeasurementTeacher()
         self.faults = list(faults)
@@ -137,6 +140,8 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None:
             headers = {"Retry-After": "0"} if fault == 429 else None
             return self._error(fault, f"injected fault {fault}", headers)
+        if self.server.fail_fraction and int(hashlib.sha256(body).hexdigest()[:8], 16) / 16 ** 8 < self.server.fail_fraction:
+            return self._error(500, "injected persistent fault for this request")
         try:
             payload = json.loads(body)
             text = answer_messages(self.server.teacher, payload.get("messages", []))
@@ -155,7 +160,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def serve(host: str = "127.0.0.1", port: int = 8765, model: str = "maemi-measurement-teacher",
-          faults: Optional[list[int]] = None, api_key_env: Optional[str] = None) -> None:
+          faults: Optional[list[int]] = None, api_key_env: Optional[str] = None, fail_fraction: float = 0.0) -> None:
     import signal
 
     # Stop on SIGTERM (systemd, docker, a test harness) even when the parent left it blocked
@@ -163,7 +168,7 @@ def serve(host: str = "127.0.0.1", port: int = 8765, model: str = "maemi-measure
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     api_key = os.environ.get(api_key_env) if api_key_env else None
-    server = TeacherHTTPServer((host, port), model, faults or [], api_key)
+    server = TeacherHTTPServer((host, port), model, faults or [], api_key, fail_fraction)
     print(f"maemi teacher-serve listening on http://{host}:{server.server_address[1]}/v1 (model {model})", flush=True)
     try:
         server.serve_forever()

@@ -8,7 +8,7 @@ import mlflow
 import pandas as pd
 
 from maemi_core.data.manifest import load_manifest
-from maemi_core.teacher.instruction_set import generate_instruction_set
+from maemi_core.teacher.instruction_set import failure_table, generate_instruction_set
 from maemi_core.vision.similarity_sampling import demonstrations_dir
 from maemi_dagster.assets.data import OWNERS, raw_images
 from maemi_dagster.assets.vision import demonstration_sets
@@ -69,6 +69,11 @@ def instruction_set(context: dg.AssetExecutionContext, maemi_config: MaemiConfig
             "teacher_calls": result.teacher_calls,
             "cache_hits": result.cache_hits,
             "failed": len(result.failed),
+            "failures_per_split": table_md(failure_table(result.records, result.failed).round(4), index=False),
+            "failed_records": dg.MetadataValue.md("\n".join(
+                f"- `{f['id']}` ({f['split']}, {f['attempts']} attempts): {f['error'][:160]}" for f in result.failed[:20])
+                + (f"\n- ... {len(result.failed) - 20} more in failed.jsonl" if len(result.failed) > 20 else "")
+                or "none"),
             "http_attempts": result.http_attempts,
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens,

@@ -1,0 +1,63 @@
+"""Choose the decoding controls on validation records: METEOR of greedy answers for a grid of
+repetition penalties and n-gram blocking, on the profile's validation split (never test).
+
+    .venv/bin/python bench/decoding_sweep.py [--config configs/default.yaml] [--package DIR]
+                                             [--records 32] [--tasks caption,vqa]
+
+``--package``: a model package folder (default: the one ``maemi_model`` last wrote under the
+workdir). Prints one row per setting and the setting with the best mean METEOR, which is what
+``evaluation.repetition_penalty`` / ``evaluation.no_repeat_ngram_size`` should be set to.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pandas as pd
+
+GRID = [(1.0, 0), (1.1, 0), (1.2, 0), (1.0, 3), (1.0, 4), (1.1, 4)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--package", default=None)
+    ap.add_argument("--records", type=int, default=32)
+    ap.add_argument("--tasks", default="caption,vqa")
+    args = ap.parse_args()
+
+    from maemi_core.config import load_config
+    from maemi_core.data.manifest import load_manifest
+    from maemi_core.evaluation.answering import Answerer, reference
+    from maemi_core.evaluation.text_metrics import score_pairs
+    from maemi_core.model.generation import DecodingConfig
+    from maemi_core.model.maemi_model import load_package
+    from maemi_core.teacher.instruction_set import load_instruction_set, stable_slice
+
+    cfg = load_config(args.config)
+    manifest = load_manifest(cfg)
+    records = load_instruction_set(cfg)
+    package = args.package or str(cfg.workdir_path / "model" / "package")
+    model = load_package(package, cfg.model.lm_cache and str(cfg.resolve(cfg.model.lm_cache)))
+    val = []
+    for task in args.tasks.split(","):
+        val += stable_slice([r for r in records if r["split"] == "val" and r["task"] == task], args.records,
+                            lambda r: f"{r.get('family') or ''}/{r.get('length') or ''}")
+    refs = [reference(r) for r in val]
+    rows = []
+    for penalty, ngram in GRID:
+        answerer = Answerer(model, manifest, cfg.evaluation.batch_size, DecodingConfig(penalty, ngram))
+        got = answerer.answer(val, cfg.model.max_new_tokens, desc=f"penalty {penalty}, no-repeat {ngram}")
+        sc = score_pairs(got, refs)
+        rows.append({"repetition_penalty": penalty, "no_repeat_ngram_size": ngram, "n": len(val),
+                     **sc.mean().to_dict(), "mean_answer_words": sum(len(a.split()) for a in got) / len(got)})
+        print(rows[-1], flush=True)
+    df = pd.DataFrame(rows)
+    print(df.round(4).to_string(index=False))
+    best = df.loc[df["meteor"].idxmax()]
+    print(f"best on validation (METEOR): repetition_penalty {best['repetition_penalty']}, "
+          f"no_repeat_ngram_size {int(best['no_repeat_ngram_size'])}")
+
+
+if __name__ == "__main__":
+    main()
