@@ -10,6 +10,7 @@ from maemi_core.teacher.instruction_set import failure_table, load_failed, load_
 from maemi_dagster.assets.data import raw_images
 from maemi_dagster.assets.evaluation import benchmark_tables
 from maemi_dagster.assets.teacher import instruction_set
+from maemi_dagster.executor import TORCH_STEP
 from maemi_dagster.metadata import table_md
 from maemi_dagster.resources import MaemiConfigResource, MLflowResource
 
@@ -125,7 +126,7 @@ INSTRUCTION_SET_CHECKS = [instruction_set_records_valid, instruction_set_train_c
                           instruction_set_teacher_failures]
 
 
-@dg.asset_check(asset=benchmark_tables, blocking=True,
+@dg.asset_check(asset=benchmark_tables, blocking=True, op_tags=TORCH_STEP,
                 description="The challenger is not worse than the champion on any key metric (promotion.key_metrics, "
                             "absolute tolerances), both measured on the same benchmark records (the champion is "
                             "re-evaluated when new data changed them). Blocks model_promotion; rejections are logged.")

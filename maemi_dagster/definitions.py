@@ -8,6 +8,7 @@ from maemi_core.config import TeacherConfig
 from maemi_dagster.assets import data, evaluation, model, operations, teacher, vision
 from maemi_dagster.automation import JOBS, SCHEDULES, SENSORS
 from maemi_dagster.checks import EVALUATION_CHECKS, INSTRUCTION_SET_CHECKS, RAW_IMAGES_CHECKS
+from maemi_dagster.executor import executor
 from maemi_dagster.resources import MaemiConfigResource, MLflowResource, TeacherResource
 
 # The key is only bound when its variable exists, so profiles with the on-prem measurement
@@ -20,6 +21,7 @@ defs = dg.Definitions(
     jobs=JOBS,
     sensors=SENSORS,
     schedules=SCHEDULES,
+    executor=executor,
     resources={
         "maemi_config": MaemiConfigResource(),
         "mlflow_tracking": MLflowResource(),

@@ -9,6 +9,7 @@ from maemi_core.teacher.instruction_set import load_instruction_set
 from maemi_dagster.assets.data import OWNERS
 from maemi_dagster.assets.model import maemi_model
 from maemi_dagster.assets.vision import vit_classifier
+from maemi_dagster.executor import TORCH_STEP
 from maemi_dagster.metadata import image_md, table_md
 from maemi_dagster.resources import MaemiConfigResource, MLflowResource
 
@@ -16,6 +17,7 @@ SHOWN = ["method", "n", "bleu2", "bleu4", "rouge1", "rouge2", "rougeL", "meteor"
 
 
 @dg.asset(
+    op_tags=TORCH_STEP,
     group_name="evaluation",
     code_version="1",
     owners=OWNERS,

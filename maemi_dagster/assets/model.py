@@ -8,11 +8,13 @@ from maemi_core.training.instruction_tuning import tune_and_register
 from maemi_dagster.assets.data import OWNERS
 from maemi_dagster.assets.teacher import instruction_set
 from maemi_dagster.assets.vision import vit_classifier
+from maemi_dagster.executor import TORCH_STEP
 from maemi_dagster.metadata import image_md
 from maemi_dagster.resources import MaemiConfigResource, MLflowResource
 
 
 @dg.asset(
+    op_tags=TORCH_STEP,
     group_name="model",
     code_version="1",
     owners=OWNERS,

@@ -9,11 +9,13 @@ from maemi_core.vision.classifiers import train_classifiers
 from maemi_core.vision.embeddings import compute_embeddings, save_embeddings
 from maemi_core.vision.similarity_sampling import build_demonstration_sets
 from maemi_dagster.assets.data import OWNERS, raw_images
+from maemi_dagster.executor import TORCH_STEP
 from maemi_dagster.metadata import image_md, table_md
 from maemi_dagster.resources import MaemiConfigResource, MLflowResource
 
 
 @dg.asset(
+    op_tags=TORCH_STEP,
     group_name="vision",
     code_version="1",
     owners=OWNERS,
@@ -55,6 +57,7 @@ def vit_classifier(context: dg.AssetExecutionContext, maemi_config: MaemiConfigR
 
 
 @dg.asset(
+    op_tags=TORCH_STEP,
     group_name="vision",
     code_version="1",
     owners=OWNERS,
