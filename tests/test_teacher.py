@@ -205,3 +205,29 @@ def test_refusals_are_detected():
     assert is_refusal("") and is_refusal("   ") and is_refusal("I'm sorry, but I can't help with that.")
     assert is_refusal("I cannot assist with this request.")
     assert not is_refusal("The cell shows a dark crack across the top left.")
+
+
+def test_workers_asking_about_one_image_at_once_measure_it_once(monkeypatch):
+    import threading
+    import time
+
+    import maemi_core.teacher.measurement_teacher as mt
+
+    calls = []
+
+    def slow_measure(gray, pixel_size_nm=None):
+        calls.append(1)
+        time.sleep(0.2)
+        return {"n": len(calls)}
+
+    monkeypatch.setattr(mt, "measure_image", slow_measure)
+    teacher = mt.MeasurementTeacher()
+    ref = ImageRef(image_id="a" * 64, path="unused")
+    gray = np.zeros((8, 8))
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(teacher.measure(ref, gray))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(got) == 4 and all(g is got[0] for g in got)

@@ -125,6 +125,7 @@ class MeasurementTeacher:
 
     def __init__(self, cache_size: int = 4096):
         self._measured: dict[tuple, dict] = {}
+        self._inflight: dict[tuple, threading.Lock] = {}
         self._lock = threading.Lock()
         self._cache_size = cache_size
 
@@ -136,16 +137,27 @@ class MeasurementTeacher:
         with self._lock:
             if key in self._measured:
                 return self._measured[key]
+            # One measurement per image even when several workers ask about it at once (its
+            # caption, VQA and classification records are planned next to each other).
+            inflight = self._inflight.setdefault(key, threading.Lock())
+        with inflight:
+            with self._lock:
+                if key in self._measured:
+                    return self._measured[key]
+            m = self._measure(ref, gray)
+            with self._lock:
+                if len(self._measured) >= self._cache_size:
+                    self._measured.pop(next(iter(self._measured)))
+                self._measured[key] = m
+                self._inflight.pop(key, None)
+            return m
+
+    def _measure(self, ref: ImageRef, gray: Optional[np.ndarray]) -> dict:
         if gray is None:
             gray = load_gray_array(ref.path)
             if ref.crop_bottom:
                 gray = gray[: gray.shape[0] - ref.crop_bottom]
-        m = measure_image(gray, ref.pixel_size_nm)
-        with self._lock:
-            if len(self._measured) >= self._cache_size:
-                self._measured.pop(next(iter(self._measured)))
-            self._measured[key] = m
-        return m
+        return measure_image(gray, ref.pixel_size_nm)
 
     def answer(self, request: TeacherRequest, grays: Optional[list[np.ndarray]] = None) -> TeacherAnswer:
         ms = [self.measure(ref, None if grays is None else grays[i]) for i, ref in enumerate(request.images)]
