@@ -145,9 +145,22 @@ class DyLoRAFALinear(nn.Module):
         packed = getattr(self, "_packed", None)
         return None if packed is None or packed is False else packed
 
+    def _inference_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The frozen base dequantised once and kept, for inference in the training numerics: the
+        same values the training path computes at every call (int8 x per-row scale), without
+        re-dequantising every weight at every decoded token (4 bytes per weight while serving)."""
+        w = getattr(self, "_w_inference", None)
+        if w is None or w.dtype != dtype:
+            w = self._w_inference = (self.weight_q.to(dtype) * self.weight_scale[:, None].to(dtype)).contiguous()
+        return w
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.current_rank()
-        if self.fast_kernel and not self.training and not torch.is_grad_enabled() and x.dtype == torch.float32:
+        inference = not self.training and not torch.is_grad_enabled()
+        if inference and not self.fast_kernel:
+            y = torch.nn.functional.linear(x, self._inference_weight(x.dtype), self.bias)
+            return y + (self.alpha / r) * ((x @ self.lora_A[:, :r]) @ self.lora_B[:r])
+        if self.fast_kernel and inference and x.dtype == torch.float32:
             packed = self._packed_int8()
             if packed is not None:
                 # Inference: int8 x int8 matmul with dynamically quantised activations reads a quarter
