@@ -226,6 +226,9 @@ class BaselineEndpoint(_Strict):
 class EvaluationConfig(_Strict):
     """``benchmark_tables``: the paper's evaluation on the held-out test split."""
     max_records_per_task: Optional[int] = 16   # a stable hash slice of each task's test records; null: all
+    # The group tables (Tables 4-6: 3-5 images and a long answer per record) cost several times a
+    # one-image record; null: max_records_per_task.
+    max_group_records_per_task: Optional[int] = None
     batch_size: int = 8                        # prompts decoded together
     classification_max_new_tokens: int = 24    # the category comes first in a classification answer
     rank_sweep: Optional[list[int]] = None     # deploy ranks to compare; null: r_min, the middle, r_max

@@ -99,7 +99,9 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
 
     # 1-3. text tables ---------------------------------------------------------------------------
     for name, (task, paper_table, title) in TEXT_TABLES.items():
-        recs = benchmark_records(records, task, ev.max_records_per_task)
+        group_task = task in ("intra_dissimilar", "inter_similar", "heterogeneity")
+        limit = ev.max_group_records_per_task if group_task and ev.max_group_records_per_task else ev.max_records_per_task
+        recs = benchmark_records(records, task, limit)
         if not recs:
             log(f"{name}: no test records for task {task}; table skipped")
             continue

@@ -145,21 +145,26 @@ class DyLoRAFALinear(nn.Module):
         packed = getattr(self, "_packed", None)
         return None if packed is None or packed is False else packed
 
-    def _inference_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The frozen base dequantised once and kept, for inference in the training numerics: the
-        same values the training path computes at every call (int8 x per-row scale), without
-        re-dequantising every weight at every decoded token (4 bytes per weight while serving)."""
-        w = getattr(self, "_w_inference", None)
-        if w is None or w.dtype != dtype:
-            w = self._w_inference = (self.weight_q.to(dtype) * self.weight_scale[:, None].to(dtype)).contiguous()
-        return w
+    def _inference_weight(self, r: int, dtype: torch.dtype) -> torch.Tensor:
+        """For inference in the training numerics: the frozen base dequantised (int8 x per-row
+        scale, the values training computes at every call) with the adapter at rank ``r`` merged
+        in, ``W0 + (alpha / r) (A[:, :r] B[:r])^T``. One matmul per layer and decoded token
+        instead of a dequantisation and three matmuls; the same function up to float rounding
+        (4 bytes per weight while serving). Rebuilt when the rank or ``B`` changes (``B``'s
+        version counter moves at every optimizer step)."""
+        key = (r, self.lora_B._version, dtype)
+        if getattr(self, "_w_key", None) != key:
+            base = self.weight_q.to(dtype) * self.weight_scale[:, None].to(dtype)
+            delta = (self.alpha / r) * (self.lora_A[:, :r] @ self.lora_B[:r]).T
+            self._w_inference = (base + delta.to(dtype)).contiguous()
+            self._w_key = key
+        return self._w_inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.current_rank()
         inference = not self.training and not torch.is_grad_enabled()
         if inference and not self.fast_kernel:
-            y = torch.nn.functional.linear(x, self._inference_weight(x.dtype), self.bias)
-            return y + (self.alpha / r) * ((x @ self.lora_A[:, :r]) @ self.lora_B[:r])
+            return torch.nn.functional.linear(x, self._inference_weight(r, x.dtype), self.bias)
         if self.fast_kernel and inference and x.dtype == torch.float32:
             packed = self._packed_int8()
             if packed is not None:
