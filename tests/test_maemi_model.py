@@ -162,3 +162,33 @@ def test_plain_prompt_is_the_shipped_lm_and_a_call_rank_does_not_persist():
     assert got[0] == tok.decode(ref[0, len(plain):], skip_special_tokens=True).strip()
     generate_answers(model, ["<image>\nWhat is it?"], [[img]], max_new_tokens=2, rank=3)
     assert all(m.rank == 8 for m in dylora_layers(model))
+
+
+def test_concurrent_requests_with_different_images_and_ranks_answer_as_if_alone():
+    """Rank and image conditioning travel with the call (thread-local), not on shared modules:
+    eight requests answered at once in one process give each the answer it gets alone."""
+    import threading
+
+    from maemi_core.model.dyqlora_fa import dylora_layers
+
+    model = _opened(tiny_model())
+    rng = np.random.default_rng(3)
+    requests = [(rng.integers(0, 255, (3, 224, 224), dtype=np.uint8), rank) for rank in (2, 8, 4, 6, 3, 8, 5, 2)]
+    alone = [generate_answers(model, ["<image>\nWhat is it?"], [[img]], max_new_tokens=8, rank=r)[0]
+             for img, r in requests]
+    assert len(set(alone)) > 1                                # the requests really differ
+    got: dict[int, str] = {}
+    barrier = threading.Barrier(len(requests))
+
+    def ask(i: int) -> None:
+        img, r = requests[i]
+        barrier.wait()
+        got[i] = generate_answers(model, ["<image>\nWhat is it?"], [[img]], max_new_tokens=8, rank=r)[0]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i] for i in range(len(requests))] == alone
+    assert all(m.rank == 8 for m in dylora_layers(model))    # no request changed the model

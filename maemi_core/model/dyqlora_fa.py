@@ -36,6 +36,19 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 _SCRATCH = threading.local()   # per thread: concurrent requests in one server never share a buffer
+_CALL = threading.local()      # per thread: the deployment rank of the request being answered
+
+
+@contextmanager
+def call_rank(rank: Optional[int]):
+    """Inside the block, on this thread only, every adapter runs at ``rank`` (None: each
+    layer's deployment rank). Concurrent requests in one process each keep their own rank."""
+    before = getattr(_CALL, "rank", None)
+    _CALL.rank = rank
+    try:
+        yield
+    finally:
+        _CALL.rank = before
 
 
 def _scratch(slot: str, shape: torch.Size, dtype: torch.dtype, device) -> torch.Tensor:
@@ -125,7 +138,14 @@ class DyLoRAFALinear(nn.Module):
                 f"alpha={self.alpha}, dropout={self.dropout}, int8={self.quantized}")
 
     def current_rank(self) -> int:
-        return self.active_rank if (self.training and self.active_rank) else self.rank
+        if self.training and self.active_rank:
+            return self.active_rank
+        r = getattr(_CALL, "rank", None)
+        if r is not None:
+            if not self.r_min <= r <= self.r_max:
+                raise ValueError(f"rank {r} outside the trained range [{self.r_min}, {self.r_max}]")
+            return r
+        return self.rank
 
     def _packed_int8(self):
         """The same int8 weights and scales, prepacked for PyTorch's dynamic-quantisation
@@ -153,12 +173,15 @@ class DyLoRAFALinear(nn.Module):
         (4 bytes per weight while serving). Rebuilt when the rank or ``B`` changes (``B``'s
         version counter moves at every optimizer step)."""
         key = (r, self.lora_B._version, dtype)
-        if getattr(self, "_w_key", None) != key:
+        cache = self.__dict__.setdefault("_w_inference", {})
+        w = cache.get(key)
+        if w is None:
             base = self.weight_q.to(dtype) * self.weight_scale[:, None].to(dtype)
-            delta = (self.alpha / r) * (self.lora_A[:, :r] @ self.lora_B[:r]).T
-            self._w_inference = (base + delta.to(dtype)).contiguous()
-            self._w_key = key
-        return self._w_inference
+            w = (base + ((self.alpha / r) * (self.lora_A[:, :r] @ self.lora_B[:r]).T).to(dtype)).contiguous()
+            for k in [k for k in cache if k[1] != key[1]]:   # B changed: older merges are stale
+                cache.pop(k, None)
+            cache[key] = w
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.current_rank()

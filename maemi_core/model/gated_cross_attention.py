@@ -9,6 +9,7 @@ start at 0, so an untrained block is exactly the identity and the model is exact
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -79,12 +80,24 @@ class GatedXAttnDecoderLayer(nn.Module):
         super().__init__()
         self.xattn = xattn
         self.decoder_layer = decoder_layer
-        self.media: Optional[torch.Tensor] = None
-        self.media_mask: Optional[torch.Tensor] = None
-        self._kv = None
+        # The visual context of the forward pass running on this thread: two requests answered
+        # at once in one server process never see each other's images.
+        self._ctx = threading.local()
+
+    @property
+    def media(self) -> Optional[torch.Tensor]:
+        return getattr(self._ctx, "media", None)
+
+    @property
+    def media_mask(self) -> Optional[torch.Tensor]:
+        return getattr(self._ctx, "media_mask", None)
+
+    @property
+    def _kv(self):
+        return getattr(self._ctx, "kv", None)
 
     def condition(self, media: Optional[torch.Tensor], media_mask: Optional[torch.Tensor]) -> None:
-        self.media, self.media_mask, self._kv = media, media_mask, None
+        self._ctx.media, self._ctx.media_mask, self._ctx.kv = media, media_mask, None
 
     def forward(self, hidden_states, *args, **kwargs):
         if self.xattn is not None and self.media is not None:
@@ -96,7 +109,7 @@ class GatedXAttnDecoderLayer(nn.Module):
                 # Decoding: the visual keys/values are the same at every step; project them once
                 # per prompt (for a 5-image prompt this was most of a step's compute).
                 if self._kv is None:
-                    self._kv = self.xattn.project_media(self.media)
-                kv = self._kv
+                    self._ctx.kv = self.xattn.project_media(self.media)
+                kv = self._ctx.kv
             hidden_states = self.xattn(hidden_states, self.media, mask, kv)
         return self.decoder_layer(hidden_states, *args, **kwargs)

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from maemi_core.model.dyqlora_fa import dylora_layers, set_deploy_rank
+from maemi_core.model.dyqlora_fa import call_rank, dylora_layers
 from maemi_core.model.gated_cross_attention import media_attention_mask
 from maemi_core.model.maemi_model import MaemiModel
 from maemi_core.training.maemi_training import prompt_ids
@@ -32,16 +32,13 @@ class DecodingConfig:
 
 @contextmanager
 def deploy_rank(model: MaemiModel, rank: Optional[int]):
-    """The adapters at ``rank`` inside the block, at their previous rank afterwards."""
-    layers = dylora_layers(model)
-    before = [m.rank for m in layers]
-    try:
-        if rank is not None:
-            set_deploy_rank(model, rank)
+    """The adapters at ``rank`` for this call (this thread) only; the model is not changed."""
+    if rank is not None:
+        layers = dylora_layers(model)
+        if layers and not layers[0].r_min <= rank <= layers[0].r_max:
+            raise ValueError(f"rank {rank} outside the trained range [{layers[0].r_min}, {layers[0].r_max}]")
+    with call_rank(rank):
         yield
-    finally:
-        for m, r in zip(layers, before):
-            m.rank = r
 
 
 def _left_padded(model: MaemiModel, questions: list[str], images: list[list[np.ndarray]], plain: bool):
