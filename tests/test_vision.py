@@ -139,3 +139,12 @@ def test_topk_is_capped_at_the_class_count():
     assert top_k(y, scores, 5) == 1.0
     s = classification_summary("m", y, scores, ["a", "b", "c"])
     assert s["top5_k"] == 3 and s["top1"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("value", [0, 255, 117])
+def test_uniform_images_give_finite_texture_features(value):
+    from maemi_core.vision.texture_baseline import texture_features
+
+    f = texture_features(np.full((224, 224), value, dtype=np.uint8))
+    assert np.isfinite(f).all() and f.shape == texture_features(np.random.default_rng(0).integers(
+        0, 255, (224, 224), dtype=np.uint8)).shape

@@ -43,7 +43,9 @@ def texture_features(gray_u8: np.ndarray) -> np.ndarray:
     feats.append(hog(small, orientations=9, pixels_per_cell=(16, 16), cells_per_block=(2, 2), feature_vector=True))
     g = gray_u8.astype(np.float64).ravel() / 255.0
     feats.append(np.array([g.mean(), g.std(), skew(g), kurtosis(g), *np.percentile(g, [5, 25, 50, 75, 95])]))
-    return np.concatenate(feats).astype(np.float32)
+    # A uniform image (blank, saturated, a failed acquisition) has no skewness, kurtosis or GLCM
+    # correlation (0/0): defined as 0 so that one such image cannot stop the SVM (NaN input).
+    return np.nan_to_num(np.concatenate(feats), nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
 
 
 def texture_feature_matrix(images_u8: np.ndarray, n_jobs: int = 2) -> np.ndarray:
