@@ -1,5 +1,7 @@
 """Asset checks. Blocking checks stop downstream assets from consuming bad data."""
 
+import json
+
 import dagster as dg
 import pandas as pd
 
@@ -38,13 +40,16 @@ def raw_images_class_balance(maemi_config: MaemiConfigResource) -> dg.AssetCheck
     wanted = [s for s, f in zip(SPLITS, (cfg.dataset.split.train, cfg.dataset.split.val, cfg.dataset.split.test)) if f > 0]
     empty_cells = [f"{label}/{split}" for label in per_class.index for split in wanted if per_class.loc[label, split] == 0]
     ratio = imbalance_ratio(manifest)
+    summary = manifest_dir(cfg) / "summary.json"
+    empty_folders = json.loads(summary.read_text()).get("empty_class_folders", []) if summary.is_file() else []
     return dg.AssetCheckResult(
-        passed=not empty_cells and ratio <= cfg.dataset.max_imbalance_ratio,
+        passed=not empty_cells and not empty_folders and ratio <= cfg.dataset.max_imbalance_ratio,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={
             "imbalance_ratio": ratio,
             "max_imbalance_ratio": cfg.dataset.max_imbalance_ratio,
             "empty_class_split_cells": ", ".join(empty_cells) or "none",
+            "empty_class_folders": ", ".join(empty_folders) or "none",
             "counts": table_md(counts),
         },
     )

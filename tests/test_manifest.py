@@ -137,3 +137,16 @@ def test_elpv_source_reads_the_package(elpv_paths):
     labels = pd.Series([c.label for c in cands]).value_counts().to_dict()
     assert labels == {"functional": 1508, "defective": 715, "possibly_defective": 295, "likely_defective": 106}
     assert {c.extra["cell_type"] for c in cands} == {"mono", "poly"}
+
+
+def test_one_class_is_refused_and_empty_class_folders_are_named(tmp_path, elpv_paths, profile_factory, copy_file):
+    root = tmp_path / "images"
+    for p in elpv_paths[:6]:
+        copy_file(p, root / "cracked" / p.name)
+    (root / "clean").mkdir()                                   # a class the user meant to have
+    with pytest.raises(ConfigError, match=r"1 usable class \(cracked\).*empty class folders: clean.*at least two"):
+        build_manifest(profile_factory())
+    for p in elpv_paths[6:12]:
+        copy_file(p, root / "porous" / p.name)
+    result = build_manifest(profile_factory())
+    assert set(result.manifest["label"]) == {"cracked", "porous"} and result.empty_classes == ["clean"]

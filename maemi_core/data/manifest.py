@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -38,6 +38,7 @@ class ManifestResult:
     rejected: pd.DataFrame
     duplicates: pd.DataFrame
     n_candidates: int
+    empty_classes: list[str] = field(default_factory=list)   # class folders without any file
 
     @property
     def rejected_fraction(self) -> float:
@@ -125,11 +126,27 @@ def build_manifest(
             iid, ds.split.train, ds.split.val, ds.split.test, has_official_test=has_official_test)
         for iid, forced in zip(manifest["image_id"], manifest["forced_split"])
     ]
+    empty = []
+    if ds.kind == "imagefolder":
+        from maemi_core.data.sources import empty_class_folders
+
+        empty = sorted(set(empty_class_folders(cfg.resolve(ds.root)))
+                       | (set(empty_class_folders(cfg.resolve(ds.test_root))) if ds.test_root else set()))
+        if empty:
+            log(f"WARNING: class folders without any file: {', '.join(empty)}")
+    labels = sorted(manifest["label"].unique())
+    if len(labels) < 2:
+        where = f"under {cfg.resolve(ds.root)}" if ds.kind == "imagefolder" else f"in dataset '{ds.name}'"
+        raise ConfigError(
+            f"dataset '{ds.name}' has {len(labels)} usable class ({', '.join(labels) or 'none'}) {where}"
+            + (f"; empty class folders: {', '.join(empty)}" if empty else "")
+            + ": classification and MAEMI's tuning need at least two classes. Add a folder of images for each "
+            "further class (<root>/<class>/<image files>)")
     extra_cols = [c for c in manifest.columns if c not in MANIFEST_COLUMNS and c != "forced_split"]
     manifest = manifest[MANIFEST_COLUMNS + extra_cols].sort_values(["label", "image_id"]).reset_index(drop=True)
     rejected_df = pd.DataFrame(rejected, columns=REJECTED_COLUMNS)
     log(f"manifest: {len(manifest)} images, {len(rejected_df)} rejected, {len(duplicates)} duplicates")
-    return ManifestResult(manifest, rejected_df, duplicates, n_candidates)
+    return ManifestResult(manifest, rejected_df, duplicates, n_candidates, empty)
 
 
 def _reject(cand: Candidate, reason: str, detail: str) -> dict:
@@ -228,6 +245,7 @@ def save_manifest(result: ManifestResult, out_dir: Path) -> dict[str, Path]:
         "n_duplicates": len(result.duplicates),
         "rejected_fraction": result.rejected_fraction,
         "imbalance_ratio": imbalance_ratio(result.manifest),
+        "empty_class_folders": result.empty_classes,
     }, indent=2))
     return paths
 

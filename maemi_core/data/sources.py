@@ -87,6 +87,15 @@ def list_imagefolder(root: Path, source: str, forced_split: Optional[str] = None
     return out
 
 
+def empty_class_folders(root: Path) -> list[str]:
+    """Class folders (``root/<class>/``) that hold no file at all: a class that was meant to be
+    there and silently is not."""
+    if not root.is_dir():
+        return []
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
+                  and not any(p.is_file() and p.name.lower() not in _IGNORED_NAMES for p in d.rglob("*")))
+
+
 def list_candidates(cfg: MaemiConfig) -> list[Candidate]:
     """The configured dataset's files plus those of every ingested fab batch (incoming.py)."""
     from maemi_core.data.incoming import incoming_candidates

@@ -68,6 +68,7 @@ def raw_images(
             "n_duplicates": len(result.duplicates),
             "rejected_fraction": result.rejected_fraction,
             "imbalance_ratio": imbalance_ratio(result.manifest),
+            "empty_class_folders": ", ".join(result.empty_classes) or "none",
             "counts_per_split_and_class": table_md(counts),
             "rejected_by_reason": table_md(rejected_by_reason) if len(result.rejected) else dg.MetadataValue.md("none"),
             "rejected_files": table_md(result.rejected, index=False) if len(result.rejected) else dg.MetadataValue.md("none"),
