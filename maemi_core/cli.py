@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8765, help="0 picks a free port (printed on start)")
     p.add_argument("--model", default="maemi-measurement-teacher")
     p.add_argument("--fault", type=int, action="append", default=[],
-                   help="answer the next request with this HTTP status (repeatable; a retry drill)")
+                   help="answer the next request with this HTTP status (repeatable; a retry drill; 200: a body that "
+                        "is not JSON)")
     p.add_argument("--api-key-env", default=None, help="require 'Bearer $VAR' on every request")
     p.add_argument("--fail-fraction", type=float, default=0.0,
                    help="drill: answer 500 to this fraction of requests (chosen by content hash, retries fail too)")

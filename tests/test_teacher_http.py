@@ -145,3 +145,14 @@ def test_a_teacher_failing_on_30_percent_fails_the_blocking_check_with_counts(tm
     table = check.metadata["failures_per_split"].value
     assert "failed_fraction" in table and check.metadata["failed"].value == len(result.failed)
     assert "injected persistent fault" in check.metadata["top_errors"].value
+
+
+def test_malformed_200_bodies_are_retried_and_every_attempt_counted(tmp_path):
+    with teacher_server("--fault", "200", "--fault", "200") as url:
+        cfg, manifest, few_shot, groups = teacher_project(
+            tmp_path, teacher={"kind": "openai", "base_url": url, "model": "m", "concurrency": 1,
+                               "backoff_base_s": 0.0, "backoff_max_s": 0.0}, tasks=["caption"], per_class=1)
+        result = generate_instruction_set(cfg, manifest, few_shot, groups)
+        n = 2 * len(manifest)
+        assert len(result.records) == n and not result.failed
+        assert result.http_attempts == n + 2 == stats(url)["requests"]

@@ -103,7 +103,9 @@ class OpenAITeacher:
                     model=self.cfg.model, messages=messages, max_tokens=self.cfg.max_tokens,
                     temperature=self.cfg.temperature)
             except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
-                    openai.APIConnectionError) as exc:
+                    openai.APIConnectionError, openai.APIResponseValidationError, ValueError) as exc:
+                # ValueError / APIResponseValidationError: a 200 whose body is not the JSON it
+                # should be (a proxy's error page, a cut-off response): transient like a 5xx.
                 transport_errors += 1
                 last = f"{type(exc).__name__}: {getattr(exc, 'status_code', '')} {str(exc)[:200]}"
                 if transport_errors > self.cfg.max_retries:

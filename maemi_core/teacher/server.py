@@ -5,7 +5,7 @@ Implements ``GET /v1/models`` and ``POST /v1/chat/completions`` (text + base64 `
 parts, several images per message). A site can point any OpenAI client at it; the tests
 drive :class:`~maemi_core.teacher.openai_teacher.OpenAITeacher` through it for real.
 ``--fault 429 --fault 500`` makes the first requests fail with those statuses (a drill for
-retry handling); ``--fail-fraction 0.3`` answers 500 to every request whose content falls in that
+retry handling; ``--fault 200`` answers 200 with a body that is not JSON); ``--fail-fraction 0.3`` answers 500 to every request whose content falls in that
 fraction (by hash, so retries of the same record fail too: a teacher that cannot answer some
 records at all); ``GET /stats`` reports how many requests arrived.
 """
@@ -137,6 +137,14 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, f"no route {self.path}")
         if not self._authorised():
             return self._error(401, "invalid API key")
+        if fault == 200:   # a 200 whose body is not JSON (a proxy's error page, a truncated response)
+            data = b'{"id": "chatcmpl-broken", "choices": [{"message": '
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         if fault is not None:
             headers = {"Retry-After": "0"} if fault == 429 else None
             return self._error(fault, f"injected fault {fault}", headers)
