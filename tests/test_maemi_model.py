@@ -192,3 +192,11 @@ def test_concurrent_requests_with_different_images_and_ranks_answer_as_if_alone(
         t.join()
     assert [got[i] for i in range(len(requests))] == alone
     assert all(m.rank == 8 for m in dylora_layers(model))    # no request changed the model
+
+
+def test_training_fingerprint_changes_with_the_frozen_encoder_weights():
+    from maemi_core.training.instruction_tuning import encoder_fingerprint
+
+    a, b, c = tiny_model(seed=0), tiny_model(seed=0), tiny_model(seed=1)
+    assert encoder_fingerprint(a) == encoder_fingerprint(b)
+    assert encoder_fingerprint(a) != encoder_fingerprint(c)       # a re-trained ViT under the same name

@@ -88,6 +88,17 @@ def choose_inference_kernel(model, val_recs: list[dict], val_ex, images: ImageSt
     return agreement
 
 
+def encoder_fingerprint(model) -> str:
+    """sha256 over the frozen vision encoder's weights: a checkpoint trained against one encoder
+    is never resumed against another (vit_classifier re-trained in between changes the ViT
+    under the same name)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.vision.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def training_config(cfg: MaemiConfig) -> MaemiTrainingConfig:
     m = cfg.model
     return MaemiTrainingConfig(lr=m.lr, micro_batch=m.micro_batch, effective_batch=m.effective_batch,
@@ -132,6 +143,7 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
 
     def run() -> dict:
         fingerprint = json.dumps({"data": data_hash, "model": m.model_dump(), "encoder": cfg.vision.encoder,
+                                  "encoder_weights": encoder_fingerprint(model),
                                   "train": asdict(tcfg), "warm_start": warm["version"]}, sort_keys=True)
         result = train_maemi(model, train_ex, val_ex, images, tcfg, out / "checkpoint.pt", fingerprint,
                              on_epoch=on_epoch, stop_after_epoch=stop_after_epoch)
