@@ -16,7 +16,7 @@ EXPECTED_ASSETS = {"raw_images", "vit_classifier", "image_embeddings", "demonstr
                    "maemi_model", "benchmark_tables", "model_promotion", "fab_batch"}
 EXPECTED_CHECKS = {"raw_images_no_split_leakage", "raw_images_class_balance", "raw_images_rejected_fraction",
                    "instruction_set_records_valid", "instruction_set_train_coverage", "instruction_set_task_counts",
-                  "benchmark_tables_challenger_not_worse"}
+                   "instruction_set_teacher_failures", "benchmark_tables_challenger_not_worse"}
 
 
 def test_definitions_list_the_expected_assets_and_checks():
@@ -55,3 +55,16 @@ def test_cli_validates_the_workspace(tmp_path):
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "passed validation" in out.stdout + out.stderr
+
+
+def test_lineage_and_one_torch_step_at_a_time():
+    graph = defs.resolve_asset_graph()
+    parents = {k.to_user_string() for k in graph.get(dg.AssetKey("demonstration_sets")).parent_keys}
+    assert {"raw_images", "image_embeddings"} <= parents          # it reads the manifest too
+    torch_steps = {k.to_user_string() for k in graph.get_all_asset_keys()
+                   if graph.get(k).tags.get("maemi/compute") == "torch" or
+                   (defs.get_assets_def(k).op.tags or {}).get("maemi/compute") == "torch"}
+    assert {"vit_classifier", "image_embeddings", "maemi_model", "benchmark_tables"} <= torch_steps
+    from maemi_dagster.executor import executor
+
+    assert executor.name == "maemi_multiprocess"

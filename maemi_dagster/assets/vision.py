@@ -85,7 +85,7 @@ def image_embeddings(context: dg.AssetExecutionContext, maemi_config: MaemiConfi
     code_version="1",
     owners=OWNERS,
     kinds={"pandas", "parquet"},
-    deps=[image_embeddings],
+    deps=[raw_images, image_embeddings],   # it reads the manifest (splits, labels) and the embeddings
     description=(
         "Similarity sampling (paper A.6): top-K most similar train images per target (most similar last), "
         "inter-class similar groups, intra-class dissimilar groups and spatial-heterogeneity groups, "
