@@ -4,7 +4,8 @@ incoming_batches (sensor, every operations.sensor_interval_s): a new *complete* 
 drop folder becomes a ``fab_batches`` partition and an ingestion run; its cursor remembers the
 batches already requested, so a batch is picked up once, and a half-copied one not at all.
 retune_after_ingest (run-status sensor): a successful ingestion requests the re-tuning job.
-weekly_retune (schedule, operations.retune_cron): the re-tuning job even when no sensor fired.
+weekly_retune (schedule, operations.retune_cron): the re-tuning job even when no sensor fired,
+skipped when data, code and profile are unchanged since the last successful re-tune.
 All three start enabled and can be switched off in the UI (Automation); the daemon that runs
 them is part of ``dagster dev``.
 """
@@ -74,14 +75,59 @@ def incoming_batches(context: dg.SensorEvaluationContext, maemi_config: MaemiCon
                       description="A successful batch ingestion requests a re-tuning run.")
 def retune_after_ingest(context: dg.RunStatusSensorContext):
     batch = context.dagster_run.tags.get("dagster/partition", "")
+    fp = retune_fingerprint(load_config(config_path_from_env()))
     return dg.RunRequest(run_key=f"retune-after-{context.dagster_run.run_id}",
-                         tags={"maemi/trigger": "fab_batch", "maemi/batch": batch})
+                         tags={"maemi/trigger": "fab_batch", "maemi/batch": batch,
+                               FINGERPRINT_TAG: json.dumps(fp, sort_keys=True)})
 
 
-weekly_retune = dg.ScheduleDefinition(
-    name="weekly_retune", job=retune_job, cron_schedule=_OPS.retune_cron, execution_timezone=_OPS.timezone,
-    default_status=dg.DefaultScheduleStatus.RUNNING, tags={"maemi/trigger": "schedule"},
-    description="Re-tune on everything accumulated since the last champion, even when no sensor fired.")
+FINGERPRINT_TAG = "maemi/retune_fingerprint"
+
+
+def retune_fingerprint(cfg) -> dict:
+    """What a re-tuning depends on: the dataset's files (path, size, modification time, fab
+    batches included), the code (every maemi_core source file) and the profile."""
+    import hashlib
+    from pathlib import Path
+
+    import maemi_core
+    from maemi_core.data.sources import list_candidates
+
+    data = hashlib.sha256()
+    for c in sorted(list_candidates(cfg), key=lambda c: str(c.path)):
+        st = c.path.stat()
+        data.update(f"{c.path}|{st.st_size}|{st.st_mtime_ns}|{c.label}\n".encode())
+    code = hashlib.sha256()
+    root = Path(maemi_core.__file__).parent
+    for f in sorted(root.rglob("*")):
+        if f.is_file() and f.suffix in (".py", ".yaml"):
+            code.update(str(f.relative_to(root)).encode())
+            code.update(f.read_bytes())
+    profile = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
+    return {"data": data.hexdigest()[:12], "code": code.hexdigest()[:12], "profile": profile.hexdigest()[:12]}
+
+
+def _last_retune(instance) -> dg.DagsterRun | None:
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name="retune", statuses=[dg.DagsterRunStatus.SUCCESS]),
+                             limit=1)
+    return runs[0] if runs else None
+
+
+@dg.schedule(name="weekly_retune", job=retune_job, cron_schedule=_OPS.retune_cron,
+             execution_timezone=_OPS.timezone, default_status=dg.DefaultScheduleStatus.RUNNING,
+             description="Re-tune on everything accumulated since the last champion, even when no sensor fired; "
+                         "skipped, with the reason shown, when data, code and profile are unchanged since the last "
+                         "successful re-tune.")
+def weekly_retune(context: dg.ScheduleEvaluationContext, maemi_config: MaemiConfigResource):
+    fp = retune_fingerprint(maemi_config.load())
+    last = _last_retune(context.instance)
+    if last is not None and last.tags.get(FINGERPRINT_TAG) == json.dumps(fp, sort_keys=True):
+        return dg.SkipReason(f"data, code and profile unchanged since re-tune run {last.run_id[:8]} "
+                             f"(data {fp['data']}, code {fp['code']}, profile {fp['profile']})")
+    changed = ([k for k, v in json.loads(last.tags[FINGERPRINT_TAG]).items() if fp.get(k) != v]
+               if last is not None and FINGERPRINT_TAG in last.tags else ["no previous re-tune"])
+    return dg.RunRequest(tags={"maemi/trigger": "schedule", "maemi/changed": ",".join(changed),
+                               FINGERPRINT_TAG: json.dumps(fp, sort_keys=True)})
 
 JOBS = [ingest_job, retune_job]
 SENSORS = [incoming_batches, retune_after_ingest]
