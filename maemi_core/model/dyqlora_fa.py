@@ -129,9 +129,10 @@ class DyLoRAFALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(r_max, d_out))
         self.rank = r_max                 # the deployment rank used outside training
         self.active_rank: Optional[int] = None   # set per training step by set_active_rank
-        # Inference may use PyTorch's dynamic-quantisation kernel (int8 activations too); False
-        # forces the training numerics (int8 weights dequantised, fp32 activations).
-        self.fast_kernel = True
+        # Inference in the training numerics (int8 weights dequantised, fp32 activations) unless
+        # PyTorch's dynamic-quantisation kernel (int8 activations too) was shown to agree and
+        # switched on (model/inference_kernel.py).
+        self.fast_kernel = False
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank=[{self.r_min},{self.r_max}], "
