@@ -29,6 +29,7 @@ def test_definitions_list_the_expected_assets_and_checks():
         node = graph.get(key)
         assert node.group_name in {"data", "vision", "teacher", "model", "evaluation", "registry"}
         assert node.description and node.code_version and node.owners
+        assert len(node.code_version) == 12 and node.code_version != "1"    # derived from the core code it runs
 
 
 def test_promotion_gate_blocks_and_automation_is_listed():
@@ -68,3 +69,10 @@ def test_lineage_and_one_torch_step_at_a_time():
     from maemi_dagster.executor import executor
 
     assert executor.name == "maemi_multiprocess"
+
+
+def test_code_versions_follow_the_code():
+    from maemi_core.code_version import code_version
+
+    assert code_version("data") == code_version("data") != code_version("teacher")
+    assert code_version("data", "config.py") != code_version("data")

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 import pandas as pd
 
+from maemi_core.code_version import code_version
 from maemi_core.config import MaemiConfig
 from maemi_core.evaluation.classification_metrics import loss_curve_figure
 from maemi_core.model.maemi_model import build_model, save_package
@@ -190,7 +191,8 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
         mlflow.log_artifact(str(out / "history.csv"))
         name = registered_model_name(cfg.dataset.name)
         uri, version = log_and_register(summary["package"], name, {
-            "data_hash": data_hash, "manifest_version": manifest_hash(manifest), "code_version": "1",
+            "data_hash": data_hash, "manifest_version": manifest_hash(manifest),
+            "code_version": code_version("model", "training", "registry", "config.py"),
             "dagster_run_id": tracker.dagster_run_id, "lm_profile": m.lm_profile, "prompt_pack_version": pack_version,
             "training_numerics": "int8 weight-only" if m.quantize_8bit else "fp32",
             "inference_numerics": summary["inference_kernel"]})

@@ -3,6 +3,7 @@
 import dagster as dg
 import mlflow
 
+from maemi_core.code_version import code_version
 from maemi_core.data.manifest import (
     build_manifest, imbalance_ratio, manifest_dir, save_manifest, split_counts,
 )
@@ -15,7 +16,7 @@ OWNERS = ["team:maemi-ml"]
 
 @dg.asset(
     group_name="data",
-    code_version="1",
+    code_version=code_version("data", "config.py"),
     owners=OWNERS,
     kinds={"pandas", "parquet", "mlflow"},
     description=(

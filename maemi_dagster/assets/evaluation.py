@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from maemi_core.code_version import code_version
 from maemi_core.data.manifest import load_manifest
 from maemi_core.evaluation.benchmark_run import benchmark_registered_model
 from maemi_core.evaluation.benchmark_tables import TEXT_TABLES
@@ -19,7 +20,7 @@ SHOWN = ["method", "n", "bleu2", "bleu4", "rouge1", "rouge2", "rougeL", "meteor"
 @dg.asset(
     op_tags=TORCH_STEP,
     group_name="evaluation",
-    code_version="1",
+    code_version=code_version("evaluation", "model", "config.py"),
     owners=OWNERS,
     kinds={"pandas", "mlflow"},
     deps=[maemi_model, vit_classifier],

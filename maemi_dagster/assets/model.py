@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from maemi_core.code_version import code_version
 from maemi_core.data.manifest import load_manifest
 from maemi_core.teacher.instruction_set import load_instruction_set
 from maemi_core.training.instruction_tuning import tune_and_register
@@ -16,7 +17,7 @@ from maemi_dagster.resources import MaemiConfigResource, MLflowResource
 @dg.asset(
     op_tags=TORCH_STEP,
     group_name="model",
-    code_version="1",
+    code_version=code_version("model", "training", "registry", "config.py"),
     owners=OWNERS,
     kinds={"pytorch", "mlflow"},
     deps=[vit_classifier, instruction_set],

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from maemi_core.code_version import code_version
 from maemi_core.data.incoming import ingest_batch
 from maemi_core.registry.model_promotion import promote_challenger
 from maemi_dagster.assets.data import OWNERS
@@ -14,7 +15,7 @@ fab_batches = dg.DynamicPartitionsDefinition(name="fab_batches")
 
 @dg.asset(
     group_name="data",
-    code_version="1",
+    code_version=code_version("data", "config.py"),
     owners=OWNERS,
     kinds={"python"},
     partitions_def=fab_batches,
@@ -41,7 +42,7 @@ def fab_batch(context: dg.AssetExecutionContext, maemi_config: MaemiConfigResour
 
 @dg.asset(
     group_name="registry",
-    code_version="1",
+    code_version=code_version("registry", "config.py"),
     owners=OWNERS,
     kinds={"mlflow"},
     deps=[benchmark_tables],

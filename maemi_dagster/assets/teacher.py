@@ -7,6 +7,7 @@ import dagster as dg
 import mlflow
 import pandas as pd
 
+from maemi_core.code_version import code_version
 from maemi_core.data.manifest import load_manifest
 from maemi_core.teacher.instruction_set import failure_table, generate_instruction_set
 from maemi_core.vision.similarity_sampling import demonstrations_dir
@@ -31,7 +32,7 @@ def _sample_md(records: list[dict], n: int = 4) -> str:
 
 @dg.asset(
     group_name="teacher",
-    code_version="1",
+    code_version=code_version("teacher", "config.py"),
     owners=OWNERS,
     kinds={"openai", "jsonl", "mlflow"},
     deps=[raw_images, demonstration_sets],

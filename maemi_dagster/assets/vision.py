@@ -4,6 +4,7 @@ import dagster as dg
 import mlflow
 import pandas as pd
 
+from maemi_core.code_version import code_version
 from maemi_core.data.manifest import load_manifest, manifest_hash
 from maemi_core.vision.classifiers import train_classifiers
 from maemi_core.vision.embeddings import compute_embeddings, save_embeddings
@@ -17,7 +18,7 @@ from maemi_dagster.resources import MaemiConfigResource, MLflowResource
 @dg.asset(
     op_tags=TORCH_STEP,
     group_name="vision",
-    code_version="1",
+    code_version=code_version("vision", "training", "config.py"),
     owners=OWNERS,
     kinds={"pytorch", "scikitlearn", "mlflow"},
     deps=[raw_images],
@@ -59,7 +60,7 @@ def vit_classifier(context: dg.AssetExecutionContext, maemi_config: MaemiConfigR
 @dg.asset(
     op_tags=TORCH_STEP,
     group_name="vision",
-    code_version="1",
+    code_version=code_version("vision", "config.py"),
     owners=OWNERS,
     kinds={"pytorch", "numpy"},
     deps=[raw_images, vit_classifier],
@@ -82,7 +83,7 @@ def image_embeddings(context: dg.AssetExecutionContext, maemi_config: MaemiConfi
 
 @dg.asset(
     group_name="vision",
-    code_version="1",
+    code_version=code_version("vision", "config.py"),
     owners=OWNERS,
     kinds={"pandas", "parquet"},
     deps=[raw_images, image_embeddings],   # it reads the manifest (splits, labels) and the embeddings
