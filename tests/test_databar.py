@@ -48,7 +48,8 @@ def test_manifest_records_the_crop(tmp_path, profile_factory, elpv_paths):
         Image.fromarray((with_databar(coins, 24 + 8 * i) * 255).astype(np.uint8)).save(
             (tmp_path / "images" / "particles").mkdir(parents=True, exist_ok=True) or
             tmp_path / "images" / "particles" / f"sem{i}.png")
-    Image.open(elpv_paths[0]).save(tmp_path / "images" / "particles" / "plain.png")
+    (tmp_path / "images" / "cells").mkdir()                  # a manifest needs two classes
+    Image.open(elpv_paths[0]).save(tmp_path / "images" / "cells" / "plain.png")
     m = build_manifest(profile_factory(crop_databar=True)).manifest
     crops = dict(zip(m["path"].str.rsplit("/", n=1).str[-1], m["crop_bottom"]))
     assert crops == {"sem0.png": 26, "sem1.png": 34, "sem2.png": 42, "plain.png": 0}
