@@ -118,7 +118,12 @@ def generation_speed(quantize: bool, tokens: int = 32) -> float:
 
     lm, tok = load_language_model("default")
     if quantize:
+        from maemi_core.model.dyqlora_fa import set_fast_kernel
+
         apply_dyqlora_fa(lm.model.layers, TARGETS, r_min=16, r_max=16, quantize=True)
+        # the dynamic int8 kernel (models serve with it only where maemi_core/model/inference_kernel.py
+        # found it to answer like the training numerics)
+        set_fast_kernel(lm, True)
     lm.eval()
     ids = tok("Describe an electron micrograph of silver nanowires.", return_tensors="pt")
     with torch.no_grad():
