@@ -119,8 +119,12 @@ def _last_retune(instance) -> dg.DagsterRun | None:
                          "skipped, with the reason shown, when data, code and profile are unchanged since the last "
                          "successful re-tune.")
 def weekly_retune(context: dg.ScheduleEvaluationContext, maemi_config: MaemiConfigResource):
-    fp = retune_fingerprint(maemi_config.load())
-    last = _last_retune(context.instance)
+    return retune_decision(retune_fingerprint(maemi_config.load()), _last_retune(context.instance))
+
+
+def retune_decision(fp: dict, last) -> dg.RunRequest | dg.SkipReason:
+    """Skip when the last successful re-tune (``last``: a run with ``tags`` and ``run_id``, or
+    None) had the same fingerprint; else a run request naming what changed."""
     if last is not None and last.tags.get(FINGERPRINT_TAG) == json.dumps(fp, sort_keys=True):
         return dg.SkipReason(f"data, code and profile unchanged since re-tune run {last.run_id[:8]} "
                              f"(data {fp['data']}, code {fp['code']}, profile {fp['profile']})")

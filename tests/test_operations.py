@@ -91,18 +91,17 @@ def test_schedule_and_jobs_are_defined():
 
 
 def test_weekly_retune_is_skipped_when_data_code_and_profile_are_unchanged(project):
-    from dagster._core.utils import make_new_run_id
+    from types import SimpleNamespace
+
+    from maemi_dagster.automation import retune_decision, retune_fingerprint
 
     profile, cfg, drop = project
-    resources = {"maemi_config": MaemiConfigResource(path=str(profile))}
-    with dg.instance_for_test() as instance:
-        first = weekly_retune(dg.build_schedule_context(instance=instance, resources=resources))
-        assert isinstance(first, dg.RunRequest) and first.tags["maemi/changed"] == "no previous re-tune"
-        instance.add_run(dg.DagsterRun(job_name="retune", run_id=make_new_run_id(), tags=first.tags,
-                                       status=dg.DagsterRunStatus.SUCCESS))
-        second = weekly_retune(dg.build_schedule_context(instance=instance, resources=resources))
-        assert isinstance(second, dg.SkipReason) and "unchanged" in second.skip_message
-        drop("lot-new", n=2)
-        ingest_batch(cfg, "lot-new")                       # new fab data: the next run goes ahead
-        third = weekly_retune(dg.build_schedule_context(instance=instance, resources=resources))
-        assert isinstance(third, dg.RunRequest) and third.tags["maemi/changed"] == "data"
+    first = retune_decision(retune_fingerprint(cfg), None)
+    assert isinstance(first, dg.RunRequest) and first.tags["maemi/changed"] == "no previous re-tune"
+    last = SimpleNamespace(run_id="0123456789abcdef", tags=first.tags)       # that run succeeded
+    second = retune_decision(retune_fingerprint(cfg), last)
+    assert isinstance(second, dg.SkipReason) and "unchanged" in second.skip_message
+    drop("lot-new", n=2)
+    ingest_batch(cfg, "lot-new")                           # new fab data: the next run goes ahead
+    third = retune_decision(retune_fingerprint(cfg), last)
+    assert isinstance(third, dg.RunRequest) and third.tags["maemi/changed"] == "data"
