@@ -88,23 +88,16 @@ def retune_fingerprint(cfg) -> dict:
     """What a re-tuning depends on: the dataset's files (path, size, modification time, fab
     batches included), the code (every maemi_core source file) and the profile."""
     import hashlib
-    from pathlib import Path
 
-    import maemi_core
+    from maemi_core.code_version import code_version
     from maemi_core.data.sources import list_candidates
 
     data = hashlib.sha256()
     for c in sorted(list_candidates(cfg), key=lambda c: str(c.path)):
         st = c.path.stat()
         data.update(f"{c.path}|{st.st_size}|{st.st_mtime_ns}|{c.label}\n".encode())
-    code = hashlib.sha256()
-    root = Path(maemi_core.__file__).parent
-    for f in sorted(root.rglob("*")):
-        if f.is_file() and f.suffix in (".py", ".yaml"):
-            code.update(str(f.relative_to(root)).encode())
-            code.update(f.read_bytes())
     profile = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
-    return {"data": data.hexdigest()[:12], "code": code.hexdigest()[:12], "profile": profile.hexdigest()[:12]}
+    return {"data": data.hexdigest()[:12], "code": code_version("."), "profile": profile.hexdigest()[:12]}
 
 
 def _last_retune(instance) -> dg.DagsterRun | None:
