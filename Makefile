@@ -29,9 +29,9 @@ $(STAMP): pyproject.toml requirements.lock
 
 venv: $(STAMP)
 
-$(DAGSTER_HOME)/dagster.yaml:
+$(DAGSTER_HOME)/dagster.yaml: deploy/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
-	printf 'telemetry:\n  enabled: false\n' > $@
+	cp deploy/dagster.yaml $@
 
 # Materialize every asset (and run its checks) with $(MAEMI_CONFIG).
 demo: venv $(DAGSTER_HOME)/dagster.yaml

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 DEFAULT_CONFIG = "configs/default.yaml"
 CONFIG_ENV = "MAEMI_CONFIG"
@@ -252,13 +252,20 @@ class OperationsConfig(_Strict):
     retune_cron: str = "0 3 * * 1"         # weekly, Monday 03:00
     timezone: str = "UTC"
     warm_start_from_champion: bool = True  # re-tuning continues from the champion's adapters
+    # Torch steps that can run at once on this host under the Dagster instance's settings (pool
+    # maemi_torch, deploy/dagster.yaml): each takes cores // this many threads.
+    torch_steps_at_once: int = Field(1, ge=1)
+    keep_runs: int = Field(3, ge=1)         # completed copies of each stage kept under <workdir>/runs
 
 
 class PromotionConfig(_Strict):
-    """When a challenger may become champion: no key metric worse than the champion's by more
-    than its tolerance (absolute), both measured on the same benchmark records."""
+    """When a challenger may become champion (maemi_core/registry/model_promotion.py): for every
+    key metric, paired on the same benchmark records, the interval of challenger - champion (and
+    - reference, the best champion so far) lies above -margin; a first version must beat base_lm."""
     key_metrics: dict[str, float] = Field(default_factory=lambda: {
-        "classification.zero_shot_top1": 0.02, "vqa.meteor": 0.01, "vqa.rougeL": 0.01})
+        "classification.zero_shot_top1": 0.05, "vqa.meteor": 0.04, "vqa.rougeL": 0.04})
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)   # two-sided level of the bootstrap interval
+    first_must_beat_base_lm: bool = True                # off only for smoke profiles with a random LM
 
 
 class MaemiConfig(_Strict):
@@ -277,6 +284,9 @@ class MaemiConfig(_Strict):
     config_name: str = ""
     config_path: str = ""
     project_root: str = ""
+    # Set by maemi_core.run_isolation.scoped for a pipeline step: whose stage folders it uses.
+    _run_scope: Optional[str] = PrivateAttr(default=None)
+    _writing_stage: Optional[str] = PrivateAttr(default=None)
 
     def resolve(self, path: str | os.PathLike) -> Path:
         """An absolute path for a (possibly relative) path from the profile."""

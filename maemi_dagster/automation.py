@@ -27,11 +27,15 @@ from maemi_dagster.assets.vision import demonstration_sets, image_embeddings
 from maemi_dagster.resources import MaemiConfigResource
 
 try:
-    _OPS = load_config(config_path_from_env()).operations
+    _CFG = load_config(config_path_from_env())
+    _OPS, _DATASET = _CFG.operations, _CFG.dataset.name
 except ConfigError:  # a broken profile must not stop the code location from loading
     from maemi_core.config import OperationsConfig
 
-    _OPS = OperationsConfig()
+    _OPS, _DATASET = OperationsConfig(), "unknown"
+
+# The run queue (deploy/dagster.yaml) allows one run per value of this tag: one re-tuning per dataset.
+RETUNE_TAG = "maemi/retune"
 
 ingest_job = dg.define_asset_job(
     "ingest_fab_batch", selection=dg.AssetSelection.assets(fab_batch), partitions_def=fab_batches,
@@ -46,7 +50,7 @@ retune_job = dg.define_asset_job(
     description="Re-tune on everything ingested: manifest, embeddings, demonstrations, instructions for the new "
                 "images (the teacher cache answers the rest), training from the champion's adapters, the benchmark, "
                 "and promotion if the challenger is not worse.",
-    tags={"maemi/job": "retune"},
+    tags={"maemi/job": "retune", RETUNE_TAG: _DATASET},
 )
 
 

@@ -9,18 +9,19 @@ from maemi_core.data.manifest import imbalance_ratio, leaked_images, load_manife
 from maemi_core.data.splits import SPLITS
 from maemi_core.registry.model_promotion import gate_challenger
 from maemi_core.teacher.instruction_set import failure_table, load_failed, load_instruction_set, validate_records
+from maemi_core.threads import fit_threads
 from maemi_dagster.assets.data import raw_images
 from maemi_dagster.assets.evaluation import benchmark_tables
 from maemi_dagster.assets.teacher import instruction_set
-from maemi_dagster.executor import TORCH_STEP
+from maemi_dagster.executor import TORCH_POOL, TORCH_STEP
 from maemi_dagster.metadata import table_md
 from maemi_dagster.resources import MaemiConfigResource, MLflowResource
 
 
 @dg.asset_check(asset=raw_images, blocking=True,
                 description="No image content (sha256) appears in more than one split.")
-def raw_images_no_split_leakage(maemi_config: MaemiConfigResource) -> dg.AssetCheckResult:
-    manifest = load_manifest(maemi_config.load())
+def raw_images_no_split_leakage(context: dg.AssetCheckExecutionContext, maemi_config: MaemiConfigResource) -> dg.AssetCheckResult:
+    manifest = load_manifest(maemi_config.load(context))
     leaked = leaked_images(manifest)
     duplicated_ids = int(manifest["image_id"].duplicated().sum())
     return dg.AssetCheckResult(
@@ -32,8 +33,8 @@ def raw_images_no_split_leakage(maemi_config: MaemiConfigResource) -> dg.AssetCh
 @dg.asset_check(asset=raw_images,
                 description="Per-class counts per split and the imbalance ratio (largest / smallest class); "
                             "warns when a class is missing from a split or the ratio exceeds the profile's bound.")
-def raw_images_class_balance(maemi_config: MaemiConfigResource) -> dg.AssetCheckResult:
-    cfg = maemi_config.load()
+def raw_images_class_balance(context: dg.AssetCheckExecutionContext, maemi_config: MaemiConfigResource) -> dg.AssetCheckResult:
+    cfg = maemi_config.load(context)
     manifest = load_manifest(cfg)
     counts = split_counts(manifest)
     per_class = counts.drop(index="total")
@@ -57,8 +58,8 @@ def raw_images_class_balance(maemi_config: MaemiConfigResource) -> dg.AssetCheck
 
 @dg.asset_check(asset=raw_images,
                 description="The fraction of rejected files stays under dataset.max_rejected_fraction.")
-def raw_images_rejected_fraction(maemi_config: MaemiConfigResource) -> dg.AssetCheckResult:
-    cfg = maemi_config.load()
+def raw_images_rejected_fraction(context: dg.AssetCheckExecutionContext, maemi_config: MaemiConfigResource) -> dg.AssetCheckResult:
+    cfg = maemi_config.load(context)
     manifest = load_manifest(cfg)
     rejected = pd.read_parquet(manifest_dir(cfg) / "rejected.parquet")
     total = len(manifest) + len(rejected)
@@ -75,8 +76,8 @@ RAW_IMAGES_CHECKS = [raw_images_no_split_leakage, raw_images_class_balance, raw_
 
 @dg.asset_check(asset=instruction_set, blocking=True,
                 description="Every record parses and has its fields, one <image> per image, and a non-empty, non-refused answer.")
-def instruction_set_records_valid(maemi_config: MaemiConfigResource) -> dg.AssetCheckResult:
-    records = load_instruction_set(maemi_config.load())
+def instruction_set_records_valid(context: dg.AssetCheckExecutionContext, maemi_config: MaemiConfigResource) -> dg.AssetCheckResult:
+    records = load_instruction_set(maemi_config.load(context))
     problems = validate_records(records)
     return dg.AssetCheckResult(passed=not problems and len(records) > 0,
                                metadata={"records": len(records), "problems": len(problems),
@@ -85,8 +86,8 @@ def instruction_set_records_valid(maemi_config: MaemiConfigResource) -> dg.Asset
 
 @dg.asset_check(asset=instruction_set,
                 description="Every train image of the manifest has at least one single-image conversation.")
-def instruction_set_train_coverage(maemi_config: MaemiConfigResource) -> dg.AssetCheckResult:
-    cfg = maemi_config.load()
+def instruction_set_train_coverage(context: dg.AssetCheckExecutionContext, maemi_config: MaemiConfigResource) -> dg.AssetCheckResult:
+    cfg = maemi_config.load(context)
     train_ids = set(load_manifest(cfg).query("split == 'train'")["image_id"])
     covered = {r["image_ids"][0] for r in load_instruction_set(cfg) if len(r["image_ids"]) == 1}
     missing = sorted(train_ids - covered)
@@ -96,8 +97,8 @@ def instruction_set_train_coverage(maemi_config: MaemiConfigResource) -> dg.Asse
 
 
 @dg.asset_check(asset=instruction_set, description="Records per task; warns when a configured task produced none.")
-def instruction_set_task_counts(maemi_config: MaemiConfigResource) -> dg.AssetCheckResult:
-    cfg = maemi_config.load()
+def instruction_set_task_counts(context: dg.AssetCheckExecutionContext, maemi_config: MaemiConfigResource) -> dg.AssetCheckResult:
+    cfg = maemi_config.load(context)
     counts = pd.Series([r["task"] for r in load_instruction_set(cfg)]).value_counts()
     empty = [t for t in cfg.teacher.tasks if counts.get(t, 0) == 0]
     return dg.AssetCheckResult(passed=not empty, severity=dg.AssetCheckSeverity.WARN,
@@ -109,8 +110,8 @@ def instruction_set_task_counts(maemi_config: MaemiConfigResource) -> dg.AssetCh
                 description="Fails when the teacher could not answer more than teacher.max_failed_fraction of any "
                             "split's records (after retries): a test split that silently shrank would make the "
                             "benchmark measure something else.")
-def instruction_set_teacher_failures(maemi_config: MaemiConfigResource) -> dg.AssetCheckResult:
-    cfg = maemi_config.load()
+def instruction_set_teacher_failures(context: dg.AssetCheckExecutionContext, maemi_config: MaemiConfigResource) -> dg.AssetCheckResult:
+    cfg = maemi_config.load(context)
     failed = load_failed(cfg)
     table = failure_table(load_instruction_set(cfg), failed)
     limit = cfg.teacher.max_failed_fraction
@@ -131,13 +132,14 @@ INSTRUCTION_SET_CHECKS = [instruction_set_records_valid, instruction_set_train_c
                           instruction_set_teacher_failures]
 
 
-@dg.asset_check(asset=benchmark_tables, blocking=True, op_tags=TORCH_STEP,
+@dg.asset_check(asset=benchmark_tables, blocking=True, op_tags=TORCH_STEP, pool=TORCH_POOL,
                 description="The challenger is not worse than the champion on any key metric (promotion.key_metrics, "
                             "absolute tolerances), both measured on the same benchmark records (the champion is "
                             "re-evaluated when new data changed them). Blocks model_promotion; rejections are logged.")
 def benchmark_tables_challenger_not_worse(context: dg.AssetCheckExecutionContext, maemi_config: MaemiConfigResource,
                                           mlflow_tracking: MLflowResource) -> dg.AssetCheckResult:
-    cfg = maemi_config.load()
+    cfg = maemi_config.load(context)
+    fit_threads(cfg)
     mlflow_tracking.activate(cfg)
     tracker = mlflow_tracking.tracking_context(context, cfg)
     decision = gate_challenger(cfg, load_manifest(cfg), load_instruction_set(cfg), tracker, log=context.log.info)

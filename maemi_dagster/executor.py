@@ -3,8 +3,10 @@
 Two torch steps on the same cores oversubscribe OpenMP (each spins as many threads as there
 are cores): with one or two other torch processes on 2 cores, ViT training fell from 131 to
 4.5 images/s, where fair sharing costs about 3x. Steps that run torch carry ``TORCH_STEP``,
-and the executor runs at most one of them at a time (each then uses every core, torch's
-default), while light steps (manifest, checks, the teacher's HTTP calls) still overlap.
+and the executor runs at most one of them at a time per run, while light steps (manifest,
+checks, the teacher's HTTP calls) still overlap. Across runs, the same steps share the pool
+``maemi_torch`` that the shipped instance limits to one; each step sizes its threads with
+``maemi_core.threads.fit_threads``.
 """
 
 import os
@@ -12,6 +14,7 @@ import os
 import dagster as dg
 
 TORCH_STEP = {"maemi/compute": "torch"}
+TORCH_POOL = "maemi_torch"      # across runs: limited in the instance (deploy/dagster.yaml)
 
 executor = dg.multiprocess_executor.configured({
     "max_concurrent": max(2, os.cpu_count() or 2),

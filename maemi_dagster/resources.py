@@ -7,6 +7,7 @@ import dagster as dg
 
 from maemi_core.config import MaemiConfig, config_path_from_env, load_config
 from maemi_core.registry import tracking
+from maemi_core.run_isolation import scoped
 
 
 class MaemiConfigResource(dg.ConfigurableResource):
@@ -14,8 +15,26 @@ class MaemiConfigResource(dg.ConfigurableResource):
 
     path: str = ""
 
-    def load(self) -> MaemiConfig:
-        return load_config(self.path or config_path_from_env())
+    def load(self, context=None, writes: Optional[str] = None) -> MaemiConfig:
+        """The profile; with a step's ``context``, scoped to its run (maemi_core/run_isolation.py):
+        ``writes`` names the stage the step produces, in a folder no other run touches."""
+        cfg = load_config(self.path or config_path_from_env())
+        try:
+            run = context.run if context is not None else None
+        except Exception:  # a context built for a direct call (tests, notebooks) has no run
+            run = None
+        return cfg if run is None else scoped(cfg, run_scope(run), writes)
+
+
+def _run_is_dead(instance, run_id: str) -> bool:
+    run = instance.get_run_by_id(run_id)
+    # Unknown to this instance (another deployment, a deleted run): leave it alone.
+    return run is not None and run.status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+
+
+def run_scope(run) -> str:
+    """The Dagster root run id: re-executions of a run continue in its folders."""
+    return run.tags.get("dagster/root_run_id") or run.run_id
 
 
 class MLflowResource(dg.ConfigurableResource):
@@ -45,6 +64,7 @@ class MLflowResource(dg.ConfigurableResource):
             tracking_uri=uri, experiment=cfg.experiment_name, dagster_run_id=context.run.run_id,
             config_name=cfg.config_name, artifact_root=artifacts,
             extra_tags={tracking.TAG_CONFIG_FINGERPRINT: cfg.fingerprint()},
+            run_is_dead=lambda run_id: _run_is_dead(context.instance, run_id),
         )
 
     @contextlib.contextmanager

@@ -1,5 +1,6 @@
-"""Promotion rules on fixed metric sets, concurrent challengers, and rollback, against a real
-MLflow registry (sqlite)."""
+"""Promotion rules on per-record scores (paired intervals, non-inferiority margins, the first
+version against base_lm, the reference that stops a ratchet), rollback marks, concurrent
+challengers, and a failing registry - against a real MLflow registry (sqlite)."""
 
 from __future__ import annotations
 
@@ -7,28 +8,65 @@ import threading
 import time
 
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from maemi_core.registry.model_promotion import compare, promote_if_not_worse, read_log, rollback
+from maemi_core.registry.model_promotion import (
+    REFERENCE_TAG, ROLLED_BACK_TAG, decide, promote_if_not_worse, read_log, rollback,
+)
 from maemi_core.registry.model_registry import CHAMPION, alias_version
 
-TOL = {"classification.zero_shot_top1": 0.02, "vqa.meteor": 0.01, "vqa.rougeL": 0.01}
-BASE = {"classification.zero_shot_top1": 0.60, "vqa.meteor": 0.30, "vqa.rougeL": 0.40}
+MARGINS = {"classification.zero_shot_top1": 0.05, "vqa.meteor": 0.02}
+N = 400
+RNG = np.random.default_rng(0)
+TOP1 = (RNG.random(N) < 0.7).astype(float)          # one fixed set of test images
+METEOR = RNG.uniform(0.2, 0.6, N)                   # and VQA records
 
 
-def test_rules_better_worse_within_tolerance_first_and_missing():
-    better = compare({**BASE, "vqa.meteor": 0.35}, BASE, TOL)
-    assert better.promote and all(r["ok"] for r in better.rows)
-    within = compare({**BASE, "vqa.rougeL": 0.395}, BASE, TOL)   # 0.005 worse, tolerance 0.01
-    assert within.promote
-    worse = compare({**BASE, "classification.zero_shot_top1": 0.55, "vqa.meteor": 0.5}, BASE, TOL)
+def scores(top1=TOP1, meteor=METEOR, method="maemi") -> pd.DataFrame:
+    return pd.concat([
+        pd.DataFrame({"method": method, "metric": "classification.zero_shot_top1",
+                      "record_id": [f"img{i}" for i in range(len(top1))], "score": top1}),
+        pd.DataFrame({"method": method, "metric": "vqa.meteor",
+                      "record_id": [f"vqa{i}" for i in range(len(meteor))], "score": meteor}),
+    ], ignore_index=True)
+
+
+def flip(top1: np.ndarray, k: int, to: float) -> np.ndarray:
+    """``top1`` with the first ``k`` images that are not ``to`` set to ``to``."""
+    out = top1.copy()
+    out[np.flatnonzero(out != to)[:k]] = to
+    return out
+
+
+BASE_LM = scores(flip(TOP1, 120, 0.0), METEOR - 0.1, method="base_lm")
+
+
+def test_rules_paired_intervals_margins_first_version_and_missing():
+    mine = scores()
+    same = decide(mine, scores(), MARGINS)
+    assert same.promote and all(r["ok"] and r["diff"] == 0 for r in same.rows)
+    better = decide(scores(meteor=METEOR + 0.05), scores(), MARGINS)
+    assert better.promote
+    within = decide(scores(meteor=METEOR - 0.01 + RNG.normal(0, 0.005, N)), scores(), MARGINS)
+    assert within.promote                                   # 0.01 worse, margin 0.02, narrow interval
+    worse = decide(scores(flip(TOP1, 40, 0.0)), scores(), MARGINS)   # top-1 0.10 lower
     assert not worse.promote and "classification.zero_shot_top1" in worse.reason and "vqa.meteor" not in worse.reason
-    first = compare(BASE, None, TOL)
-    assert first.promote and "first" in first.reason
-    missing = compare({"vqa.meteor": 0.9}, BASE, TOL)
+    # The same mean, but on 10 records the interval is too wide to show non-inferiority.
+    noisy = scores(meteor=METEOR[:10] + RNG.normal(0, 0.1, 10), top1=TOP1[:10])
+    d = decide(noisy, scores(meteor=METEOR[:10], top1=TOP1[:10]), MARGINS)
+    assert not d.promote and all(r["detectable"] > 0.02 for r in d.rows if r["metric"] == "vqa.meteor")
+    first = decide(mine, None, MARGINS, base_lm=BASE_LM)
+    assert first.promote and "base_lm" in first.reason
+    loses_to_base = decide(scores(meteor=METEOR - 0.2), None, MARGINS, base_lm=BASE_LM)
+    assert not loses_to_base.promote and "vqa.meteor" in loses_to_base.reason
+    assert not decide(mine, None, MARGINS, base_lm=None).promote   # nothing to beat: nothing assumed
+    missing = decide(mine[mine["metric"] == "vqa.meteor"], scores(), MARGINS)
     assert not missing.promote and "missing" in missing.reason
-    assert list(worse.table().columns) == ["metric", "challenger", "champion", "tolerance", "delta", "ok"]
+    assert list(worse.table().columns) == ["against", "metric", "challenger", "other", "diff", "ci_low", "ci_high",
+                                           "n", "margin", "detectable", "ok"]
 
 
 @pytest.fixture
@@ -38,11 +76,17 @@ def registry(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     client.create_registered_model("maemi-test")
+    exp = client.create_experiment("bench", artifact_location=(tmp_path / "artifacts").as_uri())
 
-    def version(metrics: dict, records_hash: str = "h1") -> str:
+    def version(maemi: pd.DataFrame, records_hash: str = "h1") -> str:
+        """A registered version with a benchmark run holding its per-record key scores."""
         v = client.create_model_version("maemi-test", source=str(tmp_path / "pkg")).version
-        for k, val in metrics.items():
-            client.set_model_version_tag("maemi-test", v, f"benchmark.{k}", str(val))
+        d = tmp_path / f"scores-v{v}"
+        d.mkdir()
+        pd.concat([maemi, BASE_LM]).to_csv(d / "key_scores.csv", index=False)
+        with mlflow.start_run(experiment_id=exp) as run:
+            mlflow.log_artifact(str(d / "key_scores.csv"), artifact_path="reports/samples")
+        client.set_model_version_tag("maemi-test", v, "benchmark.mlflow_run_id", run.info.run_id)
         client.set_model_version_tag("maemi-test", v, "benchmark.records_hash", records_hash)
         return str(v)
 
@@ -50,39 +94,69 @@ def registry(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(None)
 
 
-def test_first_better_worse_and_rollback_are_recorded(registry):
+def test_first_better_worse_rollback_and_no_repromotion_are_recorded(registry):
     client, version, lock, log = registry
-    v1 = version(BASE)
-    assert promote_if_not_worse("maemi-test", v1, TOL, lock, log, run_id="r1").promote
+    v1 = version(scores())
+    assert promote_if_not_worse("maemi-test", v1, MARGINS, lock, log, run_id="r1").promote
     assert alias_version("maemi-test", CHAMPION) == v1
-    v2 = version({**BASE, "vqa.meteor": 0.40})
-    assert promote_if_not_worse("maemi-test", v2, TOL, lock, log, run_id="r2").promote
-    v3 = version({**BASE, "vqa.meteor": 0.20})
-    d3 = promote_if_not_worse("maemi-test", v3, TOL, lock, log, run_id="r3")
+    assert client.get_registered_model("maemi-test").tags[REFERENCE_TAG] == v1
+    v2 = version(scores(flip(TOP1, 30, 1.0), METEOR + 0.03))       # better on both
+    assert promote_if_not_worse("maemi-test", v2, MARGINS, lock, log, run_id="r2").promote
+    assert client.get_registered_model("maemi-test").tags[REFERENCE_TAG] == v2   # the best so far
+    v3 = version(scores(flip(TOP1, 30, 1.0), METEOR - 0.05))
+    d3 = promote_if_not_worse("maemi-test", v3, MARGINS, lock, log, run_id="r3")
     assert not d3.promote and alias_version("maemi-test", CHAMPION) == v2
     tags = client.get_model_version("maemi-test", v3).tags
     assert tags["promotion.decision"] == "rejected" and tags["promotion.previous_champion"] == v2
     assert tags["promotion.dagster_run_id"] == "r3" and "vqa.meteor" in tags["promotion.reason"]
-    v4 = version(BASE, records_hash="other")           # measured on different records: never compared
-    assert not promote_if_not_worse("maemi-test", v4, TOL, lock, log).promote
+    assert '"ci_low"' in tags["promotion.metrics"] and '"detectable"' in tags["promotion.metrics"]
+    v4 = version(scores(), records_hash="other")           # measured on different records: never compared
+    d4 = promote_if_not_worse("maemi-test", v4, MARGINS, lock, log)
+    assert not d4.promote and "other benchmark records" in d4.reason
 
     assert rollback("maemi-test", lock, log) == (v2, v1)
     assert alias_version("maemi-test", CHAMPION) == v1
     assert client.get_model_version("maemi-test", v1).tags["rollback.previous_champion"] == v2
+    assert client.get_model_version("maemi-test", v2).tags[ROLLED_BACK_TAG]
+    assert client.get_registered_model("maemi-test").tags[REFERENCE_TAG] == v1
+    # `challenger` may still point at v2; automation must not put it back.
+    again = promote_if_not_worse("maemi-test", v2, MARGINS, lock, log, run_id="r5")
+    assert not again.promote and "rolled back" in again.reason and alias_version("maemi-test", CHAMPION) == v1
     with pytest.raises(LookupError, match="nothing to roll back"):
         rollback("maemi-test", lock, log)               # v1 was the first champion
     entries = read_log(log)
-    assert list(entries["action"]) == ["promote"] * 4 + ["rollback"]
-    assert list(entries["decision"]) == ["promoted", "promoted", "rejected", "rejected", "rolled back"]
-    assert list(entries["champion_after"]) == [v1, v2, v2, v2, v1]
+    assert list(entries["action"]) == ["promote"] * 4 + ["rollback", "promote"]
+    assert list(entries["decision"]) == ["promoted", "promoted", "rejected", "rejected", "rolled back", "rejected"]
+    assert list(entries["champion_after"]) == [v1, v2, v2, v2, v1, v1]
+
+
+def test_a_first_version_that_does_not_beat_base_lm_is_not_promoted(registry):
+    client, version, lock, log = registry
+    v1 = version(scores(BASE_LM.query("metric == 'classification.zero_shot_top1'")["score"].to_numpy(), METEOR - 0.1))
+    d = promote_if_not_worse("maemi-test", v1, MARGINS, lock, log)
+    assert not d.promote and "base_lm" in d.reason and alias_version("maemi-test", CHAMPION) is None
+
+
+def test_no_ratchet_a_series_of_slightly_worse_challengers_stays_within_the_margin_of_the_reference(registry):
+    """Each challenger is 0.015 METEOR below the one before (margin 0.02): compared only with the
+    champion, every one would pass and the champion would drift down without bound."""
+    client, version, lock, log = registry
+    noise = np.random.default_rng(1)
+    versions = [version(scores(meteor=METEOR - 0.015 * k + noise.normal(0, 0.002, N))) for k in range(6)]
+    promoted = [promote_if_not_worse("maemi-test", v, MARGINS, lock, log).promote for v in versions]
+    assert promoted[:2] == [True, True] and not any(promoted[2:])
+    champion = alias_version("maemi-test", CHAMPION)
+    assert champion == versions[1] and client.get_registered_model("maemi-test").tags[REFERENCE_TAG] == versions[0]
+    reasons = read_log(log)["reason"].tolist()
+    assert all("reference v" in r for r in reasons[2:])
 
 
 def test_concurrent_challengers_never_leave_a_worse_champion(registry):
     client, version, lock, log = registry
-    v0 = version(BASE)
-    promote_if_not_worse("maemi-test", v0, TOL, lock, log)
-    strong = version({**BASE, "vqa.meteor": 0.50})
-    weak = version({**BASE, "vqa.meteor": 0.40})        # better than v0, worse than `strong`
+    v0 = version(scores())
+    promote_if_not_worse("maemi-test", v0, MARGINS, lock, log)
+    strong = version(scores(meteor=METEOR + 0.10))
+    weak = version(scores(meteor=METEOR + 0.04))        # better than v0, worse than `strong` by more than the margin
     barrier = threading.Barrier(2)
     errors = []
 
@@ -92,7 +166,7 @@ def test_concurrent_challengers_never_leave_a_worse_champion(registry):
             time.sleep(delay)
             # the pause between reading the champion and moving the alias is where an unlocked
             # version lets the weaker challenger overwrite the stronger one
-            promote_if_not_worse("maemi-test", v, TOL, lock, log, _between=lambda: time.sleep(0.3))
+            promote_if_not_worse("maemi-test", v, MARGINS, lock, log, _between=lambda: time.sleep(0.3))
         except Exception as exc:  # pragma: no cover - surfaced below
             errors.append(exc)
 
@@ -115,8 +189,8 @@ def test_a_registry_that_answers_500_fails_promotion_loudly_and_moves_nothing(re
     from maemi_core.registry.model_registry import RegistryError
 
     client, version, lock, log = registry
-    v1 = version(BASE)
-    promote_if_not_worse("maemi-test", v1, TOL, lock, log)
+    v1 = version(scores())
+    promote_if_not_worse("maemi-test", v1, MARGINS, lock, log)
     seen = []
 
     class Broken(http.server.BaseHTTPRequestHandler):
@@ -143,7 +217,7 @@ def test_a_registry_that_answers_500_fails_promotion_loudly_and_moves_nothing(re
     try:
         mlflow.set_tracking_uri(url)              # (MLflow also exports it as MLFLOW_TRACKING_URI)
         with pytest.raises(RegistryError, match=r"127\.0\.0\.1.*Nothing was promoted"):
-            promote_if_not_worse("maemi-test", "2", TOL, lock, log)
+            promote_if_not_worse("maemi-test", "2", MARGINS, lock, log)
         with pytest.raises(RegistryError):
             alias_version("maemi-test", CHAMPION)
     finally:

@@ -105,3 +105,64 @@ def test_weekly_retune_is_skipped_when_data_code_and_profile_are_unchanged(proje
     ingest_batch(cfg, "lot-new")                           # new fab data: the next run goes ahead
     third = retune_decision(retune_fingerprint(cfg), last)
     assert isinstance(third, dg.RunRequest) and third.tags["maemi/changed"] == "data"
+
+
+def _queue_decision(dagster_yaml: str, tmp_path, runs: list[dict]) -> tuple[list[str], object]:
+    """Which of ``runs`` (QUEUED, with tags) Dagster's own run-queue daemon would start now under
+    the instance config ``dagster_yaml``; ``runs`` may include in-progress ones."""
+    from dagster._core.remote_origin import RegisteredCodeLocationOrigin, RemoteRepositoryOrigin
+    from dagster._core.test_utils import create_run_for_test
+    from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import QueuedRunCoordinatorDaemon
+
+    origin = RemoteRepositoryOrigin(RegisteredCodeLocationOrigin("maemi"), "__repository__").get_job_origin("retune")
+
+    home = tmp_path / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").write_text(dagster_yaml)
+    instance = dg.DagsterInstance.from_config(str(home))
+    ids = []
+    for r in runs:
+        run = create_run_for_test(instance, job_name="retune", status=r["status"], tags=r["tags"],
+                                  remote_job_origin=origin)
+        ids.append(run.run_id)
+    picked = QueuedRunCoordinatorDaemon(interval_seconds=1)._get_runs_to_dequeue(
+        instance, instance.get_concurrency_config(), fixed_iteration_time=None)
+    return [ids.index(r.run_id) for r in picked], instance
+
+
+def test_the_shipped_run_queue_runs_one_retune_per_dataset_at_a_time(tmp_path):
+    """deploy/dagster.yaml + the retune job's own tags, judged by Dagster's queue daemon."""
+    shipped = (REPO / "deploy" / "dagster.yaml").read_text()
+    tags = dict(retune_job.tags)
+    other = tags | {"maemi/retune": "another-dataset"}
+    Q, S = dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTED
+    # Two re-tunings of one dataset queued together: one starts, the other waits; another dataset's goes ahead.
+    picked, _ = _queue_decision(shipped, tmp_path / "a", [{"status": Q, "tags": tags}, {"status": Q, "tags": tags},
+                                                          {"status": Q, "tags": other}])
+    assert len([i for i in picked if i in (0, 1)]) == 1 and 2 in picked
+    # While one runs, the next waits; once it finished, the next starts.
+    picked, _ = _queue_decision(shipped, tmp_path / "b", [{"status": S, "tags": tags}, {"status": Q, "tags": tags}])
+    assert picked == []
+    picked, _ = _queue_decision(shipped, tmp_path / "c", [{"status": dg.DagsterRunStatus.SUCCESS, "tags": tags},
+                                                          {"status": Q, "tags": tags}])
+    assert picked == [1]
+    # The limit off (no tag limit): both start at once, which run isolation keeps correct.
+    unlimited = "telemetry:\n  enabled: false\nconcurrency:\n  runs:\n    max_concurrent_runs: 4\n"
+    picked, _ = _queue_decision(unlimited, tmp_path / "d", [{"status": Q, "tags": tags}, {"status": Q, "tags": tags}])
+    assert sorted(picked) == [0, 1]
+
+
+def test_the_shipped_instance_limits_torch_steps_across_runs_and_threads_fit(tmp_path):
+    from maemi_core.threads import step_threads
+    from maemi_dagster.definitions import defs
+    from maemi_dagster.executor import TORCH_POOL
+
+    _, instance = _queue_decision((REPO / "deploy" / "dagster.yaml").read_text(), tmp_path, [])
+    assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+    graph = defs.resolve_asset_graph()
+    pools = {k.to_user_string(): graph.get(k).pools for k in graph.get_all_asset_keys()}
+    for torch_step in ("vit_classifier", "image_embeddings", "maemi_model", "benchmark_tables"):
+        assert pools[torch_step] == {TORCH_POOL}
+    assert pools["model_promotion"] == {"maemi_registry"}
+    assert step_threads(1, cores=2) == 2 and step_threads(2, cores=2) == 1 and step_threads(3, cores=2) == 1
+    assert step_threads(2, cores=16) == 8

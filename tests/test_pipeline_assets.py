@@ -258,6 +258,27 @@ def test_mlflow_models_serve_answers_on_loopback(pipeline):
         with urllib.request.urlopen(req, timeout=120) as r:
             out = json.loads(r.read())
         assert isinstance(out["predictions"], list) and set(out["predictions"][0]) == {"answer"}
+
+        # 16 concurrent requests, different images and ranks: each answer equals the answer to the
+        # same request sent alone (rank and image conditioning travel with the call).
+        from concurrent.futures import ThreadPoolExecutor
+
+        paths = pd.read_parquet(pipeline.cfg.workdir_path / "raw_images" / "manifest.parquet")["path"].tolist()
+        ranks = [2, 4, 8, None]
+
+        def ask(i: int) -> str:
+            row = {"image": base64.b64encode(Path(paths[i % len(paths)]).read_bytes()).decode(),
+                   "question": "Describe the cell.", "rank": ranks[i % 4]}
+            body = json.dumps({"dataframe_records": [row]}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=300) as r:
+                return json.loads(r.read())["predictions"][0]["answer"]
+
+        with ThreadPoolExecutor(16) as pool:
+            together = list(pool.map(ask, range(16)))
+        alone = [ask(i) for i in range(16)]
+        assert together == alone
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)

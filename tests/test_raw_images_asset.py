@@ -101,7 +101,7 @@ def test_leakage_check_fails_on_a_leaking_manifest(tmp_path):
     manifest_dir(cfg).mkdir(parents=True)
     pd.DataFrame({"image_id": ["x", "x", "y"], "label": ["a", "a", "b"], "split": ["train", "test", "val"]}).to_parquet(
         manifest_dir(cfg) / "manifest.parquet")
-    result = raw_images_no_split_leakage(maemi_config=MaemiConfigResource(path=str(profile)))
+    result = raw_images_no_split_leakage(dg.build_asset_check_context(), maemi_config=MaemiConfigResource(path=str(profile)))
     assert not result.passed
     assert result.metadata["leaked_rows"].value == 2
 

@@ -10,6 +10,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+import dagster as dg
 import openai
 import pytest
 
@@ -140,7 +141,7 @@ def test_a_teacher_failing_on_30_percent_fails_the_blocking_check_with_counts(tm
         result = generate_instruction_set(cfg, manifest, few_shot, groups)
     planned = 2 * len(manifest)
     assert len(result.records) + len(result.failed) == planned and 0.1 < len(result.failed) / planned < 0.6
-    check = instruction_set_teacher_failures(MaemiConfigResource(path=str(cfg.config_path)))
+    check = instruction_set_teacher_failures(dg.build_asset_check_context(), MaemiConfigResource(path=str(cfg.config_path)))
     assert not check.passed and "re-materialize" in check.description
     table = check.metadata["failures_per_split"].value
     assert "failed_fraction" in table and check.metadata["failed"].value == len(result.failed)

@@ -23,6 +23,7 @@ from maemi_core.data.databar import detect_databar
 from maemi_core.data.image_io import ImageRejected, inspect_image, load_gray_array, sha256_file
 from maemi_core.data.sources import Candidate, list_candidates
 from maemi_core.data.splits import SPLITS, assign_split
+from maemi_core.run_isolation import stage_dir
 
 MANIFEST_COLUMNS = [
     "image_id", "path", "label", "split", "width", "height", "mode", "bit_depth",
@@ -215,7 +216,7 @@ def leaked_images(manifest: pd.DataFrame) -> pd.DataFrame:
 # --- persistence -------------------------------------------------------------------------
 
 def manifest_dir(cfg: MaemiConfig) -> Path:
-    return cfg.workdir_path / "raw_images"
+    return stage_dir(cfg, "raw_images")
 
 
 def save_manifest(result: ManifestResult, out_dir: Path) -> dict[str, Path]:

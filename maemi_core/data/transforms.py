@@ -7,6 +7,7 @@ Images are decoded once into a uint8 array cache; augmentation runs on whole bat
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -98,10 +99,22 @@ def cached_image_array(manifest: pd.DataFrame, size: int, cache_dir, key: str) -
         if arr.shape == (len(manifest), 3, size, size):
             return arr
     arr = build_image_array(manifest, size)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    for old in cache_dir.glob(f"images_{size}_*.npy"):  # one cache per size is enough
-        old.unlink()
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, arr)
-    tmp.replace(path)
+    save_cache_npy(path, arr, f"images_{size}_*.npy")
     return arr
+
+
+def save_cache_npy(path: Path, arr: np.ndarray, family: str, keep: int = 2) -> None:
+    """Write a cache file atomically (a unique temporary name, then rename: concurrent runs never
+    read a half-written or interleaved file) and drop all but the ``keep`` newest of its
+    ``family`` (glob) - a run still reading an older one keeps its open file."""
+    import uuid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, arr)
+    tmp.replace(path)
+    others = sorted((p for p in path.parent.glob(family) if p != path), key=lambda p: p.stat().st_mtime
+                    if p.exists() else 0, reverse=True)
+    for old in others[keep - 1:]:
+        old.unlink(missing_ok=True)

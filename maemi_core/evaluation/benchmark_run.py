@@ -33,12 +33,22 @@ from maemi_core.evaluation.classification_metrics import confusion_matrix_figure
 from maemi_core.evaluation.external_baselines import ask_baseline
 from maemi_core.evaluation.text_metrics import METRICS, mean_std, score_pairs
 from maemi_core.teacher.instruction_set import stable_slice
+from maemi_core.run_isolation import stage_dir
 
 ASSET = "benchmark_tables"
 
 
 def reports_dir(cfg: MaemiConfig) -> Path:
-    return cfg.workdir_path / "reports"
+    return stage_dir(cfg, "reports")
+
+
+def registered_version(cfg: MaemiConfig) -> str:
+    """The model version ``maemi_model`` registered (``model/registered.json`` of this run, else
+    of the latest published model stage)."""
+    path = stage_dir(cfg, "model") / "registered.json"
+    if not path.is_file():
+        raise LookupError(f"no registered model at {path}: materialize maemi_model first")
+    return str(json.loads(path.read_text())["version"])
 
 
 @dataclass
@@ -151,7 +161,7 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
 
     # 4. classification: every model on the same test images ------------------------------------------
     class_names = sorted(manifest["label"].unique())
-    scores_path = cfg.workdir_path / "vision" / "test_scores.parquet"
+    scores_path = stage_dir(cfg, "vision") / "test_scores.parquet"
     vs = pd.read_parquet(scores_path) if scores_path.is_file() else None
     image_ids = classification_images(records, vs, ev.classification_max_images)
     cls_rows, per_class_frames, figures = [], [], {}
@@ -297,6 +307,22 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
             key["classification.base_lm_zero_shot_top1"] = float(c.loc["zero_shot:base_lm", "top1"])
     if "vqa" in tables and (tables["vqa"]["method"] == BASE_LM).any():
         key["vqa.base_lm_meteor"] = float(tables["vqa"].set_index("method").loc[BASE_LM, "meteor"])
+    # Per-record scores of the key metrics, for MAEMI and the untuned LM: what promotion compares
+    # paired (maemi_core/registry/model_promotion.py). Classification records are test images.
+    score_rows = []
+    for name, samples in samples_by_table.items():
+        for method in (MAEMI, BASE_LM):
+            s = samples[samples["method"] == method]
+            for m in METRICS:
+                score_rows.append(pd.DataFrame({"method": method, "metric": f"{name}.{m}",
+                                                "record_id": s["record_id"].astype(str), "score": s[m].astype(float)}))
+    for row_name, method in (("maemi_zero_shot", MAEMI), ("maemi_few_shot", MAEMI), ("zero_shot:base_lm", BASE_LM)):
+        if row_name in hits:
+            metric = "classification.few_shot_top1" if row_name == "maemi_few_shot" else "classification.zero_shot_top1"
+            score_rows.append(pd.DataFrame({"method": method, "metric": metric, "record_id": list(image_ids),
+                                            "score": hits[row_name]}))
+    if score_rows:
+        pd.concat(score_rows, ignore_index=True).to_csv(out / "samples" / "key_scores.csv", index=False)
     records_hash = stable_key("\n".join(sorted(f"{r['id']}\t{reference(r)}" for r in used)))
     from maemi_core.teacher.instruction_set import load_failed
 
@@ -318,14 +344,16 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
 
 
 def benchmark_registered_model(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict], tracker=None,
-                               log: Callable[[str], None] = lambda m: None, alias: str = "challenger",
+                               log: Callable[[str], None] = lambda m: None, version: Optional[str] = None,
                                out_dir: Optional[Path] = None) -> dict:
-    """Evaluate ``models:/maemi-<dataset>@<alias>`` (the exact registered artifact) and record
-    the result: one MLflow run with the key metrics and every report, and the key metrics as
-    ``benchmark.*`` tags on the model version (what promotion compares). Without tracking, the
-    package that ``maemi_model`` last wrote is evaluated."""
+    """Evaluate ``models:/maemi-<dataset>/<version>`` (the exact registered artifact) and record
+    the result: one MLflow run with the key metrics and every report, the key metrics as
+    ``benchmark.*`` tags on the model version, and per-record key scores (what promotion
+    compares). ``version`` None: the version that ``maemi_model`` registered in this run (or, when
+    this run did not train, the latest published one), never the moving ``challenger`` alias.
+    Without tracking, the package that ``maemi_model`` last wrote is evaluated."""
     if tracker is None:
-        result = run_benchmark(cfg, manifest, records, cfg.workdir_path / "model" / "package", log, "local package")
+        result = run_benchmark(cfg, manifest, records, stage_dir(cfg, "model") / "package", log, "local package")
         return {"result": result, "version": None, "registered_model": None, "mlflow_run_id": None}
     import tempfile
 
@@ -335,20 +363,27 @@ def benchmark_registered_model(cfg: MaemiConfig, manifest: pd.DataFrame, records
     from maemi_core.registry.model_registry import download_package, registered_model_name
 
     name = registered_model_name(cfg.dataset.name)
-    with tracker.run(ASSET if alias == "challenger" else f"{ASSET}-{alias}") as active, \
-            tempfile.TemporaryDirectory() as tmp:
-        package, version = download_package(name, alias, tmp)
-        log(f"evaluating {name} version {version} (@{alias})")
-        result = run_benchmark(cfg, manifest, records, package, log, f"{name} version {version} (@{alias})", out_dir)
+    pinned = version is None
+    if pinned:
+        version = registered_version(cfg)
+    out_dir = out_dir or reports_dir(cfg)
+    with tracker.run(ASSET if pinned else f"{ASSET}-v{version}") as active, tempfile.TemporaryDirectory() as tmp:
+        package, version = download_package(name, version, tmp)
+        log(f"evaluating {name} version {version}")
+        result = run_benchmark(cfg, manifest, records, package, log, f"{name} version {version}", out_dir)
+        bench = json.loads((out_dir / "benchmark.json").read_text())
+        (out_dir / "benchmark.json").write_text(json.dumps(
+            bench | {"registered_model": name, "version": str(version), "mlflow_run_id": active.info.run_id},
+            indent=2, default=float))
         ev = cfg.evaluation
-        mlflow.log_params({"registered_model": name, "model_version": version, "alias": alias,
+        mlflow.log_params({"registered_model": name, "model_version": version,
                            "records_per_task": ev.max_records_per_task,
                            "classification_max_images": ev.classification_max_images,
                            "repetition_penalty": ev.repetition_penalty, "no_repeat_ngram_size": ev.no_repeat_ngram_size,
                            "baselines": ",".join(b.name for b in ev.baselines) or "none"})
         mlflow.log_metrics({k.replace(".", "/"): v for k, v in result.key_metrics.items() if np.isfinite(v)}
                            | {"evaluation_tokens_per_s": result.evaluation_tokens_per_s})
-        mlflow.log_artifacts(str(out_dir or reports_dir(cfg)), artifact_path="reports")
+        mlflow.log_artifacts(str(out_dir), artifact_path="reports")
         client = MlflowClient()
         for k, v in result.key_metrics.items():
             client.set_model_version_tag(name, version, f"benchmark.{k}", f"{v:.6f}")

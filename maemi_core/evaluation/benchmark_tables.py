@@ -87,10 +87,10 @@ def text_table(samples: pd.DataFrame, methods: list[str], unavailable: dict[str,
     return pd.DataFrame(rows, columns=cols)
 
 
-def paired_difference(a, b, n_boot: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> dict[str, float]:
-    """Mean of ``a - b`` over the same records with its 95% bootstrap interval."""
+def paired_difference(a, b, n_boot: int = BOOTSTRAP_SAMPLES, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """Mean of ``a - b`` over the same records with its bootstrap interval (``level``)."""
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    lo, hi = bootstrap_ci(d, n_boot, seed=seed)
+    lo, hi = bootstrap_ci(d, n_boot, level=level, seed=seed)
     return {"diff": float(d.mean()) if d.size else float("nan"), "ci_low": lo, "ci_high": hi, "n": int(d.size)}
 
 

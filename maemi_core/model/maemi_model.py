@@ -27,6 +27,7 @@ from maemi_core.data.transforms import standardize
 from maemi_core.model.dyqlora_fa import DEFAULT_TARGETS, apply_dyqlora_fa, dylora_layers
 from maemi_core.model.frozen_activations import use_lean_swiglu
 from maemi_core.model.gated_cross_attention import GatedCrossAttention, GatedXAttnDecoderLayer, media_attention_mask
+from maemi_core.run_isolation import stage_dir
 
 IMAGE_TOKEN = "<image>"
 ENCODE_TOKEN = "<Encode>"
@@ -205,7 +206,7 @@ def build_model(cfg) -> MaemiModel:
 
     lm, tok = load_language_model(cfg.model.lm_profile, cfg.resolve(cfg.model.lm_cache) if cfg.model.lm_cache else None,
                                   cfg.model.lm_path, cfg.model.seed)
-    vit_dir = cfg.workdir_path / "vision" / "vit"
+    vit_dir = stage_dir(cfg, "vision") / "vit"
     vision, vis_dim = _vision_encoder(cfg.vision.encoder, str(vit_dir) if vit_dir.is_dir() else None)
     torch.manual_seed(cfg.model.seed)
     return MaemiModel(lm, tok, vision, vis_dim, model_config_from(cfg))
@@ -233,7 +234,7 @@ def save_package(model: MaemiModel, cfg, directory, extra_meta: Optional[dict] =
             "vision_encoder": cfg.vision.encoder, "max_new_tokens": cfg.model.max_new_tokens,
             "dataset": cfg.dataset.name, **(extra_meta or {})}
     if cfg.vision.encoder == "vit":
-        shutil.copytree(cfg.workdir_path / "vision" / "vit", d / "vit",
+        shutil.copytree(stage_dir(cfg, "vision") / "vit", d / "vit",
                         ignore=shutil.ignore_patterns("checkpoint.pt", "history.csv"))
     if cfg.model.lm_profile == "tiny":
         lm_dir = d / "lm"

@@ -1,10 +1,25 @@
 """Promotion of MAEMI versions in the MLflow Model Registry: the ``champion`` alias moves only
-to a challenger that is not worse.
+to a challenger that is shown, with confidence, not to be worse.
 
-Rules (``promotion.key_metrics``: metric -> absolute tolerance): the challenger is promoted
-when, for every key metric, ``challenger >= champion - tolerance``, both measured on the same
-benchmark records (``benchmark.records_hash`` tags). The first registered version becomes
-champion directly. A metric missing on either side blocks promotion (nothing is assumed).
+Rules (``promotion.key_metrics``: metric -> non-inferiority margin, absolute). Every key metric
+is compared *paired*, on the same benchmark records (``benchmark.records_hash``), from the
+per-record scores the benchmark stored (``reports/samples/key_scores.csv`` of its MLflow run):
+the mean difference challenger - other with a bootstrap interval over records
+(``promotion.confidence``). The challenger must be
+
+* non-inferior to the champion: interval low end > -margin, for every key metric;
+* non-inferior to the *reference* (the best champion so far, registered-model tag
+  ``promotion.reference``), so that a sequence of challengers each a little worse within the
+  margin cannot ratchet the champion down: it can never fall more than the margin below the
+  reference. The reference moves to a new champion only when that one is better on every key
+  metric (mean difference > 0 against the old reference);
+* the first version: better than ``base_lm`` (the LM as it ships) on every key metric (mean
+  difference > 0) and non-inferior with confidence.
+
+A metric missing on either side blocks promotion (nothing is assumed). A version that was rolled
+back is tagged ``promotion.rolled_back`` and automation never promotes it again.
+Each decision row carries the smallest difference the benchmark could detect
+(``detectable``: (z_{1-a/2} + z_{0.8}) x sd / sqrt(n), 80% power).
 
 Races: the compare-and-move runs under an exclusive lock and re-reads the champion inside it,
 so two challengers finishing at once are compared one after the other; the second is judged
@@ -24,15 +39,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from statistics import NormalDist
 from typing import Callable, Optional
 
+import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from maemi_core.registry.model_registry import CHALLENGER, CHAMPION, alias_version
+from maemi_core.evaluation.benchmark_tables import paired_difference
+from maemi_core.registry.model_registry import CHAMPION, alias_version
 
 LOG_COLUMNS = ["time", "registered_model", "action", "version", "previous_champion", "champion_after",
                "decision", "reason", "metrics", "dagster_run_id"]
+ROW_COLUMNS = ["against", "metric", "challenger", "other", "diff", "ci_low", "ci_high", "n", "margin", "detectable",
+               "ok"]
+KEY_SCORES = "reports/samples/key_scores.csv"     # method, metric, record_id, score
+REFERENCE_TAG, ROLLED_BACK_TAG = "promotion.reference", "promotion.rolled_back"
 _THREAD_LOCK = threading.Lock()
 
 
@@ -40,49 +62,94 @@ _THREAD_LOCK = threading.Lock()
 class Decision:
     promote: bool
     reason: str
-    rows: list[dict] = field(default_factory=list)   # metric, challenger, champion, tolerance, delta, ok
+    rows: list[dict] = field(default_factory=list)
 
     def table(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows, columns=["metric", "challenger", "champion", "tolerance", "delta", "ok"])
+        return pd.DataFrame(self.rows, columns=ROW_COLUMNS)
 
 
-def compare(challenger: dict[str, float], champion: Optional[dict[str, float]],
-            tolerances: dict[str, float]) -> Decision:
-    """The promotion rule on two metric sets (``None`` champion: there is none yet)."""
-    if champion is None:
-        rows = [{"metric": m, "challenger": challenger.get(m), "champion": None, "tolerance": t, "delta": None,
-                 "ok": True} for m, t in tolerances.items()]
-        return Decision(True, "first model: no champion yet", rows)
-    rows, worse, missing = [], [], []
-    for m, tol in tolerances.items():
-        a, b = challenger.get(m), champion.get(m)
-        if a is None or b is None or (isinstance(a, float) and math.isnan(a)) or (isinstance(b, float) and math.isnan(b)):
-            missing.append(m)
-            rows.append({"metric": m, "challenger": a, "champion": b, "tolerance": tol, "delta": None, "ok": False})
+def detectable_difference(diffs: np.ndarray, confidence: float = 0.95, power: float = 0.8) -> float:
+    """The smallest mean difference a paired test on these records detects with ``power``."""
+    if diffs.size < 2:
+        return float("nan")
+    z = NormalDist().inv_cdf(1 - (1 - confidence) / 2) + NormalDist().inv_cdf(power)
+    sd = float(np.std(diffs, ddof=1))
+    return z * sd / math.sqrt(diffs.size)
+
+
+def paired_rows(mine: pd.DataFrame, other: pd.DataFrame, margins: dict[str, float], against: str,
+                must_beat: bool = False, confidence: float = 0.95) -> list[dict]:
+    """One row per key metric: ``mine`` - ``other`` on their common records (score frames with
+    columns metric, record_id, score). ``ok``: interval low end > -margin (and, with
+    ``must_beat``, mean difference > 0)."""
+    rows = []
+    for metric, margin in margins.items():
+        a = mine[mine["metric"] == metric].set_index("record_id")["score"]
+        b = other[other["metric"] == metric].set_index("record_id")["score"]
+        common = a.index.intersection(b.index)
+        if not len(common):
+            rows.append({"against": against, "metric": metric, "challenger": None, "other": None, "diff": None,
+                         "ci_low": None, "ci_high": None, "n": 0, "margin": margin, "detectable": None, "ok": False})
             continue
-        ok = a >= b - tol
-        rows.append({"metric": m, "challenger": a, "champion": b, "tolerance": tol, "delta": a - b, "ok": ok})
-        if not ok:
-            worse.append(f"{m} {a:.4f} < {b:.4f} - {tol:g}")
-    if missing:
-        return Decision(False, "metric missing on one side: " + ", ".join(missing), rows)
-    if worse:
-        return Decision(False, "worse than the champion: " + "; ".join(worse), rows)
-    return Decision(True, "no key metric worse than the champion beyond tolerance", rows)
+        x, y = a.loc[common].to_numpy(float), b.loc[common].to_numpy(float)
+        d = paired_difference(x, y, level=confidence)
+        ok = d["ci_low"] > -margin and (not must_beat or d["diff"] > 0)
+        rows.append({"against": against, "metric": metric, "challenger": float(x.mean()), "other": float(y.mean()),
+                     "diff": d["diff"], "ci_low": d["ci_low"], "ci_high": d["ci_high"], "n": int(len(common)),
+                     "margin": margin, "detectable": detectable_difference(x - y, confidence), "ok": bool(ok)})
+    return rows
 
 
-def version_metrics(client: MlflowClient, name: str, version: str) -> tuple[dict[str, float], Optional[str]]:
-    """(``benchmark.*`` metrics, records hash) recorded on a model version by benchmark_tables."""
-    tags = client.get_model_version(name, version).tags
-    metrics = {}
-    for k, v in tags.items():
-        if k.startswith("benchmark.") and k not in ("benchmark.records_hash", "benchmark.mlflow_run_id",
-                                                    "benchmark.records_per_task"):
-            try:
-                metrics[k.removeprefix("benchmark.")] = float(v)
-            except ValueError:
-                pass
-    return metrics, tags.get("benchmark.records_hash")
+def _why(rows: list[dict]) -> str:
+    out = []
+    for r in rows:
+        if r["ok"]:
+            continue
+        if not r["n"]:
+            out.append(f"{r['metric']} missing against {r['against']}")
+        else:
+            out.append(f"{r['metric']} vs {r['against']}: diff {r['diff']:+.4f} "
+                       f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] (margin {r['margin']:g}, n {r['n']})")
+    return "; ".join(out)
+
+
+def decide(mine: pd.DataFrame, champion: Optional[pd.DataFrame], margins: dict[str, float],
+           reference: Optional[pd.DataFrame] = None, base_lm: Optional[pd.DataFrame] = None,
+           confidence: float = 0.95, labels: tuple[str, str] = ("champion", "reference")) -> Decision:
+    """The promotion rule on per-record key scores (see the module docstring). ``champion``
+    None: there is none yet, and the challenger must beat ``base_lm``."""
+    if champion is None:
+        if base_lm is None or base_lm.empty:
+            return Decision(False, "first model: no base_lm scores to beat (re-run benchmark_tables)")
+        rows = paired_rows(mine, base_lm, margins, "base_lm", must_beat=True, confidence=confidence)
+        if all(r["ok"] for r in rows):
+            return Decision(True, "first model: better than base_lm on every key metric", rows)
+        return Decision(False, "first model does not beat base_lm: " + _why(rows), rows)
+    rows = paired_rows(mine, champion, margins, labels[0], confidence=confidence)
+    if reference is not None:
+        rows += paired_rows(mine, reference, margins, labels[1], confidence=confidence)
+    if all(r["ok"] for r in rows):
+        return Decision(True, "non-inferior to the champion" + (" and the reference" if reference is not None else "")
+                        + " on every key metric", rows)
+    return Decision(False, "not shown non-inferior: " + _why(rows), rows)
+
+
+def key_scores(client: MlflowClient, name: str, version: str) -> pd.DataFrame:
+    """Per-record key scores the benchmark stored for ``version`` (empty when it has none)."""
+    import tempfile
+
+    import mlflow
+
+    run_id = client.get_model_version(name, version).tags.get("benchmark.mlflow_run_id")
+    if not run_id:
+        return pd.DataFrame(columns=["method", "metric", "record_id", "score"])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=KEY_SCORES, dst_path=tmp)
+        return pd.read_csv(path, dtype={"record_id": str})
+
+
+def _maemi(scores: pd.DataFrame) -> pd.DataFrame:
+    return scores[scores["method"] == "maemi"]
 
 
 @contextmanager
@@ -121,38 +188,78 @@ def read_log(log_path: Path) -> pd.DataFrame:
     return pd.read_csv(log_path, dtype=str).fillna("") if log_path.is_file() else pd.DataFrame(columns=LOG_COLUMNS)
 
 
-def promote_if_not_worse(name: str, version: str, tolerances: dict[str, float], lock_path: Path, log_path: Path,
+def reference_version(client: MlflowClient, name: str) -> Optional[str]:
+    return client.get_registered_model(name).tags.get(REFERENCE_TAG) or None
+
+
+def _stale(client: MlflowClient, name: str, version: str, records_hash: str) -> bool:
+    return client.get_model_version(name, version).tags.get("benchmark.records_hash") != records_hash
+
+
+def evaluate(client: MlflowClient, name: str, version: str, champion: Optional[str], margins: dict[str, float],
+             confidence: float = 0.95, first_must_beat_base_lm: bool = True) -> Decision:
+    """The decision for ``version`` against ``champion`` (and the reference) as the registry
+    stands; moves nothing."""
+    tags = client.get_model_version(name, version).tags
+    if tags.get(ROLLED_BACK_TAG):
+        return Decision(False, f"v{version} was rolled back ({tags[ROLLED_BACK_TAG]}); automation never promotes "
+                               "it again")
+    my_hash = tags.get("benchmark.records_hash")
+    if not my_hash:
+        return Decision(False, f"v{version} has no benchmark: materialize benchmark_tables")
+    mine = key_scores(client, name, version)
+    if mine.empty:
+        return Decision(False, f"v{version} has no per-record key scores ({KEY_SCORES}): re-run benchmark_tables")
+    if champion is None:
+        if not first_must_beat_base_lm:
+            return Decision(True, "first model: no champion yet (promotion.first_must_beat_base_lm is off)")
+        return decide(_maemi(mine), None, margins, base_lm=mine[mine["method"] == "base_lm"], confidence=confidence)
+    reference = reference_version(client, name)
+    others = [champion] + ([reference] if reference and reference not in (champion, str(version)) else [])
+    for v in others:
+        if _stale(client, name, v, my_hash):
+            return Decision(False, f"v{v} was measured on other benchmark records than v{version}: re-run the "
+                                   "promotion check (benchmark_tables' blocking check re-evaluates it)")
+    theirs = {v: _maemi(key_scores(client, name, v)) for v in others}
+    return decide(_maemi(mine), theirs[champion], margins, theirs.get(reference) if len(others) > 1 else None,
+                  confidence=confidence, labels=(f"champion v{champion}", f"reference v{reference}"))
+
+
+def promote_if_not_worse(name: str, version: str, margins: dict[str, float], lock_path: Path, log_path: Path,
                          run_id: str = "", log: Callable[[str], None] = lambda m: None,
-                         _between: Callable[[], None] = lambda: None) -> Decision:
-    """Compare ``version`` with the current champion and move ``champion`` to it when it is not
-    worse; record the decision either way. Safe against concurrent callers."""
+                         _between: Callable[[], None] = lambda: None, confidence: float = 0.95,
+                         first_must_beat_base_lm: bool = True) -> Decision:
+    """Compare ``version`` with the current champion (and the reference) and move ``champion``
+    to it when the rules hold; record the decision either way. Safe against concurrent callers."""
     client = MlflowClient()
+    version = str(version)
     with registry_lock(lock_path):
         champion = alias_version(name, CHAMPION)
-        if champion == str(version):
+        if champion == version:
             return Decision(False, f"version {version} already is the champion")
-        mine, my_hash = version_metrics(client, name, version)
-        if champion is None:
-            decision = compare(mine, None, tolerances)
-        else:
-            theirs, their_hash = version_metrics(client, name, champion)
-            if my_hash and their_hash and my_hash != their_hash:
-                decision = Decision(False, f"champion v{champion} was measured on other benchmark records "
-                                           f"({their_hash[:8]} vs {my_hash[:8]}): re-run the promotion check")
-            else:
-                decision = compare(mine, theirs, tolerances)
+        decision = evaluate(client, name, version, champion, margins, confidence, first_must_beat_base_lm)
         _between()          # tests widen the race window here
         if decision.promote:
             client.set_registered_model_alias(name, CHAMPION, version)
-        after = str(version) if decision.promote else champion
-        record(client, name, str(version), "promote", "promoted" if decision.promote else "rejected",
+            reference = reference_version(client, name)
+            against_ref = [r for r in decision.rows if r["against"].startswith("reference")] or \
+                [r for r in decision.rows if r["against"].startswith("champion")]
+            if champion is None or reference is None or (against_ref and all(r["diff"] > 0 for r in against_ref)):
+                client.set_registered_model_tag(name, REFERENCE_TAG, version)
+        after = version if decision.promote else champion
+        record(client, name, version, "promote", "promoted" if decision.promote else "rejected",
                decision.reason, champion, after, decision.table(), run_id, log_path)
         log(f"{name} v{version}: {'promoted to champion' if decision.promote else 'not promoted'} ({decision.reason})")
+        for r in decision.rows:
+            if r["n"]:
+                log(f"  {r['metric']} vs {r['against']}: {r['diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}], "
+                    f"margin {r['margin']:g}, n {r['n']}, detectable difference {r['detectable']:.4f}")
         return decision
 
 
 def rollback(name: str, lock_path: Path, log_path: Path, run_id: str = "") -> tuple[str, str]:
-    """Move ``champion`` back to the version it replaced; returns (from, to)."""
+    """Move ``champion`` back to the version it replaced and mark the replaced one rolled back
+    (automation never promotes it again); returns (from, to)."""
     client = MlflowClient()
     with registry_lock(lock_path):
         current = alias_version(name, CHAMPION)
@@ -163,10 +270,12 @@ def rollback(name: str, lock_path: Path, log_path: Path, run_id: str = "") -> tu
         if tags.get("promotion.decision") != "promoted" or not previous:
             raise LookupError(f"{name} v{current} did not replace an earlier champion: nothing to roll back to")
         client.set_registered_model_alias(name, CHAMPION, previous)
+        client.set_model_version_tag(name, current, ROLLED_BACK_TAG, _now())
+        if reference_version(client, name) == current:
+            client.set_registered_model_tag(name, REFERENCE_TAG, previous)
         record(client, name, previous, "rollback", "rolled back", f"champion moved back from v{current} to v{previous}",
                current, previous, None, run_id or f"cli:{os.getpid()}", log_path)
         return current, previous
-
 
 
 # --- the pipeline's entry points (benchmark_tables' blocking check, model_promotion) -------------
@@ -176,50 +285,61 @@ def registry_paths(cfg) -> tuple[Path, Path]:
     return d / "registry.lock", d / "promotion_log.csv"
 
 
-def gate_challenger(cfg, manifest, records, tracker=None, log: Callable[[str], None] = lambda m: None) -> Decision:
-    """The blocking check before promotion: the challenger against the champion on the same
-    benchmark records. When the champion was measured on other records (new fab data changed
-    the test split), it is re-evaluated on the current ones first. A rejection is recorded."""
-    from maemi_core.evaluation.benchmark_run import benchmark_registered_model
-    from maemi_core.registry.model_registry import registered_model_name
+def benchmarked_version(cfg) -> tuple[str, str]:
+    """(registered model, version) that this run's benchmark_tables evaluated: the version is
+    pinned through the run's files, never re-resolved from the moving ``challenger`` alias."""
+    import json
 
-    name = registered_model_name(cfg.dataset.name)
+    from maemi_core.evaluation.benchmark_run import reports_dir
+
+    path = reports_dir(cfg) / "benchmark.json"
+    if not path.is_file():
+        raise LookupError(f"no benchmark at {path}: materialize benchmark_tables first")
+    bench = json.loads(path.read_text())
+    if not bench.get("version"):
+        raise LookupError(f"{path} names no registered version (a benchmark of a local package): "
+                          "materialize maemi_model and benchmark_tables with MLflow tracking")
+    return bench["registered_model"], str(bench["version"])
+
+
+def gate_challenger(cfg, manifest, records, tracker=None, log: Callable[[str], None] = lambda m: None) -> Decision:
+    """The blocking check before promotion: the benchmarked version against the champion and the
+    reference on the same benchmark records. When one of them was measured on other records (new
+    fab data changed the test split), it is re-evaluated on the current ones first. A rejection
+    is recorded."""
+    from maemi_core.evaluation.benchmark_run import benchmark_registered_model, reports_dir
+
+    name, version = benchmarked_version(cfg)
     client = MlflowClient()
-    challenger = alias_version(name, CHALLENGER)
-    if challenger is None:
-        return Decision(False, f"{name} has no challenger: materialize maemi_model and benchmark_tables")
     champion = alias_version(name, CHAMPION)
-    mine, my_hash = version_metrics(client, name, challenger)
-    if not my_hash:
-        return Decision(False, f"challenger v{challenger} has no benchmark: materialize benchmark_tables")
-    if champion is None:
-        return compare(mine, None, cfg.promotion.key_metrics)
-    if champion == challenger:
-        return Decision(True, f"v{challenger} already is the champion")
-    theirs, their_hash = version_metrics(client, name, champion)
-    if their_hash != my_hash:
-        log(f"champion v{champion} was measured on other records; re-evaluating it on the challenger's")
-        benchmark_registered_model(cfg, manifest, records, tracker, log, alias=CHAMPION,
-                                   out_dir=cfg.workdir_path / "reports" / "champion")
-        theirs, their_hash = version_metrics(client, name, champion)
-    decision = compare(mine, theirs, cfg.promotion.key_metrics)
+    if champion == version:
+        return Decision(True, f"v{version} already is the champion")
+    my_hash = client.get_model_version(name, version).tags.get("benchmark.records_hash", "")
+    for v in {champion, reference_version(client, name)} - {None, version}:
+        if _stale(client, name, v, my_hash):
+            log(f"v{v} was measured on other records; re-evaluating it on v{version}'s")
+            benchmark_registered_model(cfg, manifest, records, tracker, log, version=v,
+                                       out_dir=reports_dir(cfg) / f"v{v}")
+    decision = evaluate(client, name, version, champion, cfg.promotion.key_metrics, cfg.promotion.confidence,
+                        cfg.promotion.first_must_beat_base_lm)
+    for r in decision.rows:
+        if r["n"]:
+            log(f"{r['metric']} vs {r['against']}: {r['diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] "
+                f"margin {r['margin']:g}; n {r['n']} records can detect a difference of {r['detectable']:.4f}")
     if not decision.promote:
         lock, log_path = registry_paths(cfg)
         with registry_lock(lock):
-            record(client, name, challenger, "promote", "rejected", decision.reason, champion, champion,
+            record(client, name, version, "promote", "rejected", decision.reason, champion, champion,
                    decision.table(), tracker.dagster_run_id if tracker else "", log_path)
     return decision
 
 
 def promote_challenger(cfg, run_id: str = "", log: Callable[[str], None] = lambda m: None) -> dict:
-    """Move ``champion`` to the challenger if it is (still) not worse; the decision and the log."""
-    from maemi_core.registry.model_registry import registered_model_name
-
-    name = registered_model_name(cfg.dataset.name)
-    version = alias_version(name, CHALLENGER)
-    if version is None:
-        raise LookupError(f"{name} has no challenger: materialize maemi_model first")
+    """Move ``champion`` to the version this run benchmarked if the rules (still) hold."""
+    name, version = benchmarked_version(cfg)
     lock, log_path = registry_paths(cfg)
-    decision = promote_if_not_worse(name, version, cfg.promotion.key_metrics, lock, log_path, run_id, log)
+    decision = promote_if_not_worse(name, version, cfg.promotion.key_metrics, lock, log_path, run_id, log,
+                                    confidence=cfg.promotion.confidence,
+                                    first_must_beat_base_lm=cfg.promotion.first_must_beat_base_lm)
     return {"registered_model": name, "challenger": version, "champion": alias_version(name, CHAMPION),
             "decision": decision, "log": read_log(log_path)}

@@ -58,12 +58,16 @@ def alias_version(name: str, alias: str) -> Optional[str]:
                             "(MLFLOW_TRACKING_URI / mlflow.tracking_uri) and re-run.") from exc
 
 
-def download_package(name: str, alias: str, dst: Optional[str | Path] = None) -> tuple[Path, str]:
-    """The MAEMI package folder of ``models:/<name>@<alias>`` on local disk, and its version."""
-    version = alias_version(name, alias)
-    if version is None:
-        raise LookupError(f"registered model {name!r} has no version with alias {alias!r}: "
-                          "materialize maemi_model first")
+def download_package(name: str, alias_or_version: str, dst: Optional[str | Path] = None) -> tuple[Path, str]:
+    """The MAEMI package folder of ``models:/<name>@<alias>`` (or ``models:/<name>/<version>``
+    when given digits) on local disk, and its version."""
+    if str(alias_or_version).isdigit():
+        version = str(alias_or_version)
+    else:
+        version = alias_version(name, alias_or_version)
+        if version is None:
+            raise LookupError(f"registered model {name!r} has no version with alias {alias_or_version!r}: "
+                              "materialize maemi_model first")
     local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst) if dst else None)
     package = Path(local) / "artifacts" / "package"
     if not (package / "maemi.json").is_file():

@@ -14,7 +14,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -75,12 +75,17 @@ class TrackingContext:
     config_name: str
     artifact_root: Optional[Path] = None
     extra_tags: dict[str, str] = field(default_factory=dict)
+    # Given a Dagster run id: True when that run ended without finishing (failed, canceled,
+    # killed). Its MLflow runs still marked RUNNING are closed as FAILED when the asset runs again.
+    run_is_dead: Optional[Callable[[str], bool]] = None
 
     @contextlib.contextmanager
     def run(self, asset: str, model: Optional[str] = None) -> Iterator[mlflow.ActiveRun]:
         """The asset's run; with ``model``, a child run ``<asset>-<run id>/<model>`` nested in
         the active one (one MLflow run per model, grouped under the asset's run)."""
         if model is None:
+            if self.run_is_dead is not None:
+                close_orphaned_runs(self.tracking_uri, self.experiment, asset, self.dagster_run_id, self.run_is_dead)
             with tracked_run(self.tracking_uri, self.experiment, asset, self.dagster_run_id, self.config_name,
                              self.artifact_root, self.extra_tags) as run:
                 yield run
@@ -110,3 +115,27 @@ def tracked_run(
     tags = {TAG_DAGSTER_RUN: dagster_run_id, TAG_ASSET: asset, TAG_CONFIG: config_name, **(extra_tags or {})}
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name(asset, dagster_run_id), tags=tags) as run:
         yield run
+
+
+def close_orphaned_runs(tracking_uri: str, experiment: str, asset: str, current_dagster_run: str,
+                        run_is_dead: Callable[[str], bool]) -> list[str]:
+    """MLflow runs of ``asset`` still RUNNING although their Dagster run is over (a kill, an OOM,
+    a lost worker) are set to FAILED, with a tag naming the run that noticed; their ids."""
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    closed = []
+    for r in client.search_runs([exp.experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                                                                   f"tags.`{TAG_ASSET}` = '{asset}'", max_results=200):
+        owner = r.data.tags.get(TAG_DAGSTER_RUN, "")
+        if owner and owner != current_dagster_run and run_is_dead(owner):
+            # nested runs (one per model) of the dead run too
+            for child in client.search_runs([exp.experiment_id], filter_string=(
+                    f"attributes.status = 'RUNNING' and tags.`mlflow.parentRunId` = '{r.info.run_id}'")):
+                client.set_terminated(child.info.run_id, "FAILED")
+            client.set_tag(r.info.run_id, "maemi.closed_by", f"dagster run {current_dagster_run}: its own run "
+                                                             f"{owner} ended without closing it")
+            client.set_terminated(r.info.run_id, "FAILED")
+            closed.append(r.info.run_id)
+    return closed

@@ -29,6 +29,7 @@ from maemi_core.teacher.openai_teacher import TeacherFailed, is_refusal
 from maemi_core.teacher.privacy import check_teacher_privacy
 from maemi_core.teacher.prompt_pack import PromptPack, load_prompt_pack
 from maemi_core.teacher.requests import ImageRef, Teacher, TeacherRequest, render_teacher_prompt
+from maemi_core.run_isolation import stage_dir
 
 IMAGE_TOKEN = "<image>"
 
@@ -182,7 +183,21 @@ class InstructionSetResult:
 
 
 def instructions_dir(cfg: MaemiConfig) -> Path:
-    return cfg.workdir_path / "instructions"
+    return stage_dir(cfg, "instructions")
+
+
+def teacher_cache_path(cfg: MaemiConfig) -> Path:
+    """The teacher cache, shared by every run of the workdir (answers are keyed by content; sqlite
+    serialises writers). A cache from before run isolation (``instructions/``) is adopted."""
+    path = cfg.workdir_path / "cache" / "teacher_cache.sqlite"
+    legacy = cfg.workdir_path / "instructions" / "teacher_cache.sqlite"
+    if not path.exists() and legacy.is_file():
+        import shutil
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(legacy, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def make_teacher(cfg: MaemiConfig, api_key: Optional[str] = None) -> Teacher:
@@ -226,7 +241,7 @@ def generate_instruction_set(cfg: MaemiConfig, manifest: pd.DataFrame, few_shot:
     teacher = teacher if teacher is not None else make_teacher(cfg, api_key)
     identity = teacher.identity()
     out = instructions_dir(cfg)
-    cache = TeacherCache(out / "teacher_cache.sqlite")
+    cache = TeacherCache(teacher_cache_path(cfg))
     plan = plan_records(cfg, manifest, few_shot, groups, pack)
     log(f"{len(plan)} records planned with pack {pack.name} v{pack.version}, teacher {identity}")
     result = InstructionSetResult(records=[], failed=[], pack_version=pack.version)

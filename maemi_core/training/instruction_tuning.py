@@ -19,12 +19,13 @@ from maemi_core.teacher.instruction_set import stable_slice
 from maemi_core.training.maemi_training import (
     ImageStore, MaemiEpoch, MaemiTrainingConfig, build_examples, train_maemi,
 )
+from maemi_core.run_isolation import stage_dir
 
 ASSET = "maemi_model"
 
 
 def model_dir(cfg: MaemiConfig) -> Path:
-    return cfg.workdir_path / "model"
+    return stage_dir(cfg, "model")
 
 
 def select_records(records: list[dict], split: str, tasks: list[str], limit: Optional[int]) -> list[dict]:
@@ -165,6 +166,7 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
         return summary
 
     if tracker is None:
+        (out / "registered.json").unlink(missing_ok=True)
         summary = run()
         summary["model_uri"] = summary["version"] = None
         return summary
@@ -197,5 +199,9 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
             "training_numerics": "int8 weight-only" if m.quantize_8bit else "fp32",
             "inference_numerics": summary["inference_kernel"]})
         summary |= {"model_uri": uri, "version": version, "registered_model": name, "mlflow_run_id": active.info.run_id}
+        # What this run registered, for the benchmark, the check and the promotion of the same
+        # run (they never re-resolve the moving `challenger` alias).
+        (out / "registered.json").write_text(json.dumps({k: summary[k] for k in (
+            "registered_model", "version", "model_uri", "mlflow_run_id")} | {"dagster_run_id": tracker.dagster_run_id}))
         log(f"registered {name} version {version} as challenger")
     return summary

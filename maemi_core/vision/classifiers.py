@@ -37,6 +37,7 @@ from maemi_core.training.classifier_training import EpochRecord, predict_logits,
 from maemi_core.vision.efficientnet_lite0 import cached_pooled_features
 from maemi_core.vision.texture_baseline import fit_texture_svm, svm_scores, texture_feature_matrix
 from maemi_core.vision.vit import PaperViT, PaperViTConfig
+from maemi_core.run_isolation import stage_dir
 
 ASSET = "vit_classifier"
 
@@ -66,7 +67,7 @@ class VisionData:
 
 
 def vision_dir(cfg: MaemiConfig) -> Path:
-    return cfg.workdir_path / "vision"
+    return stage_dir(cfg, "vision")
 
 
 

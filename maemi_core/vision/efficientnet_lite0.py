@@ -69,8 +69,7 @@ def cached_pooled_features(images_u8: np.ndarray, cache_dir, key: str, batch_siz
         if len(feats) == len(images_u8):
             return feats
     feats = pooled_features(EfficientNetLite0Encoder(), images_u8, batch_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for old in path.parent.glob("efficientnet_lite0_*.npy"):
-        old.unlink()
-    np.save(path, feats)
+    from maemi_core.data.transforms import save_cache_npy
+
+    save_cache_npy(path, feats, "efficientnet_lite0_*.npy")
     return feats

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from maemi_core.config import MaemiConfig
 from maemi_core.data.manifest import manifest_hash
 from maemi_core.data.transforms import cached_image_array, standardize
+from maemi_core.run_isolation import stage_dir
 
 
 class ImageEncoder(Protocol):
@@ -33,7 +34,7 @@ def load_encoder(cfg: MaemiConfig) -> torch.nn.Module:
     else:
         from maemi_core.vision.vit import PaperViT
 
-        directory = cfg.workdir_path / "vision" / "vit"
+        directory = stage_dir(cfg, "vision") / "vit"
         if not (directory / "model.safetensors").is_file():
             raise FileNotFoundError(f"no trained ViT in {directory}: materialize vit_classifier first")
         encoder, _ = PaperViT.load(directory)
@@ -53,7 +54,7 @@ def embed_images(encoder: ImageEncoder, images_u8: np.ndarray, batch_size: int =
 
 
 def embeddings_dir(cfg: MaemiConfig) -> Path:
-    return cfg.workdir_path / "vision" / "embeddings"
+    return stage_dir(cfg, "embeddings")
 
 
 def compute_embeddings(cfg: MaemiConfig, manifest: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:

@@ -29,6 +29,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from maemi_core.run_isolation import stage_dir
+
 # Cosine similarity above which two embeddings are treated as the same image.
 DUPLICATE_SIMILARITY = 1.0 - 1e-6
 
@@ -256,7 +258,7 @@ def build_groups(index: pd.DataFrame, emb: np.ndarray, heterogeneity: np.ndarray
 # --- the demonstration_sets step -----------------------------------------------------------
 
 def demonstrations_dir(cfg) -> Path:
-    return cfg.workdir_path / "demonstrations"
+    return stage_dir(cfg, "demonstrations")
 
 
 def build_demonstration_sets(cfg, manifest: pd.DataFrame, index: pd.DataFrame, emb: np.ndarray,

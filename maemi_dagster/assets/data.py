@@ -8,6 +8,7 @@ from maemi_core.data.manifest import (
     build_manifest, imbalance_ratio, manifest_dir, save_manifest, split_counts,
 )
 from maemi_core.data.preview import preview_grid
+from maemi_core.run_isolation import publish
 from maemi_dagster.metadata import image_md, table_md
 from maemi_dagster.resources import MaemiConfigResource, MLflowResource
 
@@ -31,7 +32,7 @@ def raw_images(
     maemi_config: MaemiConfigResource,
     mlflow_tracking: MLflowResource,
 ) -> dg.MaterializeResult:
-    cfg = maemi_config.load()
+    cfg = maemi_config.load(context, writes="raw_images")
     result = build_manifest(cfg, log=context.log.info)
     out_dir = manifest_dir(cfg)
     paths = save_manifest(result, out_dir)
@@ -61,6 +62,7 @@ def raw_images(
         mlflow_run_id = run.info.run_id
 
     rejected_by_reason = result.rejected["reason"].value_counts().rename_axis("reason").to_frame("files")
+    publish(cfg)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(result.data_version),
         metadata={

@@ -7,10 +7,12 @@ from maemi_core.data.manifest import load_manifest
 from maemi_core.evaluation.benchmark_run import benchmark_registered_model
 from maemi_core.evaluation.benchmark_tables import TEXT_TABLES
 from maemi_core.teacher.instruction_set import load_instruction_set
+from maemi_core.run_isolation import publish
+from maemi_core.threads import fit_threads
 from maemi_dagster.assets.data import OWNERS
 from maemi_dagster.assets.model import maemi_model
 from maemi_dagster.assets.vision import vit_classifier
-from maemi_dagster.executor import TORCH_STEP
+from maemi_dagster.executor import TORCH_POOL, TORCH_STEP
 from maemi_dagster.metadata import image_md, table_md
 from maemi_dagster.resources import MaemiConfigResource, MLflowResource
 
@@ -18,7 +20,7 @@ SHOWN = ["method", "n", "bleu2", "bleu4", "rouge1", "rouge2", "rougeL", "meteor"
 
 
 @dg.asset(
-    op_tags=TORCH_STEP,
+    op_tags=TORCH_STEP, pool=TORCH_POOL,
     group_name="evaluation",
     code_version=code_version("evaluation", "model", "config.py"),
     owners=OWNERS,
@@ -34,7 +36,8 @@ SHOWN = ["method", "n", "bleu2", "bleu4", "rouge1", "rouge2", "rougeL", "meteor"
 )
 def benchmark_tables(context: dg.AssetExecutionContext, maemi_config: MaemiConfigResource,
                      mlflow_tracking: MLflowResource) -> dg.MaterializeResult:
-    cfg = maemi_config.load()
+    cfg = maemi_config.load(context, writes="reports")
+    fit_threads(cfg)
     out = benchmark_registered_model(cfg, load_manifest(cfg), load_instruction_set(cfg),
                                      mlflow_tracking.tracking_context(context, cfg), log=context.log.info)
     result = out["result"]
@@ -60,5 +63,6 @@ def benchmark_tables(context: dg.AssetExecutionContext, maemi_config: MaemiConfi
         meta[key] = image_md(path, key)
     if result.unavailable:
         meta["unavailable_baselines"] = dg.MetadataValue.json(result.unavailable)
+    publish(cfg)
     return dg.MaterializeResult(metadata=meta,
                                 data_version=dg.DataVersion(f"{out['registered_model']}-v{out['version']}"))

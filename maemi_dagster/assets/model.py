@@ -6,16 +6,18 @@ from maemi_core.code_version import code_version
 from maemi_core.data.manifest import load_manifest
 from maemi_core.teacher.instruction_set import load_instruction_set
 from maemi_core.training.instruction_tuning import tune_and_register
+from maemi_core.run_isolation import publish
+from maemi_core.threads import fit_threads
 from maemi_dagster.assets.data import OWNERS
 from maemi_dagster.assets.teacher import instruction_set
 from maemi_dagster.assets.vision import vit_classifier
-from maemi_dagster.executor import TORCH_STEP
+from maemi_dagster.executor import TORCH_POOL, TORCH_STEP
 from maemi_dagster.metadata import image_md
 from maemi_dagster.resources import MaemiConfigResource, MLflowResource
 
 
 @dg.asset(
-    op_tags=TORCH_STEP,
+    op_tags=TORCH_STEP, pool=TORCH_POOL,
     group_name="model",
     code_version=code_version("model", "training", "registry", "config.py"),
     owners=OWNERS,
@@ -30,9 +32,11 @@ from maemi_dagster.resources import MaemiConfigResource, MLflowResource
 )
 def maemi_model(context: dg.AssetExecutionContext, maemi_config: MaemiConfigResource,
                 mlflow_tracking: MLflowResource) -> dg.MaterializeResult:
-    cfg = maemi_config.load()
+    cfg = maemi_config.load(context, writes="model")
+    fit_threads(cfg)
     summary = tune_and_register(cfg, load_manifest(cfg), load_instruction_set(cfg),
                                 mlflow_tracking.tracking_context(context, cfg), log=context.log.info)
+    publish(cfg)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(f"{summary['registered_model']}-v{summary['version']}"),
         metadata={

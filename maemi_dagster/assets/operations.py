@@ -26,7 +26,7 @@ fab_batches = dg.DynamicPartitionsDefinition(name="fab_batches")
     ),
 )
 def fab_batch(context: dg.AssetExecutionContext, maemi_config: MaemiConfigResource) -> dg.MaterializeResult:
-    cfg = maemi_config.load()
+    cfg = maemi_config.load(context)
     rec = ingest_batch(cfg, context.partition_key)
     n = sum(rec["images_per_class"].values())
     context.log.info(f"batch {rec['batch']}: {n} images in {len(rec['images_per_class'])} classes, "
@@ -56,7 +56,7 @@ def fab_batch(context: dg.AssetExecutionContext, maemi_config: MaemiConfigResour
 )
 def model_promotion(context: dg.AssetExecutionContext, maemi_config: MaemiConfigResource,
                     mlflow_tracking: MLflowResource) -> dg.MaterializeResult:
-    cfg = maemi_config.load()
+    cfg = maemi_config.load(context)
     mlflow_tracking.activate(cfg)
     out = promote_challenger(cfg, context.run_id, log=context.log.info)
     d = out["decision"]

@@ -11,6 +11,7 @@ from maemi_core.code_version import code_version
 from maemi_core.data.manifest import load_manifest
 from maemi_core.teacher.instruction_set import failure_table, generate_instruction_set
 from maemi_core.vision.similarity_sampling import demonstrations_dir
+from maemi_core.run_isolation import publish
 from maemi_dagster.assets.data import OWNERS, raw_images
 from maemi_dagster.assets.vision import demonstration_sets
 from maemi_dagster.metadata import table_md
@@ -45,7 +46,7 @@ def _sample_md(records: list[dict], n: int = 4) -> str:
 )
 def instruction_set(context: dg.AssetExecutionContext, maemi_config: MaemiConfigResource,
                     mlflow_tracking: MLflowResource, teacher: TeacherResource) -> dg.MaterializeResult:
-    cfg = maemi_config.load()
+    cfg = maemi_config.load(context, writes="instructions")
     manifest = load_manifest(cfg)
     few_shot = pd.read_parquet(demonstrations_dir(cfg) / "few_shot.parquet")
     groups = pd.read_parquet(demonstrations_dir(cfg) / "groups.parquet")
@@ -61,6 +62,7 @@ def instruction_set(context: dg.AssetExecutionContext, maemi_config: MaemiConfig
         for key in ("summary", "failed", "records"):
             mlflow.log_artifact(str(result.paths[key]), artifact_path="instructions")
     counts = result.counts()
+    publish(cfg)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(hashlib.sha256(
             "".join(r["provenance"]["cache_key"] for r in result.records).encode()).hexdigest()[:16]),

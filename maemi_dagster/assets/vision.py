@@ -9,14 +9,16 @@ from maemi_core.data.manifest import load_manifest, manifest_hash
 from maemi_core.vision.classifiers import train_classifiers
 from maemi_core.vision.embeddings import compute_embeddings, save_embeddings
 from maemi_core.vision.similarity_sampling import build_demonstration_sets
+from maemi_core.run_isolation import publish
+from maemi_core.threads import fit_threads
 from maemi_dagster.assets.data import OWNERS, raw_images
-from maemi_dagster.executor import TORCH_STEP
+from maemi_dagster.executor import TORCH_POOL, TORCH_STEP
 from maemi_dagster.metadata import image_md, table_md
 from maemi_dagster.resources import MaemiConfigResource, MLflowResource
 
 
 @dg.asset(
-    op_tags=TORCH_STEP,
+    op_tags=TORCH_STEP, pool=TORCH_POOL,
     group_name="vision",
     code_version=code_version("vision", "training", "config.py"),
     owners=OWNERS,
@@ -31,7 +33,8 @@ from maemi_dagster.resources import MaemiConfigResource, MLflowResource
 )
 def vit_classifier(context: dg.AssetExecutionContext, maemi_config: MaemiConfigResource,
                    mlflow_tracking: MLflowResource) -> dg.MaterializeResult:
-    cfg = maemi_config.load()
+    cfg = maemi_config.load(context, writes="vision")
+    fit_threads(cfg)
     manifest = load_manifest(cfg)
     tracker = mlflow_tracking.tracking_context(context, cfg)
     with tracker.run("vit_classifier") as run:
@@ -54,11 +57,12 @@ def vit_classifier(context: dg.AssetExecutionContext, maemi_config: MaemiConfigR
         metadata[f"confusion_{report.name}"] = image_md(report.figures["confusion_matrix"], f"{report.name} confusion")
     vit = result.report("vit")
     metadata["vit_loss_curve"] = image_md(vit.figures["loss_curve"], "ViT loss")
+    publish(cfg)
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(manifest_hash(manifest) + "-" + cfg.fingerprint()))
 
 
 @dg.asset(
-    op_tags=TORCH_STEP,
+    op_tags=TORCH_STEP, pool=TORCH_POOL,
     group_name="vision",
     code_version=code_version("vision", "config.py"),
     owners=OWNERS,
@@ -67,11 +71,13 @@ def vit_classifier(context: dg.AssetExecutionContext, maemi_config: MaemiConfigR
     description="L2-normalised h_cls embedding of every image (all splits) from vision.encoder, keyed by image_id.",
 )
 def image_embeddings(context: dg.AssetExecutionContext, maemi_config: MaemiConfigResource) -> dg.MaterializeResult:
-    cfg = maemi_config.load()
+    cfg = maemi_config.load(context, writes="embeddings")
+    fit_threads(cfg)
     manifest = load_manifest(cfg)
     index, matrix = compute_embeddings(cfg, manifest)
     out = save_embeddings(cfg, index, matrix)
     context.log.info(f"{matrix.shape[0]} embeddings of dimension {matrix.shape[1]} from {cfg.vision.encoder}")
+    publish(cfg)
     return dg.MaterializeResult(metadata={
         "dagster/row_count": int(matrix.shape[0]),
         "dimension": int(matrix.shape[1]),
@@ -96,12 +102,13 @@ def image_embeddings(context: dg.AssetExecutionContext, maemi_config: MaemiConfi
 def demonstration_sets(context: dg.AssetExecutionContext, maemi_config: MaemiConfigResource) -> dg.MaterializeResult:
     from maemi_core.vision.embeddings import load_embeddings
 
-    cfg = maemi_config.load()
+    cfg = maemi_config.load(context, writes="demonstrations")
     manifest = load_manifest(cfg)
     index, emb = load_embeddings(cfg)
     sets = build_demonstration_sets(cfg, manifest, index, emb, log=context.log.info)
     groups: pd.DataFrame = sets["groups"]
     counts = groups.groupby(["kind", "split"]).agg(groups=("group_id", "size"), mean_score=("score", "mean"))
+    publish(cfg)
     return dg.MaterializeResult(metadata={
         "few_shot_targets": len(sets["few_shot"]),
         "k_shot": cfg.sampling.k_shot,

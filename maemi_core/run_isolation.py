@@ -1,0 +1,111 @@
+"""Run isolation: every pipeline run writes its own copy of each stage's files, and publishes it
+when the stage succeeds.
+
+Layout under the profile's workdir::
+
+    runs/<run scope>/<stage>/...   what one run wrote (never touched by another run)
+    runs/<run scope>/<stage>/.complete   written last, when the stage succeeded
+    <stage> -> runs/<scope>/<stage>      the latest successful copy (a symlink, swapped atomically)
+
+The run scope is the Dagster *root* run id, so "re-execute from failure" continues in the same
+folder (a killed training run resumes its own checkpoint) while two independent runs never
+share a file: neither can resume the other's checkpoint, overwrite its manifest or package, or
+benchmark its model. A stage reads an upstream stage from its own run when that run produced it,
+otherwise the latest published copy, resolved once (``Path.resolve``) so that a publication by a
+concurrent run cannot switch files under a reader.
+
+Outside a run (the CLI, notebooks, tests of core functions) the config has no scope and every
+stage is ``<workdir>/<stage>``, as a single user expects.
+
+``stage`` names: raw_images, vision, embeddings, demonstrations, instructions, model, reports.
+Shared on purpose (content-addressed or append-only, safe for concurrent runs): ``cache/``
+(keyed by manifest hash), the teacher cache ``cache/teacher_cache.sqlite``, ``incoming_ingested/`` (one file per batch) and
+``registry/`` (promotion lock and log).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+STAGES = ("raw_images", "vision", "embeddings", "demonstrations", "instructions", "model", "reports")
+COMPLETE = ".complete"
+RUNS = "runs"
+
+
+def _check(stage: str) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
+
+
+def scoped(cfg, scope: str, writes: str | None = None):
+    """A copy of ``cfg`` whose stage folders belong to run ``scope``; ``writes`` is the stage
+    this step produces (the only one it writes)."""
+    if writes is not None:
+        _check(writes)
+    out = cfg.model_copy()
+    out._run_scope, out._writing_stage = str(scope), writes
+    return out
+
+
+def run_folder(cfg, scope: str | None = None) -> Path:
+    return cfg.workdir_path / RUNS / (scope or cfg._run_scope)
+
+
+def stage_dir(cfg, stage: str) -> Path:
+    """The folder of ``stage`` as ``cfg`` sees it (see the module docstring)."""
+    _check(stage)
+    base = cfg.workdir_path
+    scope = getattr(cfg, "_run_scope", None)
+    if not scope:
+        return base / stage
+    own = base / RUNS / scope / stage
+    if cfg._writing_stage == stage:
+        own.mkdir(parents=True, exist_ok=True)
+        return own
+    if (own / COMPLETE).is_file():
+        return own
+    published = base / stage
+    return published.resolve() if published.exists() else published
+
+
+def publish(cfg, keep: int | None = None) -> Path:
+    """Mark the stage this run wrote complete and make it the latest copy; prune older copies of
+    that stage beyond the ``keep`` most recent (default ``operations.keep_runs``; the published
+    one is always kept)."""
+    stage = cfg._writing_stage
+    if not stage:
+        raise ValueError("publish() needs a config from scoped(..., writes=<stage>)")
+    base = cfg.workdir_path
+    own = stage_dir(cfg, stage)
+    (own / COMPLETE).write_text(json.dumps({"run_scope": cfg._run_scope, "time": time.time()}))
+    link = base / stage
+    if link.exists() and not link.is_symlink():
+        # A workdir from before run isolation: keep its files as a run of their own.
+        legacy = base / RUNS / f"legacy-{int(time.time())}" / stage
+        legacy.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(link, legacy)
+    tmp = base / f".{stage}.{uuid.uuid4().hex}"
+    os.symlink(os.path.relpath(own, base), tmp)
+    os.replace(tmp, link)
+    prune(cfg, stage, keep or cfg.operations.keep_runs)
+    return own
+
+
+def prune(cfg, stage: str, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest completed copies of ``stage`` (never the published one,
+    never an incomplete one: that may be a run still writing)."""
+    base = cfg.workdir_path
+    published = (base / stage).resolve() if (base / stage).exists() else None
+    done = sorted((p for p in (base / RUNS).glob(f"*/{stage}") if (p / COMPLETE).is_file()),
+                  key=lambda p: (p / COMPLETE).stat().st_mtime, reverse=True)
+    removed = []
+    for p in done[keep:]:
+        if p.resolve() != published:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
