@@ -249,7 +249,7 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
     # 5. qualitative -------------------------------------------------------------------------------
     pool = [s[s["method"] == MAEMI] for n, s in samples_by_table.items() if n in ("captioning", "vqa")]
     pool_df = pd.concat(pool, ignore_index=True) if pool else pd.DataFrame()
-    if len(pool_df):
+    if len(pool_df) and ev.qualitative_samples > 0:
         qual_rows = []
         pool_df = pool_df.assign(_k=pool_df["record_id"].map(stable_key)).sort_values("_k").head(ev.qualitative_samples)
         for _, s in pool_df.iterrows():
@@ -311,6 +311,8 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
     # paired (maemi_core/registry/model_promotion.py). Classification records are test images.
     score_rows = []
     for name, samples in samples_by_table.items():
+        if samples.empty or "record_id" not in samples:
+            continue
         for method in (MAEMI, BASE_LM):
             s = samples[samples["method"] == method]
             for m in METRICS:
