@@ -54,6 +54,9 @@ def _registry_cfg(args):
     return cfg
 
 
+EMPTY_ANSWER = 3   # exit status of `maemi ask` / `classify` when the model generated no text
+
+
 def _cmd_ask(args) -> int:
     from maemi_core.registry.serving import ask, default_model_uri
 
@@ -62,7 +65,13 @@ def _cmd_ask(args) -> int:
         print("error: give at least one image and then the question", file=sys.stderr)
         return 2
     cfg = _registry_cfg(args)
-    print(ask(args.model or default_model_uri(cfg), images, question, args.rank))
+    answer = ask(args.model or default_model_uri(cfg), images, question, args.rank)
+    if not answer.strip():
+        # Never a silent empty line: say so on stderr and exit 3, so scripts can tell.
+        print("maemi ask: the model generated an empty answer (nothing but end-of-text or whitespace); "
+              "try another rank (--rank) or question", file=sys.stderr)
+        return EMPTY_ANSWER
+    print(answer)
     return 0
 
 
@@ -73,6 +82,11 @@ def _cmd_classify(args) -> int:
     table = classify(args.model or default_model_uri(cfg), args.images, args.rank)
     shown = table.drop(columns=["answer"])
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    empty = int((table["answer"].fillna("").str.strip() == "").sum())
+    if empty:
+        print(f"maemi classify: {empty} of {len(table)} generated answers were empty (shown as "
+              "(unparsed); the probabilities come from the likelihood of each category name, not from the text)", file=sys.stderr)
+        return EMPTY_ANSWER
     return 0
 
 

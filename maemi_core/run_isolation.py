@@ -17,6 +17,12 @@ concurrent run cannot switch files under a reader.
 Outside a run (the CLI, notebooks, tests of core functions) the config has no scope and every
 stage is ``<workdir>/<stage>``, as a single user expects.
 
+Reuse: a stage records in ``.complete`` the fingerprint of its inputs (upstream data versions,
+code version, the profile fields it reads) and the data version of what it wrote. A step whose
+input fingerprint equals the published copy's adopts that copy (``reusable`` / ``adopt``: a
+link in its run folder) instead of recomputing: materializing everything twice trains nothing
+and asks the teacher nothing.
+
 ``stage`` names: raw_images, vision, embeddings, demonstrations, instructions, model, reports.
 Shared on purpose (content-addressed or append-only, safe for concurrent runs): ``cache/``
 (keyed by manifest hash), the teacher cache ``cache/teacher_cache.sqlite``, ``incoming_ingested/`` (one file per batch) and
@@ -25,12 +31,14 @@ Shared on purpose (content-addressed or append-only, safe for concurrent runs): 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import Optional
 
 STAGES = ("raw_images", "vision", "embeddings", "demonstrations", "instructions", "model", "reports")
 COMPLETE = ".complete"
@@ -73,16 +81,17 @@ def stage_dir(cfg, stage: str) -> Path:
     return published.resolve() if published.exists() else published
 
 
-def publish(cfg, keep: int | None = None) -> Path:
-    """Mark the stage this run wrote complete and make it the latest copy; prune older copies of
-    that stage beyond the ``keep`` most recent (default ``operations.keep_runs``; the published
-    one is always kept)."""
+def publish(cfg, keep: int | None = None, inputs: str = "", data_version: str = "") -> Path:
+    """Mark the stage this run wrote complete (with its input fingerprint and data version) and
+    make it the latest copy; prune older copies of that stage beyond the ``keep`` most recent
+    (default ``operations.keep_runs``; the published one is always kept)."""
     stage = cfg._writing_stage
     if not stage:
         raise ValueError("publish() needs a config from scoped(..., writes=<stage>)")
     base = cfg.workdir_path
     own = stage_dir(cfg, stage)
-    (own / COMPLETE).write_text(json.dumps({"run_scope": cfg._run_scope, "time": time.time()}))
+    (own / COMPLETE).write_text(json.dumps({"run_scope": cfg._run_scope, "time": time.time(), "inputs": inputs,
+                                            "data_version": data_version}))
     link = base / stage
     if link.exists() and not link.is_symlink():
         # A workdir from before run isolation: keep its files as a run of their own.
@@ -96,12 +105,51 @@ def publish(cfg, keep: int | None = None) -> Path:
     return own
 
 
+def fingerprint(*parts) -> str:
+    """A short hash of JSON-able parts (the inputs of a step)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_info(cfg, stage: str) -> dict:
+    """What ``publish`` recorded for ``stage`` as ``cfg`` sees it ({} when nothing completed)."""
+    marker = stage_dir(cfg, stage) / COMPLETE
+    return json.loads(marker.read_text()) if marker.is_file() else {}
+
+
+def data_version(cfg, stage: str) -> str:
+    """The data version of ``stage`` as ``cfg`` sees it ("" when unknown)."""
+    return stage_info(cfg, stage).get("data_version", "")
+
+
+def reusable(cfg, inputs: str) -> Optional[dict]:
+    """The published copy of the stage ``cfg`` writes, when it was computed from the same inputs."""
+    published = cfg.workdir_path / cfg._writing_stage
+    marker = published / COMPLETE
+    if not inputs or not marker.is_file():
+        return None
+    info = json.loads(marker.read_text())
+    return info | {"path": str(published.resolve())} if info.get("inputs") == inputs else None
+
+
+def adopt(cfg, info: dict) -> Path:
+    """Make ``info``'s copy (from :func:`reusable`) this run's copy of the stage: a link in the
+    run folder, so that later steps of the run read it as their own."""
+    own = cfg.workdir_path / RUNS / cfg._run_scope / cfg._writing_stage
+    if own.is_symlink():
+        own.unlink()
+    elif own.exists():
+        shutil.rmtree(own)        # an unfinished attempt of this run at the same stage
+    own.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(info["path"], own)
+    return own
+
+
 def prune(cfg, stage: str, keep: int) -> list[Path]:
     """Delete all but the ``keep`` newest completed copies of ``stage`` (never the published one,
     never an incomplete one: that may be a run still writing)."""
     base = cfg.workdir_path
     published = (base / stage).resolve() if (base / stage).exists() else None
-    done = sorted((p for p in (base / RUNS).glob(f"*/{stage}") if (p / COMPLETE).is_file()),
+    done = sorted((p for p in (base / RUNS).glob(f"*/{stage}") if not p.is_symlink() and (p / COMPLETE).is_file()),
                   key=lambda p: (p / COMPLETE).stat().st_mtime, reverse=True)
     removed = []
     for p in done[keep:]:

@@ -32,6 +32,7 @@ def test_two_retunes_at_once_each_register_benchmark_and_judge_their_own_version
     profile["operations"] = {**profile.get("operations", {}), "torch_steps_at_once": 2}
     # Kept small: the encoder that needs no training (so `retune` needs nothing materialized before
     # it), the tasks that the key metrics read, one epoch, no external baseline, no rank sweep.
+    profile["dataset"]["max_per_class"] = 8
     profile["vision"]["encoder"] = "efficientnet_lite0"
     profile["teacher"]["tasks"] = ["vqa", "classify_zero_shot"]
     profile["teacher"]["concise_tasks"] = ["vqa"]

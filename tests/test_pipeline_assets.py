@@ -205,10 +205,12 @@ def test_first_model_becomes_champion_and_the_cli_answers(pipeline):
     base = [maemi, "--config", str(pipeline.profile)]
     ask = subprocess.run(base + ["ask", image, "Describe the cell.", "--rank", "4"], env=_cli_env(pipeline),
                          capture_output=True, text=True, timeout=300, cwd=pipeline.tmp_path)
-    assert ask.returncode == 0, ask.stderr[-3000:]
+    # an answer on stdout, or (exit 3) a stated empty answer on stderr - never a silent empty line
+    assert (ask.returncode == 0 and ask.stdout.strip()) or (ask.returncode == 3 and "empty answer" in ask.stderr), \
+        ask.stderr[-3000:]
     cls = subprocess.run(base + ["classify", image, image], env=_cli_env(pipeline), capture_output=True, text=True,
                          timeout=300, cwd=pipeline.tmp_path)
-    assert cls.returncode == 0, cls.stderr[-3000:]
+    assert cls.returncode == 0 or (cls.returncode == 3 and "empty" in cls.stderr), cls.stderr[-3000:]
     lines = cls.stdout.strip().splitlines()
     assert lines[0].split()[:2] == ["image", "category"] and "functional" in lines[0] and len(lines) == 3
     probs = [float(v) for v in lines[1].split()[-4:]]
@@ -289,6 +291,60 @@ def test_mlflow_models_serve_answers_on_loopback(pipeline):
             proc.wait(timeout=30)
 
 
+REUSABLE = ("vit_classifier", "image_embeddings", "demonstration_sets", "maemi_model", "benchmark_tables")
+
+
+def _materialize_again(pipeline, profile=None):
+    """`*benchmark_tables` once more, in a fresh Dagster instance, on the same workdir."""
+    resources = pipeline.resources | ({"maemi_config": MaemiConfigResource(path=str(profile))} if profile else {})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        result = dg.materialize([raw_images, vit_classifier, image_embeddings, demonstration_sets, instruction_set,
+                                 maemi_model, benchmark_tables], resources=resources,
+                                instance=dg.DagsterInstance.ephemeral())
+    assert result.success
+    return {n: result.asset_materializations_for_node(n)[0] for n in ("instruction_set",) + REUSABLE}
+
+
+def _versions(pipeline) -> int:
+    client = MlflowClient(tracking.embedded_store(pipeline.tmp_path)[0])
+    return len(client.search_model_versions("name='maemi-elpv-tiny'"))
+
+
+def test_materializing_everything_again_asks_and_trains_nothing(pipeline):
+    before = _versions(pipeline)
+    first = {n: pipeline.result.asset_materializations_for_node(n)[0] for n in REUSABLE}
+    again = _materialize_again(pipeline)
+    assert again["instruction_set"].metadata["teacher_calls"].value == 0
+    for n in REUSABLE:
+        assert again[n].metadata["reused"].value is True, n
+        assert again[n].tags["dagster/data_version"] == first[n].tags["dagster/data_version"], n
+    assert _versions(pipeline) == before                        # no new model version registered
+
+
+def test_changing_one_prompt_of_the_pack_reruns_only_what_depends_on_it(pipeline):
+    import yaml
+
+    from maemi_core.teacher.prompt_pack import PACKS_DIR
+
+    pack = yaml.safe_load((PACKS_DIR / "elpv.yaml").read_text())
+    pack["caption"]["prompts"][0] = "Describe this electroluminescence image of a solar cell briefly."
+    (pipeline.tmp_path / "configs" / "site-pack.yaml").write_text(yaml.safe_dump(pack))
+    profile = yaml.safe_load(pipeline.profile.read_text())
+    profile["dataset"]["prompt_pack"] = "configs/site-pack.yaml"
+    changed = pipeline.tmp_path / "configs" / "tiny-site-pack.yaml"
+    changed.write_text(yaml.safe_dump(profile))
+    before = _versions(pipeline)
+    mats = _materialize_again(pipeline, changed)
+    calls = mats["instruction_set"].metadata["teacher_calls"].value
+    assert 0 < calls < mats["instruction_set"].metadata["dagster/row_count"].value   # only the changed prompt's
+    for n in ("vit_classifier", "image_embeddings", "demonstration_sets"):
+        assert mats[n].metadata["reused"].value is True, n
+    for n in ("maemi_model", "benchmark_tables"):
+        assert "reused" not in mats[n].metadata, n
+    assert _versions(pipeline) == before + 1
+
+
 def test_a_new_fab_batch_leads_to_a_new_version_and_a_promotion_decision(pipeline):
     """Drop folder -> sensor -> ingestion (a fab_batches partition) -> re-tuning from the champion's
     adapters -> benchmark -> a recorded promotion decision."""
@@ -298,6 +354,8 @@ def test_a_new_fab_batch_leads_to_a_new_version_and_a_promotion_decision(pipelin
     from maemi_dagster.definitions import defs
 
     cfg = pipeline.cfg
+    n_versions = _versions(pipeline)
+    new_version = str(n_versions + 1)
     before = pd.read_parquet(cfg.workdir_path / "raw_images" / "manifest.parquet")
     used = set(before["path"])
     new = [c for c in list_elpv() if str(c.path.resolve()) not in used][:8]
@@ -335,12 +393,13 @@ def test_a_new_fab_batch_leads_to_a_new_version_and_a_promotion_decision(pipelin
 
     client = MlflowClient(tracking.embedded_store(pipeline.tmp_path)[0])
     challenger = client.get_model_version_by_alias("maemi-elpv-tiny", "challenger")
-    assert int(challenger.version) == 2
+    assert str(challenger.version) == new_version
     (mm,) = retune.asset_materializations_for_node("maemi_model")
     run = client.get_run(mm.metadata["mlflow_run_id"].value)
     assert run.data.params["warm_start_from"] == "1"
     log = read_log(registry_paths(cfg)[1])
-    assert list(log["version"]) == ["1", "2"] and log["decision"].iloc[-1] in {"promoted", "rejected"}
+    assert list(log["version"]) == ["1", new_version] and log["decision"].iloc[-1] in {"promoted", "rejected"}
     champion = client.get_model_version_by_alias("maemi-elpv-tiny", "champion").version
-    assert str(champion) == ("2" if log["decision"].iloc[-1] == "promoted" else "1")
+    assert str(champion) == (new_version if log["decision"].iloc[-1] == "promoted" else "1")
     assert retune.success == (log["decision"].iloc[-1] == "promoted")   # a rejection stops before model_promotion
+

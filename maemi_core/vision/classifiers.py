@@ -105,6 +105,7 @@ def _finish(name: str, data: VisionData, test_scores: np.ndarray, out_dir: Path,
 def train_vit(cfg: MaemiConfig, data: VisionData, on_epoch: Callable[[EpochRecord], None],
               stop_after_epoch: Optional[int] = None) -> ModelReport:
     v, t = cfg.vision.vit, cfg.vision.train
+    torch.manual_seed(t.seed)     # the initial weights too: same data, code, profile -> the same ViT
     model = PaperViT(PaperViTConfig(num_classes=len(data.class_names), image_size=cfg.vision.image_size,
                                     patch_size=v.patch_size, dim=v.dim, depth=v.depth, heads=v.heads,
                                     head_dim=v.head_dim, mlp_dim=v.mlp_dim, dropout=v.dropout))

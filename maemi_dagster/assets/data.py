@@ -62,7 +62,7 @@ def raw_images(
         mlflow_run_id = run.info.run_id
 
     rejected_by_reason = result.rejected["reason"].value_counts().rename_axis("reason").to_frame("files")
-    publish(cfg)
+    publish(cfg, data_version=result.data_version)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(result.data_version),
         metadata={

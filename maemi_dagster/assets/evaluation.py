@@ -7,7 +7,7 @@ from maemi_core.data.manifest import load_manifest
 from maemi_core.evaluation.benchmark_run import benchmark_registered_model
 from maemi_core.evaluation.benchmark_tables import TEXT_TABLES
 from maemi_core.teacher.instruction_set import load_instruction_set
-from maemi_core.run_isolation import publish
+from maemi_core.run_isolation import data_version, fingerprint, publish
 from maemi_core.threads import fit_threads
 from maemi_dagster.assets.data import OWNERS
 from maemi_dagster.assets.model import maemi_model
@@ -15,14 +15,16 @@ from maemi_dagster.assets.vision import vit_classifier
 from maemi_dagster.executor import TORCH_POOL, TORCH_STEP
 from maemi_dagster.metadata import image_md, table_md
 from maemi_dagster.resources import MaemiConfigResource, MLflowResource
+from maemi_dagster.reuse import Recompute, reuse_unchanged
 
+BENCH_CODE = code_version("evaluation", "model", "config.py")
 SHOWN = ["method", "n", "bleu2", "bleu4", "rouge1", "rouge2", "rougeL", "meteor", "status"]
 
 
 @dg.asset(
     op_tags=TORCH_STEP, pool=TORCH_POOL,
     group_name="evaluation",
-    code_version=code_version("evaluation", "model", "config.py"),
+    code_version=BENCH_CODE,
     owners=OWNERS,
     kinds={"pandas", "mlflow"},
     deps=[maemi_model, vit_classifier],
@@ -34,9 +36,13 @@ SHOWN = ["method", "n", "bleu2", "bleu4", "rouge1", "rouge2", "rougeL", "meteor"
         "Markdown + CSV in <workdir>/reports/, logged to MLflow, key metrics tagged on the model version."
     ),
 )
-def benchmark_tables(context: dg.AssetExecutionContext, maemi_config: MaemiConfigResource,
+def benchmark_tables(context: dg.AssetExecutionContext, config: Recompute, maemi_config: MaemiConfigResource,
                      mlflow_tracking: MLflowResource) -> dg.MaterializeResult:
     cfg = maemi_config.load(context, writes="reports")
+    inputs = fingerprint(BENCH_CODE, cfg.evaluation.model_dump(mode="json"), data_version(cfg, "model"),
+                         data_version(cfg, "instructions"), data_version(cfg, "raw_images"), data_version(cfg, "vision"))
+    if (reused := reuse_unchanged(context, cfg, inputs, config)) is not None:
+        return reused
     fit_threads(cfg)
     out = benchmark_registered_model(cfg, load_manifest(cfg), load_instruction_set(cfg),
                                      mlflow_tracking.tracking_context(context, cfg), log=context.log.info)
@@ -63,6 +69,6 @@ def benchmark_tables(context: dg.AssetExecutionContext, maemi_config: MaemiConfi
         meta[key] = image_md(path, key)
     if result.unavailable:
         meta["unavailable_baselines"] = dg.MetadataValue.json(result.unavailable)
-    publish(cfg)
-    return dg.MaterializeResult(metadata=meta,
-                                data_version=dg.DataVersion(f"{out['registered_model']}-v{out['version']}"))
+    version = f"{out['registered_model']}-v{out['version']}-{inputs}"
+    publish(cfg, inputs=inputs, data_version=version)
+    return dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(version))

@@ -62,10 +62,10 @@ def instruction_set(context: dg.AssetExecutionContext, maemi_config: MaemiConfig
         for key in ("summary", "failed", "records"):
             mlflow.log_artifact(str(result.paths[key]), artifact_path="instructions")
     counts = result.counts()
-    publish(cfg)
+    version = hashlib.sha256("".join(r["provenance"]["cache_key"] for r in result.records).encode()).hexdigest()[:16]
+    publish(cfg, data_version=version)
     return dg.MaterializeResult(
-        data_version=dg.DataVersion(hashlib.sha256(
-            "".join(r["provenance"]["cache_key"] for r in result.records).encode()).hexdigest()[:16]),
+        data_version=dg.DataVersion(version),
         metadata={
             "dagster/row_count": len(result.records),
             "records_per_task_and_split": table_md(counts) if len(counts) else dg.MetadataValue.md("none"),

@@ -9,18 +9,22 @@ from maemi_core.data.manifest import load_manifest, manifest_hash
 from maemi_core.vision.classifiers import train_classifiers
 from maemi_core.vision.embeddings import compute_embeddings, save_embeddings
 from maemi_core.vision.similarity_sampling import build_demonstration_sets
-from maemi_core.run_isolation import publish
+from maemi_core.run_isolation import data_version, fingerprint, publish
 from maemi_core.threads import fit_threads
 from maemi_dagster.assets.data import OWNERS, raw_images
 from maemi_dagster.executor import TORCH_POOL, TORCH_STEP
 from maemi_dagster.metadata import image_md, table_md
 from maemi_dagster.resources import MaemiConfigResource, MLflowResource
+from maemi_dagster.reuse import Recompute, reuse_unchanged
+
+VIT_CODE = code_version("vision", "training", "config.py")
+VISION_CODE = code_version("vision", "config.py")
 
 
 @dg.asset(
     op_tags=TORCH_STEP, pool=TORCH_POOL,
     group_name="vision",
-    code_version=code_version("vision", "training", "config.py"),
+    code_version=VIT_CODE,
     owners=OWNERS,
     kinds={"pytorch", "scikitlearn", "mlflow"},
     deps=[raw_images],
@@ -31,9 +35,12 @@ from maemi_dagster.resources import MaemiConfigResource, MLflowResource
         "Test-split reports in <workdir>/vision/classification.csv and per_class.csv (per-image test scores in test_scores.parquet); one MLflow run per model."
     ),
 )
-def vit_classifier(context: dg.AssetExecutionContext, maemi_config: MaemiConfigResource,
+def vit_classifier(context: dg.AssetExecutionContext, config: Recompute, maemi_config: MaemiConfigResource,
                    mlflow_tracking: MLflowResource) -> dg.MaterializeResult:
     cfg = maemi_config.load(context, writes="vision")
+    inputs = fingerprint(VIT_CODE, cfg.vision.model_dump(mode="json"), data_version(cfg, "raw_images"))
+    if (reused := reuse_unchanged(context, cfg, inputs, config)) is not None:
+        return reused
     fit_threads(cfg)
     manifest = load_manifest(cfg)
     tracker = mlflow_tracking.tracking_context(context, cfg)
@@ -57,28 +64,33 @@ def vit_classifier(context: dg.AssetExecutionContext, maemi_config: MaemiConfigR
         metadata[f"confusion_{report.name}"] = image_md(report.figures["confusion_matrix"], f"{report.name} confusion")
     vit = result.report("vit")
     metadata["vit_loss_curve"] = image_md(vit.figures["loss_curve"], "ViT loss")
-    publish(cfg)
-    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(manifest_hash(manifest) + "-" + cfg.fingerprint()))
+    publish(cfg, inputs=inputs, data_version=inputs)
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(inputs))
 
 
 @dg.asset(
     op_tags=TORCH_STEP, pool=TORCH_POOL,
     group_name="vision",
-    code_version=code_version("vision", "config.py"),
+    code_version=VISION_CODE,
     owners=OWNERS,
     kinds={"pytorch", "numpy"},
     deps=[raw_images, vit_classifier],
     description="L2-normalised h_cls embedding of every image (all splits) from vision.encoder, keyed by image_id.",
 )
-def image_embeddings(context: dg.AssetExecutionContext, maemi_config: MaemiConfigResource) -> dg.MaterializeResult:
+def image_embeddings(context: dg.AssetExecutionContext, config: Recompute,
+                     maemi_config: MaemiConfigResource) -> dg.MaterializeResult:
     cfg = maemi_config.load(context, writes="embeddings")
+    inputs = fingerprint(VISION_CODE, cfg.vision.model_dump(mode="json"), data_version(cfg, "raw_images"),
+                         data_version(cfg, "vision") if cfg.vision.encoder == "vit" else "")
+    if (reused := reuse_unchanged(context, cfg, inputs, config)) is not None:
+        return reused
     fit_threads(cfg)
     manifest = load_manifest(cfg)
     index, matrix = compute_embeddings(cfg, manifest)
     out = save_embeddings(cfg, index, matrix)
     context.log.info(f"{matrix.shape[0]} embeddings of dimension {matrix.shape[1]} from {cfg.vision.encoder}")
-    publish(cfg)
-    return dg.MaterializeResult(metadata={
+    publish(cfg, inputs=inputs, data_version=inputs)
+    return dg.MaterializeResult(data_version=dg.DataVersion(inputs), metadata={
         "dagster/row_count": int(matrix.shape[0]),
         "dimension": int(matrix.shape[1]),
         "encoder": cfg.vision.encoder,
@@ -89,7 +101,7 @@ def image_embeddings(context: dg.AssetExecutionContext, maemi_config: MaemiConfi
 
 @dg.asset(
     group_name="vision",
-    code_version=code_version("vision", "config.py"),
+    code_version=VISION_CODE,
     owners=OWNERS,
     kinds={"pandas", "parquet"},
     deps=[raw_images, image_embeddings],   # it reads the manifest (splits, labels) and the embeddings
@@ -99,17 +111,22 @@ def image_embeddings(context: dg.AssetExecutionContext, maemi_config: MaemiConfi
         "each built within one split. Demonstrations never come from val/test."
     ),
 )
-def demonstration_sets(context: dg.AssetExecutionContext, maemi_config: MaemiConfigResource) -> dg.MaterializeResult:
+def demonstration_sets(context: dg.AssetExecutionContext, config: Recompute,
+                       maemi_config: MaemiConfigResource) -> dg.MaterializeResult:
     from maemi_core.vision.embeddings import load_embeddings
 
     cfg = maemi_config.load(context, writes="demonstrations")
+    inputs = fingerprint(VISION_CODE, cfg.sampling.model_dump(mode="json"), data_version(cfg, "raw_images"),
+                         data_version(cfg, "embeddings"))
+    if (reused := reuse_unchanged(context, cfg, inputs, config)) is not None:
+        return reused
     manifest = load_manifest(cfg)
     index, emb = load_embeddings(cfg)
     sets = build_demonstration_sets(cfg, manifest, index, emb, log=context.log.info)
     groups: pd.DataFrame = sets["groups"]
     counts = groups.groupby(["kind", "split"]).agg(groups=("group_id", "size"), mean_score=("score", "mean"))
-    publish(cfg)
-    return dg.MaterializeResult(metadata={
+    publish(cfg, inputs=inputs, data_version=inputs)
+    return dg.MaterializeResult(data_version=dg.DataVersion(inputs), metadata={
         "few_shot_targets": len(sets["few_shot"]),
         "k_shot": cfg.sampling.k_shot,
         "groups": table_md(counts.reset_index(), index=False),
