@@ -48,20 +48,24 @@ dagster: venv $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(DAGSTER_PORT)
 
 # Serve the champion over HTTP (POST /invocations; see the README for the curl command).
+# The store and the model follow the profile (mlflow.tracking_uri, else MLFLOW_TRACKING_URI, else
+# the embedded sqlite store): `maemi tracking` prints what they resolve to.
 SERVE_PORT ?= 5001
-MODEL_URI  ?= models:/maemi-elpv@champion
 serve: venv
-	PATH=$(CURDIR)/$(BIN):$$PATH MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow/mlflow.db \
-		$(BIN)/mlflow models serve -m $(MODEL_URI) --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
+	uri=$$($(BIN)/maemi tracking uri) && model=$${MODEL_URI:-$$($(BIN)/maemi tracking model-uri)} && \
+	PATH=$(CURDIR)/$(BIN):$$PATH MLFLOW_TRACKING_URI=$$uri \
+		$(BIN)/mlflow models serve -m $$model --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
 
 # The README's asset-graph image, from headless Chromium against a real `dagster dev`.
 screenshot: venv
 	scripts/dagster_screenshot.sh docs/asset_graph.png
 
+# A remote tracking server has its own UI: then this only says where it is.
 mlflow-ui: venv
-	mkdir -p mlflow/artifacts
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db \
-		--default-artifact-root $(CURDIR)/mlflow/artifacts --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+	uri=$$($(BIN)/maemi tracking uri) && case "$$uri" in \
+	  sqlite:*) mkdir -p mlflow/artifacts && $(BIN)/mlflow ui --backend-store-uri "$$uri" \
+	    --default-artifact-root $(CURDIR)/mlflow/artifacts --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 ;; \
+	  *) echo "the profile tracks to $$uri: open its UI there" ;; esac
 
 clean:
 	rm -rf .maemi .dagster .pytest_cache

@@ -90,6 +90,16 @@ def _cmd_classify(args) -> int:
     return 0
 
 
+def _cmd_tracking(args) -> int:
+    from maemi_core.registry.serving import default_model_uri
+    from maemi_core.registry.tracking import resolve_tracking_uri
+
+    cfg = load_config(args.config or config_path_from_env())
+    print(default_model_uri(cfg) if args.what == "model-uri"
+          else resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.project_root)[0])
+    return 0
+
+
 def _cmd_registry(args) -> int:
     from maemi_core.registry.model_promotion import read_log, registry_paths, rollback
     from maemi_core.registry.model_registry import CHALLENGER, CHAMPION, alias_version, registered_model_name
@@ -141,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model URI (default: models:/maemi-<dataset>@champion)")
     p.add_argument("--rank", type=int, default=None)
     p.set_defaults(func=_cmd_classify)
+    p = sub.add_parser("tracking", help="print the MLflow tracking URI the profile resolves to (profile, "
+                                        "MLFLOW_TRACKING_URI, else the embedded store), or the champion's model URI")
+    p.add_argument("what", choices=["uri", "model-uri"], nargs="?", default="uri")
+    p.set_defaults(func=_cmd_tracking)
     p = sub.add_parser("registry", help="champion/challenger status, the promotion log, rollback")
     p.add_argument("action", choices=["status", "log", "rollback"])
     p.set_defaults(func=_cmd_registry)

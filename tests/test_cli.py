@@ -26,3 +26,19 @@ def test_classify_states_empty_generations(monkeypatch, capsys):
     rc = cli.main(["--config", "configs/tiny.yaml", "classify", "a.png", "b.png", "--model", "models:/m@x"])
     out = capsys.readouterr()
     assert rc == 3 and "a.png" in out.out and "1 of 2 generated answers were empty" in out.err
+
+
+def test_tracking_follows_the_profile_then_the_environment(monkeypatch, capsys, tmp_path):
+    from tests.conftest import write_profile
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cli.main(["--config", "configs/tiny.yaml", "tracking"]) == 0
+    assert capsys.readouterr().out.strip().startswith("sqlite:///")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert cli.main(["--config", "configs/tiny.yaml", "tracking"]) == 0
+    assert capsys.readouterr().out.strip() == "http://127.0.0.1:5999"
+    profile = write_profile(tmp_path)                       # a profile naming its own store wins
+    assert cli.main(["--config", str(profile), "tracking"]) == 0
+    assert capsys.readouterr().out.strip() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert cli.main(["--config", str(profile), "tracking", "model-uri"]) == 0
+    assert capsys.readouterr().out.strip() == "models:/maemi-testset@champion"
