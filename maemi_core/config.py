@@ -60,9 +60,16 @@ class DatasetConfig(_Strict):
     crop_databar: bool = False
     # Pixel size for every image when the files do not carry it in their TIFF tags.
     pixel_size_nm: Optional[float] = None
+    # Sample groups (maemi_core/data/sample_groups.py): a regular expression on the path below the
+    # root whose first group names the sample; all images of a sample share a split. null: none.
+    group_by: Optional[str] = None
+    # With test_root: images in root of a sample that is also in the test set are reported; true
+    # removes them from train/val (rejected as same_sample_as_test).
+    drop_test_samples_from_training: bool = False
     # Asset-check bounds.
     max_rejected_fraction: float = 0.05
     max_imbalance_ratio: float = 20.0
+    max_group_fraction: float = 0.5      # warn when one sample holds more of a class than this
 
     @model_validator(mode="after")
     def _root_for_imagefolder(self) -> "DatasetConfig":
@@ -73,6 +80,14 @@ class DatasetConfig(_Strict):
             )
         if self.max_per_class is not None and self.max_per_class < 1:
             raise ValueError("dataset.max_per_class must be a positive integer or null")
+        if self.group_by:
+            import re
+
+            try:
+                re.compile(self.group_by)
+            except re.error as exc:
+                raise ValueError(f"dataset.group_by is not a valid regular expression ({exc}): give one whose "
+                                 "first group names the sample, e.g. '^[^/]+/([^_]+)_'") from exc
         return self
 
 

@@ -71,7 +71,31 @@ def raw_images_rejected_fraction(context: dg.AssetCheckExecutionContext, maemi_c
     )
 
 
-RAW_IMAGES_CHECKS = [raw_images_no_split_leakage, raw_images_class_balance, raw_images_rejected_fraction]
+@dg.asset_check(asset=raw_images,
+                description="Sample groups (dataset.group_by): warns when one sample holds more than "
+                            "dataset.max_group_fraction of a class (validation would measure one sample) or when "
+                            "images of an official-test sample are kept in train/val.")
+def raw_images_sample_groups(context: dg.AssetCheckExecutionContext, maemi_config: MaemiConfigResource) -> dg.AssetCheckResult:
+    from maemi_core.data.sample_groups import dominant_groups
+
+    cfg = maemi_config.load(context)
+    manifest = load_manifest(cfg)
+    if "group_id" not in manifest:
+        return dg.AssetCheckResult(passed=True, description="manifest without groups (re-materialize raw_images)")
+    dominant = dominant_groups(manifest, cfg.dataset.max_group_fraction)
+    siblings = int(manifest.get("test_sample_in_training", pd.Series(dtype=bool)).sum())
+    problems = ([f"{len(dominant)} class(es) dominated by one sample"] if len(dominant) else []) + \
+        ([f"{siblings} images of official-test samples in train/val"] if siblings else [])
+    return dg.AssetCheckResult(
+        passed=not problems, severity=dg.AssetCheckSeverity.WARN,
+        description="; ".join(problems) or "no class dominated by one sample, no test sample in training",
+        metadata={"groups": int(manifest["group_id"].nunique()), "images": len(manifest),
+                  "test_samples_in_training": siblings,
+                  "dominant": table_md(dominant.round(3), index=False) if len(dominant) else dg.MetadataValue.md("none")})
+
+
+RAW_IMAGES_CHECKS = [raw_images_no_split_leakage, raw_images_class_balance, raw_images_rejected_fraction,
+                     raw_images_sample_groups]
 
 
 @dg.asset_check(asset=instruction_set, blocking=True,

@@ -15,6 +15,7 @@ from tests.conftest import REPO
 EXPECTED_ASSETS = {"raw_images", "vit_classifier", "image_embeddings", "demonstration_sets", "instruction_set",
                    "maemi_model", "benchmark_tables", "model_promotion", "fab_batch"}
 EXPECTED_CHECKS = {"raw_images_no_split_leakage", "raw_images_class_balance", "raw_images_rejected_fraction",
+                   "raw_images_sample_groups",
                    "instruction_set_records_valid", "instruction_set_train_coverage", "instruction_set_task_counts",
                    "instruction_set_teacher_failures", "benchmark_tables_challenger_not_worse"}
 

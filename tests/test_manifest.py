@@ -150,3 +150,64 @@ def test_one_class_is_refused_and_empty_class_folders_are_named(tmp_path, elpv_p
         copy_file(p, root / "porous" / p.name)
     result = build_manifest(profile_factory())
     assert set(result.manifest["label"]) == {"cracked", "porous"} and result.empty_classes == ["clean"]
+
+
+def _frames(src, dst_dir, sample: str, n: int, start: int = 0):
+    """``n`` different frames of one sample: shifted crops of one real cell (different bytes)."""
+    from PIL import Image
+
+    with Image.open(src) as im:
+        im = im.convert("L")
+        w, h = im.size
+        for k in range(start, start + n):
+            dst = dst_dir / f"{sample}_frame{k}.png"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            im.crop((4 * k, 3 * k, w - 12 + 4 * k, h - 9 + 3 * k)).save(dst)
+
+
+def test_frames_of_one_sample_share_a_group_and_a_split(tmp_path, elpv_paths, profile_factory):
+    root = tmp_path / "images"
+    for i, src in enumerate(elpv_paths[:24]):
+        _frames(src, root / ("a" if i % 2 else "b"), f"s{i:02d}", 4)
+    grouped = build_manifest(profile_factory(group_by=r"/(s\d+)_frame")).manifest
+    assert grouped.groupby("sample")["split"].nunique().max() == 1          # a sample never spans splits
+    assert grouped.groupby("sample")["group_id"].nunique().max() == 1 and grouped["group_id"].nunique() == 24
+    assert set(grouped["split"]) == {"train", "val", "test"}
+    # The group's split is the hash of its id (the smallest image id): stable as frames are added.
+    _frames(elpv_paths[0], root / "b", "s00", 6)                              # two more frames of s00
+    again = build_manifest(profile_factory(group_by=r"/(s\d+)_frame")).manifest
+    before = grouped.set_index("image_id")["split"]
+    assert (again.set_index("image_id").loc[before.index, "split"] == before).all()
+    # Without group_by, the frames of a sample scatter over the splits (the leak this prevents).
+    plain = build_manifest(profile_factory()).manifest
+    assert (plain["group_id"] == plain["image_id"]).all()
+    assert plain.assign(sample=plain["path"].str.extract(r"/(s\d+)_frame")[0]).groupby("sample")["split"].nunique().max() > 1
+
+
+def test_samples_of_the_official_test_set_in_root_are_reported_or_removed(tmp_path, elpv_paths, profile_factory):
+    for i, src in enumerate(elpv_paths[:12]):
+        _frames(src, tmp_path / "images" / ("a" if i % 2 else "b"), f"s{i:02d}", 2)
+    for i, src in enumerate(elpv_paths[12:16]):
+        _frames(src, tmp_path / "official" / ("a" if i % 2 else "b"), f"t{i:02d}", 2)
+    _frames(elpv_paths[12], tmp_path / "images" / "b", "t00", 2, start=2)   # t00 is a test sample; two more frames in root
+    kw = {"test_root": "official", "group_by": r"/([st]\d+)_frame"}
+    kept = build_manifest(profile_factory(**kw)).manifest
+    siblings = kept[kept["test_sample_in_training"]]
+    assert len(siblings) >= 1 and set(siblings["sample"]) == {"t00"} and set(siblings["split"]) <= {"train", "val"}
+    dropped = build_manifest(profile_factory(**kw, drop_test_samples_from_training=True))
+    assert not dropped.manifest["test_sample_in_training"].any()
+    assert set(dropped.rejected.loc[dropped.rejected["reason"] == "same_sample_as_test", "path"]) == set(siblings["path"])
+
+
+def test_a_sample_dominating_a_class_is_found_and_a_bad_pattern_is_refused(tmp_path, elpv_paths, profile_factory):
+    from maemi_core.config import ConfigError
+    from maemi_core.data.sample_groups import dominant_groups
+
+    _frames(elpv_paths[0], tmp_path / "images" / "a", "big", 8)
+    for i, src in enumerate(elpv_paths[1:9]):
+        _frames(src, tmp_path / "images" / ("a" if i < 2 else "b"), f"s{i}", 1)
+    m = build_manifest(profile_factory(group_by=r"/([a-z]+\d*)_frame")).manifest
+    dom = dominant_groups(m, 0.5)
+    assert list(dom["label"]) == ["a"] and dom["images"].iloc[0] == 8
+    with pytest.raises(ConfigError, match="group_by is not a valid regular expression"):
+        profile_factory(group_by="([unclosed")

@@ -52,7 +52,8 @@ def test_tiny_profile_materializes_with_checks_and_mlflow_run(tmp_path, monkeypa
 
     checks = checks_by_name(result)
     assert {name: c.passed for name, c in checks.items()} == {
-        "raw_images_no_split_leakage": True, "raw_images_class_balance": True, "raw_images_rejected_fraction": True}
+        "raw_images_no_split_leakage": True, "raw_images_class_balance": True, "raw_images_rejected_fraction": True,
+        "raw_images_sample_groups": True}
 
     cfg = load_config(profile)
     manifest = pd.read_parquet(manifest_dir(cfg) / "manifest.parquet")
@@ -129,3 +130,20 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch, configured):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     uri, artifacts = tracking.resolve_tracking_uri(None, tmp_path)
     assert uri == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}" and artifacts == tmp_path / "mlflow" / "artifacts"
+
+
+def test_sample_groups_are_shown_and_a_dominant_sample_warns(tmp_path, elpv_paths):
+    from tests.conftest import write_profile
+    from tests.test_manifest import _frames
+
+    _frames(elpv_paths[0], tmp_path / "images" / "a", "big", 8)
+    for i, src in enumerate(elpv_paths[1:9]):
+        _frames(src, tmp_path / "images" / ("a" if i < 2 else "b"), f"s{i}", 2)
+    profile = write_profile(tmp_path, group_by=r"/([a-z]+\d*)_frame")
+    result = materialize(profile)
+    (mat,) = result.asset_materializations_for_node("raw_images")
+    assert mat.metadata["sample_groups"].value == 9
+    assert "big" in mat.metadata["largest_groups"].value
+    assert mat.metadata["group_preview"].value.startswith("![images of the largest sample groups](data:image/png")
+    check = checks_by_name(result)["raw_images_sample_groups"]
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN and "dominated" in check.description

@@ -22,6 +22,7 @@ from maemi_core.config import ConfigError, MaemiConfig
 from maemi_core.data.databar import detect_databar
 from maemi_core.data.image_io import ImageRejected, inspect_image, load_gray_array, sha256_file
 from maemi_core.data.sources import Candidate, list_candidates
+from maemi_core.data.sample_groups import group_ids, relative_path, sample_names
 from maemi_core.data.splits import SPLITS, assign_split
 from maemi_core.run_isolation import stage_dir
 
@@ -122,11 +123,31 @@ def build_manifest(
             f"none of the {n_candidates} files of dataset '{ds.name}' could be used; "
             f"see the rejected table for the reasons"
         )
+    # Sample groups: every image of one sample shares the split of its group (hash of the group id).
+    manifest["sample"] = sample_names([relative_path(p, s, cfg) for p, s in zip(manifest["path"], manifest["source"])],
+                                      ds.group_by)
+    manifest["group_id"] = group_ids(list(manifest["image_id"]), list(manifest["sample"]))
+    test_groups = set(manifest.loc[manifest["forced_split"] == "test", "group_id"])
     manifest["split"] = [
         "test" if forced == "test" else assign_split(
-            iid, ds.split.train, ds.split.val, ds.split.test, has_official_test=has_official_test)
-        for iid, forced in zip(manifest["image_id"], manifest["forced_split"])
+            gid, ds.split.train, ds.split.val, ds.split.test, has_official_test=has_official_test)
+        for gid, forced in zip(manifest["group_id"], manifest["forced_split"])
     ]
+    # An official test set forces its images to test; images in root of the same sample would
+    # leak it into train/val: reported, and removed when the profile says so.
+    test_siblings = manifest["group_id"].isin(test_groups) & (manifest["split"] != "test")
+    if test_siblings.any():
+        log(f"WARNING: {int(test_siblings.sum())} images in root belong to a sample of the official test set"
+            + (" (removed from training)" if ds.drop_test_samples_from_training else
+               " (kept; dataset.drop_test_samples_from_training: true removes them)"))
+        if ds.drop_test_samples_from_training:
+            for _, r in manifest[test_siblings].iterrows():
+                rejected.append({"path": r["path"], "label": r["label"], "source": r["source"],
+                                 "reason": "same_sample_as_test",
+                                 "detail": f"sample {r['sample']!r} is in the official test set"})
+            manifest = manifest[~test_siblings].reset_index(drop=True)
+            test_siblings = pd.Series(False, index=manifest.index)
+    manifest["test_sample_in_training"] = test_siblings.to_numpy()
     empty = []
     if ds.kind == "imagefolder":
         from maemi_core.data.sources import empty_class_folders

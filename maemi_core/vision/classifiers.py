@@ -258,6 +258,9 @@ def train_classifiers(cfg: MaemiConfig, manifest: pd.DataFrame, tracker: Optiona
             f"val top1={report.summary['val_top1']:.4f}")
 
     classification = pd.DataFrame([r.summary for r in reports])
+    # How much validation flattered each model: with sample groups (dataset.group_by) validation is
+    # sample-disjoint from training, and this gap is what tells a leak from a good model.
+    classification["val_test_gap"] = classification["val_top1"] - classification["top1"]
     per_class = pd.concat([r.per_class for r in reports], ignore_index=True)
     encoders = classification[classification["model"].isin(["vit", "efficientnet_lite0"])]
     best = str(encoders.sort_values(["val_knn_top1", "val_top1"], ascending=False).iloc[0]["model"])

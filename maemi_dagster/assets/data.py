@@ -8,6 +8,7 @@ from maemi_core.data.manifest import (
     build_manifest, imbalance_ratio, manifest_dir, save_manifest, split_counts,
 )
 from maemi_core.data.preview import preview_grid
+from maemi_core.data.sample_groups import group_table
 from maemi_core.run_isolation import publish
 from maemi_dagster.metadata import image_md, table_md
 from maemi_dagster.resources import MaemiConfigResource, MLflowResource
@@ -62,6 +63,15 @@ def raw_images(
         mlflow_run_id = run.info.run_id
 
     rejected_by_reason = result.rejected["reason"].value_counts().rename_axis("reason").to_frame("files")
+    m = result.manifest
+    groups: dict = {"sample_groups": int(m["group_id"].nunique()),
+                    "test_samples_in_training": int(m["test_sample_in_training"].sum())}
+    if cfg.dataset.group_by and m["sample"].notna().any():
+        groups["largest_groups"] = table_md(group_table(m), index=False)
+        top = group_table(m, top=4)["group_id"]
+        shown = m[m["group_id"].isin(top)].assign(label=lambda d: d["sample"].fillna(d["group_id"].str[:12]))
+        groups["group_preview"] = image_md(preview_grid(shown, out_dir / "groups.png", per_class=6),
+                                           "images of the largest sample groups")
     publish(cfg, data_version=result.data_version)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(result.data_version),
@@ -79,5 +89,6 @@ def raw_images(
             "manifest_path": dg.MetadataValue.path(str(paths["manifest"])),
             "data_version": result.data_version,
             "mlflow_run_id": mlflow_run_id,
+            **groups,
         },
     )

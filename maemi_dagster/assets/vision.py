@@ -50,7 +50,8 @@ def vit_classifier(context: dg.AssetExecutionContext, config: Recompute, maemi_c
             mlflow.log_artifact(str(result.paths[key]), artifact_path="reports")
         mlflow.set_tag("maemi.best_encoder_on_val", result.best_encoder_on_val)
         parent_id = run.info.run_id
-    shown = result.classification[["model", "top1", "top5", "top5_k", "macro_f1", "val_top1", "val_knn_top1"]]
+    shown = result.classification[["model", "top1", "top5", "top5_k", "macro_f1", "val_top1", "val_test_gap",
+                                   "val_knn_top1"]]
     metadata = {
         "classification": table_md(shown, index=False),
         "per_class": table_md(result.per_class, index=False, max_rows=200),
