@@ -8,8 +8,9 @@ match) names the sample. Files it does not match stay groups of their own. The g
 smallest image id in it, so an image without siblings keeps the id, and the split, it always had.
 
 Not done here: finding near copies by their pixels (shifted, cropped, flipped copies with no
-shared name). Perceptual hashes and thumbnail correlation were measured on ELPV and cannot
-tell distinct cells from copies there (see the README), so grouping is by name only.
+shared name). Perceptual hashes and thumbnail correlation were measured on ELPV
+(bench/near_copy_detection.py) and cannot tell distinct cells from copies there, so grouping
+is by name only.
 """
 
 from __future__ import annotations
