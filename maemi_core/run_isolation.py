@@ -60,10 +60,6 @@ def scoped(cfg, scope: str, writes: str | None = None):
     return out
 
 
-def run_folder(cfg, scope: str | None = None) -> Path:
-    return cfg.workdir_path / RUNS / (scope or cfg._run_scope)
-
-
 def stage_dir(cfg, stage: str) -> Path:
     """The folder of ``stage`` as ``cfg`` sees it (see the module docstring)."""
     _check(stage)

@@ -49,7 +49,7 @@ retune_job = dg.define_asset_job(
                                        benchmark_tables, model_promotion),
     description="Re-tune on everything ingested: manifest, embeddings, demonstrations, instructions for the new "
                 "images (the teacher cache answers the rest), training from the champion's adapters, the benchmark, "
-                "and promotion if the challenger is not worse.",
+                "and promotion if the new version is shown not worse (maemi_core/registry/model_promotion.py).",
     tags={"maemi/job": "retune", RETUNE_TAG: _DATASET},
 )
 

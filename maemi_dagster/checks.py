@@ -157,9 +157,11 @@ INSTRUCTION_SET_CHECKS = [instruction_set_records_valid, instruction_set_train_c
 
 
 @dg.asset_check(asset=benchmark_tables, blocking=True, op_tags=TORCH_STEP, pool=TORCH_POOL,
-                description="The challenger is not worse than the champion on any key metric (promotion.key_metrics, "
-                            "absolute tolerances), both measured on the same benchmark records (the champion is "
-                            "re-evaluated when new data changed them). Blocks model_promotion; rejections are logged.")
+                description="The version this run benchmarked is shown non-inferior, paired on the same benchmark "
+                            "records with a bootstrap interval, to the champion and to the reference (best champion so "
+                            "far) on every key metric (promotion.key_metrics margins); a first version must beat "
+                            "base_lm; a rolled-back version never passes. Champion and reference are re-evaluated when "
+                            "new data changed the records. Blocks model_promotion; rejections are logged.")
 def benchmark_tables_challenger_not_worse(context: dg.AssetCheckExecutionContext, maemi_config: MaemiConfigResource,
                                           mlflow_tracking: MLflowResource) -> dg.AssetCheckResult:
     cfg = maemi_config.load(context)

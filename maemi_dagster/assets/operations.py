@@ -48,10 +48,11 @@ def fab_batch(context: dg.AssetExecutionContext, maemi_config: MaemiConfigResour
     deps=[benchmark_tables],
     pool="maemi_registry",
     description=(
-        "Moves the MLflow alias `champion` to the challenger when no key metric (promotion.key_metrics) is worse "
-        "than the champion's beyond tolerance on the same benchmark records; runs only after the blocking check "
-        "benchmark_tables_challenger_not_worse passes, and re-compares under a registry lock so concurrent "
-        "re-tuning runs cannot leave a worse champion. Every decision goes to the promotion log."
+        "Moves the MLflow alias `champion` to the version this run registered and benchmarked when the promotion "
+        "rules hold (paired non-inferiority to the champion and the reference on every key metric, see "
+        "benchmark_tables_challenger_not_worse); runs only after that blocking check passes, and re-compares under "
+        "a registry lock so concurrent re-tuning runs cannot leave a worse champion. Every decision goes to the "
+        "promotion log and the version's promotion.* tags."
     ),
 )
 def model_promotion(context: dg.AssetExecutionContext, maemi_config: MaemiConfigResource,
