@@ -133,6 +133,9 @@ class VisionConfig(_Strict):
     baselines: list[Literal["efficientnet_lite0", "classical"]] = Field(
         default_factory=lambda: ["efficientnet_lite0", "classical"])
     embed_batch_size: int = 64
+    # Probe / SVM C: chosen by cross-validation over train+val with folds that never split a
+    # sample group when the validation split has fewer images than this; else on validation.
+    grouped_cv_below: int = 200
 
 
 class SamplingConfig(_Strict):

@@ -148,3 +148,31 @@ def test_uniform_images_give_finite_texture_features(value):
     f = texture_features(np.full((224, 224), value, dtype=np.uint8))
     assert np.isfinite(f).all() and f.shape == texture_features(np.random.default_rng(0).integers(
         0, 255, (224, 224), dtype=np.uint8)).shape
+
+
+def test_grouped_cv_scores_unseen_samples_not_copies_and_is_deterministic():
+    """Copies of 40 samples with labels unrelated to any real signal: random folds (each image its
+    own group) score the copies of training samples and claim near-perfect accuracy; folds that
+    keep a sample together estimate chance, which is the truth for new samples."""
+    from sklearn.linear_model import LogisticRegression
+
+    from maemi_core.vision.model_selection import choose_c
+
+    rng = np.random.default_rng(0)
+    centers, labels = rng.normal(size=(40, 128)), rng.integers(0, 2, 40)
+    sample = np.repeat(np.arange(40), 6)                       # 6 shifted copies per sample
+    x = centers[sample] + rng.normal(scale=0.01, size=(240, 128))
+    y = labels[sample]
+    tr, va = sample < 32, sample >= 32
+
+    def make(c):
+        return LogisticRegression(C=c, max_iter=2000)
+
+    args = (make, (0.01, 1.0, 100.0), x[tr], y[tr])
+    grouped = choose_c(*args, sample[tr].astype(str), x[va], y[va], sample[va].astype(str))
+    leaky = choose_c(*args, np.arange(tr.sum()).astype(str), x[va], y[va], np.arange(va.sum()).astype(str))
+    assert grouped.method.startswith("grouped") and leaky.method.startswith("grouped")
+    assert leaky.val_top1 > 0.95 and grouped.val_top1 < 0.75
+    assert choose_c(*args, sample[tr].astype(str), x[va], y[va], sample[va].astype(str)) == grouped
+    big_val = choose_c(*args, sample[tr].astype(str), x[va], y[va], sample[va].astype(str), cv_below=10)
+    assert big_val.method == "validation split"

@@ -35,9 +35,10 @@ from maemi_core.evaluation.classification_metrics import (
 from maemi_core.registry.tracking import TrackingContext
 from maemi_core.training.classifier_training import EpochRecord, predict_logits, train_classifier
 from maemi_core.vision.efficientnet_lite0 import cached_pooled_features
-from maemi_core.vision.texture_baseline import fit_texture_svm, svm_scores, texture_feature_matrix
+from maemi_core.vision.texture_baseline import svm_model, svm_scores, texture_feature_matrix
 from maemi_core.vision.vit import PaperViT, PaperViTConfig
 from maemi_core.run_isolation import stage_dir
+from maemi_core.vision.model_selection import choose_c
 
 ASSET = "vit_classifier"
 
@@ -64,6 +65,12 @@ class VisionData:
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         idx = np.flatnonzero(self.manifest["split"].to_numpy() == name)
         return np.asarray(self.images[idx]), self.labels[idx]
+
+    def groups(self) -> dict[str, np.ndarray]:
+        """Sample group per image of each split (the image itself when the manifest has none)."""
+        col = "group_id" if "group_id" in self.manifest else "image_id"
+        split = self.manifest["split"].to_numpy()
+        return {s: self.manifest[col].to_numpy()[split == s] for s in ("train", "val", "test")}
 
 
 def vision_dir(cfg: MaemiConfig) -> Path:
@@ -154,14 +161,15 @@ def train_efficientnet_probe(cfg: MaemiConfig, data: VisionData) -> ModelReport:
     split = data.manifest["split"].to_numpy()
     feats = {s: all_feats[split == s] for s in ("train", "val", "test")}
     y = {s: data.split(s)[1] for s in ("train", "val", "test")}
-    best = None
-    for c in (0.01, 0.1, 1.0):
-        probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000, class_weight="balanced"))
-        probe.fit(feats["train"], y["train"])
-        acc = float((probe.predict(feats["val"]) == y["val"]).mean()) if len(y["val"]) else 0.0
-        if best is None or acc > best[2]:
-            best = (probe, c, acc)
-    probe, c, val_acc = best
+    g = data.groups()
+
+    def make(c: float):
+        return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000, class_weight="balanced"))
+
+    sel = choose_c(make, (0.01, 0.1, 1.0), feats["train"], y["train"], g["train"], feats["val"], y["val"], g["val"],
+                   cfg.vision.grouped_cv_below)
+    c, val_acc = sel.c, sel.val_top1
+    probe = make(c).fit(feats["train"], y["train"])
     test_scores = _full_proba(probe, feats["test"], len(data.class_names))
     emb = {s: l2_normalize(feats[s]) for s in ("train", "val")}
     out = vision_dir(cfg) / "efficientnet_lite0"
@@ -169,7 +177,8 @@ def train_efficientnet_probe(cfg: MaemiConfig, data: VisionData) -> ModelReport:
     joblib.dump({"probe": probe, "class_names": data.class_names}, out / "probe.joblib")
     report = _finish("efficientnet_lite0", data, test_scores, vision_dir(cfg) / "figures", {
         "val_top1": val_acc, "val_knn_top1": knn_top1(emb["train"], y["train"], emb["val"], y["val"])})
-    report.params = {"mode": "linear_probe", "C": c, "features": "global-average 1280-d, frozen ImageNet weights"}
+    report.params = {"mode": "linear_probe", "C": c, "C_chosen_by": sel.method,
+                     "features": "global-average 1280-d, frozen ImageNet weights"}
     report.artifacts = [out / "probe.joblib"]
     return report
 
@@ -184,14 +193,19 @@ def _full_proba(model, x: np.ndarray, num_classes: int) -> np.ndarray:
 def train_classical(cfg: MaemiConfig, data: VisionData) -> ModelReport:
     feats = {s: texture_feature_matrix(data.split(s)[0]) for s in ("train", "val", "test")}
     y = {s: data.split(s)[1] for s in ("train", "val", "test")}
-    model, c, val_acc = fit_texture_svm(feats["train"], y["train"], feats["val"], y["val"])
+    g = data.groups()
+    sel = choose_c(svm_model, (1.0, 10.0, 100.0), feats["train"], y["train"], g["train"], feats["val"], y["val"],
+                   g["val"], cfg.vision.grouped_cv_below)
+    c, val_acc = sel.c, sel.val_top1
+    model = svm_model(c).fit(feats["train"], y["train"])
     test_scores = svm_scores(model, feats["test"], len(data.class_names))
     out = vision_dir(cfg) / "classical"
     out.mkdir(parents=True, exist_ok=True)
     joblib.dump({"model": model, "class_names": data.class_names}, out / "svm.joblib")
     report = _finish("classical", data, test_scores, vision_dir(cfg) / "figures", {"val_top1": val_acc, "val_knn_top1": float("nan")})
     report.params = {"features": "LBP(8,1)(16,2)(24,3) + GLCM(d=1,2,4) + HOG(112px) + intensity stats",
-                     "classifier": "RBF SVM, class_weight=balanced", "C": c, "n_features": feats["train"].shape[1]}
+                     "classifier": "RBF SVM, class_weight=balanced", "C": c, "C_chosen_by": sel.method,
+                     "n_features": feats["train"].shape[1]}
     report.artifacts = [out / "svm.joblib"]
     return report
 

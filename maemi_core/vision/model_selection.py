@@ -1,0 +1,50 @@
+"""Choosing a classifier's regularisation (C) honestly: on the sample-disjoint validation split,
+or - when that split is small - by cross-validation over train+val whose folds never split a
+sample group (``group_id``: frames of one sample, see maemi_core/data/sample_groups.py).
+
+Random folds over shifted copies of a few micrographs score the copies of a training image as
+"validation": they pick the C that memorises best. Grouped folds score only unseen samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from sklearn.model_selection import GroupKFold
+
+
+@dataclass
+class Selection:
+    c: float
+    val_top1: float        # the estimate the choice was made on
+    method: str            # "validation split" or "grouped k-fold CV over train+val"
+    scores: dict           # C -> that estimate
+
+
+def choose_c(make_model: Callable[[float], object], cs: tuple[float, ...], x_tr: np.ndarray, y_tr: np.ndarray,
+             g_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndarray, g_va: np.ndarray,
+             cv_below: int = 200, folds: int = 5) -> Selection:
+    """The C with the best estimate (ties to the smaller C, the stronger regularisation)."""
+    groups = np.concatenate([g_tr, g_va])
+    if len(y_va) < cv_below and len(np.unique(groups)) >= folds:
+        x, y = np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va])
+        scores = {}
+        for c in cs:
+            hits = []
+            for tr, te in GroupKFold(n_splits=folds).split(x, y, groups):
+                m = make_model(c)
+                m.fit(x[tr], y[tr])
+                hits.append(m.predict(x[te]) == y[te])
+            scores[c] = float(np.concatenate(hits).mean())
+        method = f"grouped {folds}-fold CV over train+val ({len(np.unique(groups))} groups)"
+    else:
+        scores = {}
+        for c in cs:
+            m = make_model(c)
+            m.fit(x_tr, y_tr)
+            scores[c] = float((m.predict(x_va) == y_va).mean()) if len(y_va) else 0.0
+        method = "validation split"
+    best = max(cs, key=lambda c: (scores[c], -c))
+    return Selection(best, scores[best], method, scores)
