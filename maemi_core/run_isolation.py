@@ -140,13 +140,21 @@ def adopt(cfg, info: dict) -> Path:
     return own
 
 
+def mtime_or_zero(path: Path) -> float:
+    """Modification time, 0 for a file another run deleted meanwhile (two runs prune at once)."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def prune(cfg, stage: str, keep: int) -> list[Path]:
     """Delete all but the ``keep`` newest completed copies of ``stage`` (never the published one,
     never an incomplete one: that may be a run still writing)."""
     base = cfg.workdir_path
     published = (base / stage).resolve() if (base / stage).exists() else None
     done = sorted((p for p in (base / RUNS).glob(f"*/{stage}") if not p.is_symlink() and (p / COMPLETE).is_file()),
-                  key=lambda p: (p / COMPLETE).stat().st_mtime, reverse=True)
+                  key=lambda p: mtime_or_zero(p / COMPLETE), reverse=True)
     removed = []
     for p in done[keep:]:
         if p.resolve() != published:

@@ -114,7 +114,8 @@ def save_cache_npy(path: Path, arr: np.ndarray, family: str, keep: int = 2) -> N
     with open(tmp, "wb") as fh:
         np.save(fh, arr)
     tmp.replace(path)
-    others = sorted((p for p in path.parent.glob(family) if p != path), key=lambda p: p.stat().st_mtime
-                    if p.exists() else 0, reverse=True)
+    from maemi_core.run_isolation import mtime_or_zero
+
+    others = sorted((p for p in path.parent.glob(family) if p != path), key=mtime_or_zero, reverse=True)
     for old in others[keep - 1:]:
         old.unlink(missing_ok=True)
