@@ -232,3 +232,16 @@ def test_a_registry_that_answers_500_fails_promotion_loudly_and_moves_nothing(re
 def test_a_missing_alias_or_model_is_none_not_an_error(registry):
     assert alias_version("maemi-test", CHAMPION) is None            # model exists, alias does not
     assert alias_version("maemi-nothing", CHAMPION) is None         # model does not exist
+
+
+def test_a_champion_benchmarked_without_per_record_scores_is_not_compared_blindly(registry):
+    """A champion from before per-record scores existed: promotion asks for a re-evaluation
+    (which the blocking check does) instead of failing on the missing file or comparing nothing."""
+    client, version, lock, log = registry
+    old = client.create_model_version("maemi-test", source="x").version
+    client.set_model_version_tag("maemi-test", old, "benchmark.records_hash", "h1")
+    client.set_registered_model_alias("maemi-test", CHAMPION, old)
+    new = version(scores())
+    d = promote_if_not_worse("maemi-test", new, MARGINS, lock, log)
+    assert not d.promote and "without per-record scores" in d.reason
+    assert alias_version("maemi-test", CHAMPION) == str(old)

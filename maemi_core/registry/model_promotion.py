@@ -192,8 +192,18 @@ def reference_version(client: MlflowClient, name: str) -> Optional[str]:
     return client.get_registered_model(name).tags.get(REFERENCE_TAG) or None
 
 
+def has_key_scores(client: MlflowClient, name: str, version: str) -> bool:
+    """Whether ``version``'s benchmark stored per-record key scores (versions benchmarked before
+    they existed did not)."""
+    run_id = client.get_model_version(name, version).tags.get("benchmark.mlflow_run_id")
+    return bool(run_id) and any(a.path == KEY_SCORES for a in client.list_artifacts(run_id, "reports/samples"))
+
+
 def _stale(client: MlflowClient, name: str, version: str, records_hash: str) -> bool:
-    return client.get_model_version(name, version).tags.get("benchmark.records_hash") != records_hash
+    """Measured on other records than ``records_hash``, or without per-record scores: the
+    blocking check re-evaluates such a champion / reference before comparing."""
+    return (client.get_model_version(name, version).tags.get("benchmark.records_hash") != records_hash
+            or not has_key_scores(client, name, version))
 
 
 def evaluate(client: MlflowClient, name: str, version: str, champion: Optional[str], margins: dict[str, float],
@@ -207,7 +217,7 @@ def evaluate(client: MlflowClient, name: str, version: str, champion: Optional[s
     my_hash = tags.get("benchmark.records_hash")
     if not my_hash:
         return Decision(False, f"v{version} has no benchmark: materialize benchmark_tables")
-    mine = key_scores(client, name, version)
+    mine = key_scores(client, name, version) if has_key_scores(client, name, version) else pd.DataFrame()
     if mine.empty:
         return Decision(False, f"v{version} has no per-record key scores ({KEY_SCORES}): re-run benchmark_tables")
     if champion is None:
@@ -218,8 +228,9 @@ def evaluate(client: MlflowClient, name: str, version: str, champion: Optional[s
     others = [champion] + ([reference] if reference and reference not in (champion, str(version)) else [])
     for v in others:
         if _stale(client, name, v, my_hash):
-            return Decision(False, f"v{v} was measured on other benchmark records than v{version}: re-run the "
-                                   "promotion check (benchmark_tables' blocking check re-evaluates it)")
+            return Decision(False, f"v{v} was measured on other benchmark records than v{version}, or without "
+                                   "per-record scores: re-run the promotion check (benchmark_tables' blocking "
+                                   "check re-evaluates it)")
     theirs = {v: _maemi(key_scores(client, name, v)) for v in others}
     return decide(_maemi(mine), theirs[champion], margins, theirs.get(reference) if len(others) > 1 else None,
                   confidence=confidence, labels=(f"champion v{champion}", f"reference v{reference}"))
