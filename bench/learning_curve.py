@@ -17,7 +17,7 @@ wall time; each budget continues the last) evaluates on the same fixed test reco
 
 ``base_lm`` (the LM as it ships) is evaluated once, at 0 tokens. Every point is logged to the
 MLflow experiment ``maemi-learning-curve-<dataset>`` (step = training tokens) and written to
-``<workdir>/reports/learning_curve.csv``; the figure goes to ``--figure``.
+the CSV beside ``--figure`` (same name, ``.csv``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ def main() -> None:
     ap.add_argument("--config", default="configs/default.yaml")
     ap.add_argument("--budgets", default="10,30,60,120", help="cumulative minutes of training")
     ap.add_argument("--eval-images", type=int, default=0, help="0: every test image")
-    ap.add_argument("--eval-records", type=int, default=64)
+    ap.add_argument("--eval-records", type=int, default=64, help="0: no text tasks (classification only)")
+    ap.add_argument("--eval-split", default="test", choices=["test", "val"],
+                    help="val: compare design variants without looking at the test set")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--figure", default="docs/learning_curve.png")
     args = ap.parse_args()
@@ -78,13 +80,20 @@ def main() -> None:
     torch.manual_seed(tcfg.seed)
 
     class_names = sorted(manifest["label"].unique())
-    image_ids = classification_images(records, None, args.eval_images or None)
-    zs = {r["image_ids"][-1]: r for r in records if r["split"] == "test" and r["task"] == "classify_zero_shot"}
+    if args.eval_split == "test":
+        image_ids = classification_images(records, None, args.eval_images or None)
+    else:
+        image_ids = sorted({r["image_ids"][-1] for r in records if r["split"] == "val"
+                            and r["task"] == "classify_zero_shot"})[: args.eval_images or None]
+    zs = {r["image_ids"][-1]: r for r in records if r["split"] == args.eval_split and r["task"] == "classify_zero_shot"}
     cls_recs = [zs[i] for i in image_ids]
     y = np.array([class_names.index(r["label"]) for r in cls_recs])
-    text_recs = {t: benchmark_records(records, t, args.eval_records) for t in ("vqa", "caption")}
+    majority = float(np.bincount(y, minlength=len(class_names)).max() / max(len(y), 1))
+    text_tasks = ("vqa", "caption") if args.eval_records else ()
+    text_recs = {t: benchmark_records(records, t, args.eval_records) for t in text_tasks}
     answerer = Answerer(model, manifest, cfg.evaluation.batch_size)
-    print(f"{len(train_ex)} train examples, {len(val_ex)} val; evaluation: {len(cls_recs)} test images, "
+    print(f"{len(train_ex)} train examples, {len(val_ex)} val; evaluation: {len(cls_recs)} {args.eval_split} images "
+          f"(majority class {majority:.3f}), "
           + ", ".join(f"{len(v)} {k} records" for k, v in text_recs.items()))
 
     def evaluate(tokens: int, seconds: float, methods) -> list[dict]:
@@ -96,7 +105,10 @@ def main() -> None:
             sc = answerer.category_scores(cls_recs, class_names, method)
             hit = (sc.argmax(1) == y).astype(float)
             lo, hi = bootstrap_ci(hit)
-            row |= {"zero_shot_top1": hit.mean(), "zero_shot_top1_ci_low": lo, "zero_shot_top1_ci_high": hi}
+            row |= {"zero_shot_top1": hit.mean(), "zero_shot_top1_ci_low": lo, "zero_shot_top1_ci_high": hi,
+                    # how often it names a class other than the majority's: 0 means the image is ignored
+                    "zero_shot_pred_spread": float(1 - np.bincount(sc.argmax(1), minlength=len(class_names)).max()
+                                                   / max(len(y), 1))}
             if method != GATES_CLOSED:
                 for task, recs in text_recs.items():
                     got = answerer.answer(recs, m.max_new_tokens, desc=f"{task}: {method}", method=method)
@@ -117,7 +129,8 @@ def main() -> None:
         mlflow.log_params({"budgets_min": args.budgets, "train_examples": len(train_ex), "eval_images": len(cls_recs),
                            "eval_records": args.eval_records, "threads": args.threads, "lr": tcfg.lr,
                            "effective_batch": tcfg.effective_batch, "gate_lr_multiplier": tcfg.gate_lr_multiplier,
-                           "xattn_heads": m.xattn_heads, "xattn_head_dim": m.xattn_head_dim})
+                           "xattn_heads": m.xattn_heads, "xattn_head_dim": m.xattn_head_dim,
+                           "media_norm": m.media_norm, "eval_split": args.eval_split, "majority_top1": majority})
         rows += evaluate(0, 0.0, [BASE_LM, MAEMI, GATES_CLOSED])
         accum = max(1, tcfg.effective_batch // tcfg.micro_batch)
         lengths = [len(e.input_ids) for e in train_ex]
@@ -143,11 +156,11 @@ def main() -> None:
                                     if k not in ("method",) and isinstance(v, (int, float)) and np.isfinite(v)},
                                    step=tokens)
         df = pd.DataFrame(rows)
-        out = cfg.workdir_path / "reports"
-        out.mkdir(parents=True, exist_ok=True)
-        df.to_csv(out / "learning_curve.csv", index=False)
+        csv = Path(args.figure).with_suffix(".csv")
+        csv.parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(csv, index=False)
         fig = figure(df, Path(args.figure), cfg.dataset.name)
-        mlflow.log_artifact(str(out / "learning_curve.csv"))
+        mlflow.log_artifact(str(csv))
         mlflow.log_artifact(str(fig), artifact_path="figures")
     print(df.round(4).to_string(index=False))
 
@@ -160,7 +173,9 @@ def figure(df: pd.DataFrame, path: Path, dataset: str) -> Path:
 
     panels = [("zero_shot_top1", "zero-shot top-1 (likelihood, test images)"), ("vqa_meteor", "VQA METEOR"),
               ("caption_meteor", "caption METEOR")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.8))
+    panels = [p for p in panels if p[0] in df.columns]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), squeeze=False)
+    axes = axes[0]
     for ax, (metric, title) in zip(axes, panels):
         for method, g in df.groupby("method", sort=False):
             g = g.dropna(subset=[metric])

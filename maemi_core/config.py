@@ -199,6 +199,7 @@ class ModelConfig(_Strict):
     xattn_heads: int = 4         # paper A.8
     xattn_head_dim: int = 32
     xattn_ff_mult: int = 2
+    media_norm: bool = False     # layer-normalise the visual tokens before the cross-attention
     r_min: int = 4
     r_max: int = 16
     alpha: float = 16.0
@@ -274,6 +275,9 @@ class OperationsConfig(_Strict):
     # maemi_torch, deploy/dagster.yaml): each takes cores // this many threads.
     torch_steps_at_once: int = Field(1, ge=1)
     keep_runs: int = Field(3, ge=1)         # completed copies of each stage kept under <workdir>/runs
+    # Many hosts: the environment variable holding the shared PostgreSQL URL (teacher cache,
+    # promotion lock; maemi_core/shared_database.py). Unset variable: single-host sqlite + fcntl.
+    shared_database_env: str = "MAEMI_SHARED_DATABASE_URL"
 
 
 class PromotionConfig(_Strict):

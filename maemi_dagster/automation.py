@@ -54,6 +54,14 @@ retune_job = dg.define_asset_job(
 )
 
 
+# What `make demo` materializes, as a job that can be submitted to the run queue (the multi-host
+# stack's way to run the whole pipeline: `dagster job launch -j everything`).
+everything_job = dg.define_asset_job(
+    "everything", selection=dg.AssetSelection.all() - dg.AssetSelection.assets(fab_batch),
+    description="Every asset but the per-batch ingestion, with its checks: the whole pipeline on the profile's data.",
+    tags={"maemi/job": "everything"})
+
+
 @dg.sensor(job=ingest_job, minimum_interval_seconds=_OPS.sensor_interval_s,
            default_status=dg.DefaultSensorStatus.RUNNING,
            description="New complete batches in the drop folder -> a fab_batches partition and an ingestion run.")
@@ -130,6 +138,6 @@ def retune_decision(fp: dict, last) -> dg.RunRequest | dg.SkipReason:
     return dg.RunRequest(tags={"maemi/trigger": "schedule", "maemi/changed": ",".join(changed),
                                FINGERPRINT_TAG: json.dumps(fp, sort_keys=True)})
 
-JOBS = [ingest_job, retune_job]
+JOBS = [ingest_job, retune_job, everything_job]
 SENSORS = [incoming_batches, retune_after_ingest]
 SCHEDULES = [weekly_retune]

@@ -19,8 +19,28 @@ TORCH_POOL = "maemi_torch"      # across runs: limited in the instance (deploy/d
 # Steps start from a fork server that imported the project once (torch, transformers, mlflow,
 # dagster): a step process then starts in about a second instead of re-importing everything (10-20 s
 # per step on two busy cores, seven checks and six assets per re-tuning run).
-executor = dg.multiprocess_executor.configured({
+_multiprocess = dg.multiprocess_executor.configured({
     "max_concurrent": max(2, os.cpu_count() or 2),
     "tag_concurrency_limits": [{"key": "maemi/compute", "value": "torch", "limit": 1}],
     "start_method": {"forkserver": {"preload_modules": ["maemi_dagster.definitions"]}},
 }, name="maemi_multiprocess")
+
+
+def _celery():
+    """Many hosts: every step is a Celery task on the broker in ``$MAEMI_CELERY_BROKER``, run by
+    whichever worker takes it, with the settings the workers also read (``$MAEMI_CELERY_CONFIG``, default
+    deploy/celery.yaml). Step
+    retries are on, so a step that failed on a lost worker runs again elsewhere."""
+    from pathlib import Path
+
+    import yaml
+    from dagster_celery import celery_executor
+
+    path = os.environ.get("MAEMI_CELERY_CONFIG") or Path(__file__).resolve().parents[1] / "deploy" / "celery.yaml"
+    settings = yaml.safe_load(Path(path).read_text())["execution"]["config"]
+    return celery_executor.configured({**settings, "retries": {"enabled": {}}}, name="maemi_celery")
+
+
+# MAEMI_EXECUTOR=celery (set by deploy/stack.sh for its daemon, webserver and workers) selects the
+# distributed executor; unset, steps run as processes on this host.
+executor = _celery() if os.environ.get("MAEMI_EXECUTOR", "").lower() == "celery" else _multiprocess

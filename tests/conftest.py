@@ -19,6 +19,21 @@ from maemi_core.data.sources import list_elpv  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--deploy", action="store_true",
+                     help="also run the tests marked `deploy` (real PostgreSQL, Redis, MLflow server, Celery "
+                          "workers; `make test-deploy`)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--deploy"):
+        return
+    skip = pytest.mark.skip(reason="multi-host stack test: make test-deploy")
+    for item in items:
+        if "deploy" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def elpv_paths() -> list[Path]:
     """A fixed handful of real ELPV cells (300x300 8-bit greyscale PNGs)."""

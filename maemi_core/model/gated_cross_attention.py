@@ -32,11 +32,16 @@ def media_attention_mask(image_positions: torch.Tensor, seq_len: int, num_images
 
 
 class GatedCrossAttention(nn.Module):
-    def __init__(self, dim: int, vis_dim: int, heads: int = 8, head_dim: int = 64, ff_mult: int = 4):
+    def __init__(self, dim: int, vis_dim: int, heads: int = 8, head_dim: int = 64, ff_mult: int = 4,
+                 media_norm: bool = False):
         super().__init__()
         inner = heads * head_dim
         self.heads, self.head_dim = heads, head_dim
         self.norm = nn.LayerNorm(dim)
+        # Flamingo's visual tokens reach the cross-attention through the Perceiver Resampler, whose
+        # output is layer-normalised. Raw CNN features (non-negative after ReLU6, a large shared
+        # component) give nearly equal keys; ``media_norm`` normalises each visual token first.
+        self.media_norm = nn.LayerNorm(vis_dim) if media_norm else None
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(vis_dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
@@ -48,6 +53,8 @@ class GatedCrossAttention(nn.Module):
     def project_media(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the visual tokens, (B, h, M*N, hd) each."""
         b, m, n, _ = media.shape
+        if self.media_norm is not None:
+            media = self.media_norm(media)
         k, v = self.to_kv(media.reshape(b, m * n, -1)).chunk(2, dim=-1)                        # (B, M*N, inner)
         k = k.view(b, m * n, self.heads, self.head_dim).transpose(1, 2)
         v = v.view(b, m * n, self.heads, self.head_dim).transpose(1, 2)

@@ -39,6 +39,7 @@ class MaemiModelConfig:
     xattn_heads: int = 4            # paper A.8: 4 heads of width 32
     xattn_head_dim: int = 32
     xattn_ff_mult: int = 2
+    media_norm: bool = False        # layer-normalise visual tokens before the keys/values
     r_min: int = 4
     r_max: int = 16
     alpha: float = 16.0
@@ -74,7 +75,8 @@ class MaemiModel(nn.Module):
             lm.get_input_embeddings().weight.detach().std() * torch.randn(2, hidden))
         layers = lm.model.layers
         for i in range(len(layers)):
-            xattn = (GatedCrossAttention(hidden, vis_dim, cfg.xattn_heads, cfg.xattn_head_dim, cfg.xattn_ff_mult)
+            xattn = (GatedCrossAttention(hidden, vis_dim, cfg.xattn_heads, cfg.xattn_head_dim, cfg.xattn_ff_mult,
+                                         cfg.media_norm)
                      if i % cfg.xattn_every == 0 else None)
             layers[i] = GatedXAttnDecoderLayer(xattn, layers[i])
         self.n_adapted = apply_dyqlora_fa(lm.model.layers, cfg.targets, cfg.r_min, cfg.r_max, cfg.alpha,
@@ -182,7 +184,7 @@ class MaemiModel(nn.Module):
 def model_config_from(cfg) -> MaemiModelConfig:
     m = cfg.model
     return MaemiModelConfig(xattn_every=m.xattn_every, xattn_heads=m.xattn_heads, xattn_head_dim=m.xattn_head_dim,
-                            xattn_ff_mult=m.xattn_ff_mult, r_min=m.r_min, r_max=m.r_max, alpha=m.alpha,
+                            xattn_ff_mult=m.xattn_ff_mult, media_norm=m.media_norm, r_min=m.r_min, r_max=m.r_max, alpha=m.alpha,
                             lora_dropout=m.lora_dropout, quantize=m.quantize_8bit, image_size=cfg.vision.image_size)
 
 

@@ -152,9 +152,27 @@ def _maemi(scores: pd.DataFrame) -> pd.DataFrame:
     return scores[scores["method"] == "maemi"]
 
 
+@dataclass(frozen=True)
+class SharedLock:
+    """The registry lock of a multi-host deployment: a PostgreSQL advisory lock in the shared
+    database (:mod:`maemi_core.shared_database`), keyed by the registered model's name."""
+    url: str
+    name: str
+
+    def __repr__(self) -> str:   # never print the URL (it holds a password)
+        return f"SharedLock(name={self.name!r})"
+
+
 @contextmanager
-def registry_lock(path: Path):
-    """Exclusive across threads and processes on this host (fcntl) for one registered model."""
+def registry_lock(path: "Path | SharedLock"):
+    """Exclusive for one registered model: across threads and processes on this host (fcntl on
+    ``path``), or across every host of a deployment (a :class:`SharedLock`)."""
+    if isinstance(path, SharedLock):
+        from maemi_core.shared_database import advisory_lock
+
+        with _THREAD_LOCK, advisory_lock(path.url, f"registry:{path.name}"):
+            yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with _THREAD_LOCK, open(path, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -291,9 +309,17 @@ def rollback(name: str, lock_path: Path, log_path: Path, run_id: str = "") -> tu
 
 # --- the pipeline's entry points (benchmark_tables' blocking check, model_promotion) -------------
 
-def registry_paths(cfg) -> tuple[Path, Path]:
+def registry_paths(cfg) -> tuple["Path | SharedLock", Path]:
+    """(the promotion lock, the local promotion log). The lock is the shared database's advisory
+    lock when one is configured, else a file lock in the workdir. The log is a local view: the
+    record every host sees is the decision's tags on the model version."""
+    from maemi_core.registry.model_registry import registered_model_name
+    from maemi_core.shared_database import shared_database_url
+
     d = cfg.workdir_path / "registry"
-    return d / "registry.lock", d / "promotion_log.csv"
+    url = shared_database_url(cfg)
+    lock = SharedLock(url, registered_model_name(cfg.dataset.name)) if url else d / "registry.lock"
+    return lock, d / "promotion_log.csv"
 
 
 def benchmarked_version(cfg) -> tuple[str, str]:

@@ -5,6 +5,10 @@ identity (model and generation parameters, never secrets). Materializing again i
 an interrupted generation resumes from what was committed, and changing one prompt of a
 pack only misses the cache for that prompt. Failures are kept in their own table with the
 error, so they are reported, not silently dropped, and retried on the next run.
+
+Single host: a sqlite file (:class:`TeacherCache`). Many hosts: the same two tables in the
+shared PostgreSQL database (:class:`PostgresTeacherCache`, :mod:`maemi_core.shared_database`);
+:func:`open_teacher_cache` picks by configuration.
 """
 
 from __future__ import annotations
@@ -73,3 +77,87 @@ class TeacherCache:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+_PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS maemi_teacher_answers (
+    key TEXT PRIMARY KEY, text TEXT NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER,
+    attempts INTEGER, teacher TEXT, created DOUBLE PRECISION);
+CREATE TABLE IF NOT EXISTS maemi_teacher_failures (
+    key TEXT PRIMARY KEY, error TEXT, attempts INTEGER, teacher TEXT, last_at DOUBLE PRECISION);
+"""
+
+
+class PostgresTeacherCache:
+    """:class:`TeacherCache` in the shared PostgreSQL database: every worker host reads and
+    writes the same answers. Same interface and semantics; one connection, serialised per process."""
+
+    def __init__(self, url: str):
+        from maemi_core.shared_database import advisory_lock, connect
+
+        self.url = url
+        self._lock = threading.Lock()
+        with advisory_lock(url, "teacher-cache-schema"):   # concurrent CREATE TABLE IF NOT EXISTS can race
+            self._db = connect(url)
+            with self._db.cursor() as cur:
+                cur.execute(_PG_SCHEMA)
+
+    def _one(self, sql: str, args: tuple = ()):
+        with self._lock, self._db.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchone() if cur.description else None
+
+    def _all(self, sql: str, args: tuple = ()):
+        with self._lock, self._db.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchall()
+
+    def get(self, key: str) -> Optional[dict]:
+        row = self._one("SELECT text, prompt_tokens, completion_tokens, attempts, teacher, created "
+                        "FROM maemi_teacher_answers WHERE key=%s", (key,))
+        if row is None:
+            return None
+        return {"text": row[0], "prompt_tokens": row[1], "completion_tokens": row[2], "attempts": row[3],
+                "teacher": json.loads(row[4]), "created": row[5]}
+
+    def put(self, key: str, text: str, prompt_tokens: int, completion_tokens: int, attempts: int,
+            teacher: dict) -> None:
+        with self._lock, self._db.cursor() as cur:
+            cur.execute("BEGIN")
+            try:
+                cur.execute("""INSERT INTO maemi_teacher_answers VALUES (%s, %s, %s, %s, %s, %s, %s)
+                               ON CONFLICT (key) DO UPDATE SET text=EXCLUDED.text,
+                                 prompt_tokens=EXCLUDED.prompt_tokens, completion_tokens=EXCLUDED.completion_tokens,
+                                 attempts=EXCLUDED.attempts, teacher=EXCLUDED.teacher, created=EXCLUDED.created""",
+                            (key, text, prompt_tokens, completion_tokens, attempts, json.dumps(teacher), time.time()))
+                cur.execute("DELETE FROM maemi_teacher_failures WHERE key=%s", (key,))
+                cur.execute("COMMIT")
+            except Exception:
+                cur.execute("ROLLBACK")
+                raise
+
+    def fail(self, key: str, error: str, attempts: int, teacher: dict) -> None:
+        with self._lock, self._db.cursor() as cur:
+            cur.execute("""INSERT INTO maemi_teacher_failures VALUES (%s, %s, %s, %s, %s)
+                           ON CONFLICT (key) DO UPDATE SET error=EXCLUDED.error, attempts=EXCLUDED.attempts,
+                             teacher=EXCLUDED.teacher, last_at=EXCLUDED.last_at""",
+                        (key, error[:2000], attempts, json.dumps(teacher), time.time()))
+
+    def failures(self) -> dict[str, str]:
+        return dict(self._all("SELECT key, error FROM maemi_teacher_failures"))
+
+    def __len__(self) -> int:
+        return self._one("SELECT COUNT(*) FROM maemi_teacher_answers")[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def open_teacher_cache(cfg, sqlite_path: str | Path):
+    """The shared PostgreSQL cache when the profile's shared database is configured, else the
+    sqlite file at ``sqlite_path``."""
+    from maemi_core.shared_database import shared_database_url
+
+    url = shared_database_url(cfg)
+    return PostgresTeacherCache(url) if url else TeacherCache(sqlite_path)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from maemi_core.config import MaemiConfig
 from maemi_core.data.manifest import MANIFEST_COLUMNS
-from maemi_core.teacher.cache import TeacherCache, cache_key
+from maemi_core.teacher.cache import cache_key, open_teacher_cache
 from maemi_core.teacher.openai_teacher import TeacherFailed, is_refusal
 from maemi_core.teacher.privacy import check_teacher_privacy
 from maemi_core.teacher.prompt_pack import PromptPack, load_prompt_pack
@@ -241,7 +241,7 @@ def generate_instruction_set(cfg: MaemiConfig, manifest: pd.DataFrame, few_shot:
     teacher = teacher if teacher is not None else make_teacher(cfg, api_key)
     identity = teacher.identity()
     out = instructions_dir(cfg)
-    cache = TeacherCache(teacher_cache_path(cfg))
+    cache = open_teacher_cache(cfg, teacher_cache_path(cfg))
     plan = plan_records(cfg, manifest, few_shot, groups, pack)
     log(f"{len(plan)} records planned with pack {pack.name} v{pack.version}, teacher {identity}")
     result = InstructionSetResult(records=[], failed=[], pack_version=pack.version)

@@ -1,0 +1,92 @@
+"""The database that hosts share when the project runs on many machines (README: "From one
+machine to many").
+
+Embedded default: nothing is shared; the teacher cache is a sqlite file in the workdir and the
+promotion lock an fcntl lock on this host. When the environment variable named by
+``operations.shared_database_env`` (default ``MAEMI_SHARED_DATABASE_URL``) holds a PostgreSQL
+URL (``postgresql://user:password@host:5432/db``), every host uses that database instead:
+
+- the teacher cache is a table there (:class:`maemi_core.teacher.cache.PostgresTeacherCache`),
+  so a teacher answer paid for on one worker is reused by all;
+- the promotion compare-and-move holds a PostgreSQL advisory lock keyed by the registered model's
+  name (:func:`advisory_lock`); the server releases it when the holder's connection ends, so a
+  killed worker never leaves the registry locked.
+
+The URL carries a password, so it only ever comes from the environment and is never logged:
+:func:`redacted` is what messages show.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from contextlib import contextmanager
+from typing import Iterator, Optional
+from urllib.parse import urlsplit, urlunsplit
+
+DEFAULT_ENV = "MAEMI_SHARED_DATABASE_URL"
+
+
+class SharedDatabaseError(RuntimeError):
+    """The shared database is configured but cannot be used; the message says what to fix."""
+
+
+def shared_database_url(cfg=None) -> Optional[str]:
+    """The configured PostgreSQL URL, or None for the embedded single-host default."""
+    env = getattr(getattr(cfg, "operations", None), "shared_database_env", None) or DEFAULT_ENV
+    url = os.environ.get(env, "").strip()
+    if not url:
+        return None
+    scheme = urlsplit(url).scheme.split("+")[0]
+    if scheme not in ("postgresql", "postgres"):
+        raise SharedDatabaseError(f"${env} must be a PostgreSQL URL (postgresql://user:password@host:port/db), "
+                                  f"got scheme {scheme!r}; unset it to use the embedded single-host stores")
+    return url
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def connect(url: str):
+    """A psycopg2 connection (autocommit) to ``url``; a clear error when it cannot be made."""
+    try:
+        import psycopg2
+    except ImportError as err:   # pragma: no cover - the deploy extra installs it
+        raise SharedDatabaseError("a shared database is configured but psycopg2 is not installed: "
+                                  "pip install -e '.[deploy]'") from err
+    dsn = url.replace("postgresql+psycopg2://", "postgresql://", 1)
+    try:
+        conn = psycopg2.connect(dsn, connect_timeout=10)
+    except psycopg2.OperationalError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SharedDatabaseError(f"cannot reach the shared database {redacted(url)}: {first}. Start it "
+                                  "(make deploy-up) or unset the variable for the single-host stores") from None
+    conn.autocommit = True
+    return conn
+
+
+def lock_key(name: str) -> int:
+    """A stable signed 64-bit advisory-lock key for ``name``."""
+    return int.from_bytes(hashlib.sha256(f"maemi:{name}".encode()).digest()[:8], "big", signed=True)
+
+
+@contextmanager
+def advisory_lock(url: str, name: str) -> Iterator[None]:
+    """Exclusive across every host that uses the database, for ``name``. Session-level: held on
+    a connection of its own, released on exit, and by the server if this process dies."""
+    conn = connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(%s)", (lock_key(name),))
+            try:
+                yield
+            finally:
+                cur.execute("SELECT pg_advisory_unlock(%s)", (lock_key(name),))
+    finally:
+        conn.close()
