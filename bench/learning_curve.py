@@ -108,7 +108,10 @@ def main() -> None:
             row |= {"zero_shot_top1": hit.mean(), "zero_shot_top1_ci_low": lo, "zero_shot_top1_ci_high": hi,
                     # how often it names a class other than the majority's: 0 means the image is ignored
                     "zero_shot_pred_spread": float(1 - np.bincount(sc.argmax(1), minlength=len(class_names)).max()
-                                                   / max(len(y), 1))}
+                                                   / max(len(y), 1)),
+                    # mean -log p(true category) over the category names: falls below the gates-closed
+                    # value only if the image carries information the answer uses (more sensitive than top-1)
+                    "zero_shot_label_nll": float(np.mean(np.logaddexp.reduce(sc, axis=1) - sc[np.arange(len(y)), y]))}
             if method != GATES_CLOSED:
                 for task, recs in text_recs.items():
                     got = answerer.answer(recs, m.max_new_tokens, desc=f"{task}: {method}", method=method)

@@ -75,8 +75,10 @@ class TrainingProgress:
         if self.record(rec, val_loss):
             best_tensors = current
         stop = self.bad_epochs >= patience
-        save_checkpoint({"fingerprint": fingerprint, "epoch": rec.epoch, "finished": stop or rec.epoch == max_epochs,
-                         "weights": current, "best": best_tensors, **self.state(opt, sched, gen)}, checkpoint_path)
+        if checkpoint_path is not None:    # None: another process writes it
+            save_checkpoint({"fingerprint": fingerprint, "epoch": rec.epoch,
+                             "finished": stop or rec.epoch == max_epochs, "weights": current, "best": best_tensors,
+                             **self.state(opt, sched, gen)}, checkpoint_path)
         self.stopped_early = stop
         return best_tensors, stop
 

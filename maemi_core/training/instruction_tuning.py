@@ -147,8 +147,14 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
         fingerprint = json.dumps({"data": data_hash, "model": m.model_dump(), "encoder": cfg.vision.encoder,
                                   "encoder_weights": encoder_fingerprint(model),
                                   "train": asdict(tcfg), "warm_start": warm["version"]}, sort_keys=True)
-        result = train_maemi(model, train_ex, val_ex, images, tcfg, out / "checkpoint.pt", fingerprint,
-                             on_epoch=on_epoch, stop_after_epoch=stop_after_epoch)
+        if m.processes > 1:
+            from maemi_core.training.data_parallel import train_in_processes
+
+            result = train_in_processes(model, cfg, train_ex, val_ex, images, tcfg, out / "checkpoint.pt", fingerprint,
+                                        m.processes, on_epoch=on_epoch, stop_after_epoch=stop_after_epoch, log=log)
+        else:
+            result = train_maemi(model, train_ex, val_ex, images, tcfg, out / "checkpoint.pt", fingerprint,
+                                 on_epoch=on_epoch, stop_after_epoch=stop_after_epoch)
         kernel = choose_inference_kernel(model, val_recs, val_ex, images, cfg, log)
         package = save_package(model, cfg, out / "package",
                                extra_meta=package_meta(records, manifest) | {"inference_kernel": kernel.chosen,

@@ -23,6 +23,7 @@ from maemi_core.model.dyqlora_fa import sample_rank, set_active_rank, step_withi
 from maemi_core.model.frozen_activations import use_returning_allocator
 from maemi_core.model.maemi_model import ENCODE_TOKEN, IMAGE_TOKEN, MaemiModel
 from maemi_core.training.checkpoints import TrainingProgress, load_checkpoint
+from maemi_core.training.data_parallel import SINGLE, World
 
 
 @dataclass
@@ -94,6 +95,7 @@ class MediaCache:
         for s in range(0, len(todo), self.batch):
             chunk = todo[s: s + self.batch]
             imgs = torch.from_numpy(np.stack([self.images.get(i) for i in chunk]))[:, None]   # (n, 1, 3, S, S)
+            imgs = imgs.to(self.model.new_token_embeddings.device)
             for iid, tok in zip(chunk, self.model.encode_images(imgs)[:, 0]):
                 self._tokens[iid] = tok
 
@@ -170,9 +172,14 @@ class MaemiEpoch:
 MaemiTrainingResult = TrainingProgress
 
 
+def _to_model(batch: dict, model: MaemiModel) -> dict:
+    device = model.new_token_embeddings.device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 @torch.no_grad()
 def evaluate_loss(model: MaemiModel, examples: list[Example], pad_id: int, images: ImageStore, micro_batch: int,
-                  exact: bool = True, media: Optional[MediaCache] = None) -> float:
+                  exact: bool = True, media: Optional[MediaCache] = None, world: World = SINGLE) -> float:
     """Token-weighted mean answer loss at the deployment rank, with the training numerics
     (int8 weights, fp32 activations): what early stopping and the best epoch are chosen on.
     ``exact=False`` measures the layers' inference kernel instead (for the kernel decision)."""
@@ -181,11 +188,12 @@ def evaluate_loss(model: MaemiModel, examples: list[Example], pad_id: int, image
     model.eval()
     total, count = 0.0, 0
     with training_numerics(model) if exact else nullcontext():
-        for i in range(0, len(examples), micro_batch):
-            batch = collate(examples[i: i + micro_batch], pad_id, images, media)
+        for i in list(range(0, len(examples), micro_batch))[world.rank::world.size]:   # this process's share
+            batch = _to_model(collate(examples[i: i + micro_batch], pad_id, images, media), model)
             n = int((batch["labels"][:, 1:] != -100).sum())
             total += float(model(**batch).loss) * n
             count += n
+    total, count = world.sum(total, count)
     return total / max(count, 1)
 
 
@@ -204,31 +212,43 @@ def make_optimizer(model: MaemiModel, cfg: MaemiTrainingConfig) -> torch.optim.A
 
 
 def optimizer_step(model: MaemiModel, opt: torch.optim.Optimizer, micro_batches: list[list[Example]], pad_id: int,
-                   images: ImageStore, media: Optional[MediaCache], gen: torch.Generator) -> tuple[float, int]:
+                   images: ImageStore, media: Optional[MediaCache], gen: torch.Generator,
+                   world: World = SINGLE) -> tuple[float, int]:
     """One optimizer step over ``micro_batches`` (gradient accumulation) at one sampled rank;
-    returns (summed token loss, answer tokens)."""
-    rank = sample_rank(model.cfg.r_min, model.cfg.r_max, gen)
+    returns (summed token loss, answer tokens). With several processes (``world``) each takes
+    every ``world.size``-th micro-batch and the gradients are summed across them: the step is
+    the same token-weighted mean over all its micro-batches, and the rank the same everywhere."""
+    rank = world.broadcast_int(sample_rank(model.cfg.r_min, model.cfg.r_max, gen))
     set_active_rank(model, rank)
     n_tok = sum(sum(1 for lab in e.labels[1:] if lab != -100) for mb in micro_batches for e in mb)
+    # LoRA dropout masks come from torch's global generator: seed it per micro-batch from the step's
+    # shared generator, so micro-batch j gets the same masks whichever process runs it.
+    dropout_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
     opt.zero_grad(set_to_none=True)
     total, tokens = 0.0, 0
-    for mb in micro_batches:
-        batch = collate(mb, pad_id, images, media)
+    for j, mb in enumerate(micro_batches):
+        if j % world.size != world.rank:
+            continue
+        torch.manual_seed(dropout_seed + j)
+        batch = _to_model(collate(mb, pad_id, images, media), model)
         n = int((batch["labels"][:, 1:] != -100).sum())
         loss = model(**batch).loss
         (loss * n / max(n_tok, 1)).backward()     # token-weighted mean over the whole step
         total += float(loss.detach()) * n
         tokens += n
+    world.all_reduce_grads(model.trainable_parameters())
+    total, tokens = world.sum(total, tokens)
     step_within_rank(opt, model, rank)      # only B[:rank] moves, Adam state included
     set_active_rank(model, None)
-    return total, tokens
+    return total, int(tokens)
 
 
 def train_maemi(model: MaemiModel, train: list[Example], val: list[Example], images: ImageStore,
                 cfg: MaemiTrainingConfig, checkpoint_path: str | Path, fingerprint: str,
                 on_epoch: Callable[[MaemiEpoch], None] = lambda e: None,
-                stop_after_epoch: Optional[int] = None) -> MaemiTrainingResult:
-    """Train in place; on return the model holds the best-validation trainable tensors."""
+                stop_after_epoch: Optional[int] = None, world: World = SINGLE) -> MaemiTrainingResult:
+    """Train in place; on return the model holds the best-validation trainable tensors. With
+    ``world`` (one of several data-parallel processes) only process 0 writes the checkpoint."""
     if cfg.low_memory_allocator:
         use_returning_allocator()   # freed activations go back to the OS between steps
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
@@ -255,21 +275,23 @@ def train_maemi(model: MaemiModel, train: list[Example], val: list[Example], ima
         micro = length_buckets(order, lengths, cfg.micro_batch, gen)
         total, tokens, steps, t0 = 0.0, 0, 0, time.perf_counter()
         bar = tqdm(range(0, len(micro), accum), desc=f"maemi epoch {epoch}/{cfg.max_epochs}", unit="step",
-                   leave=False, mininterval=2)
+                   leave=False, mininterval=2, disable=not world.main)
         for s in bar:
             loss_sum, n = optimizer_step(model, opt, [[train[i] for i in mb] for mb in micro[s: s + accum]],
-                                         pad_id, images, media, gen)
+                                         pad_id, images, media, gen, world)
             total += loss_sum
             tokens += n
             steps += 1
             bar.set_postfix(loss=f"{total / max(tokens, 1):.3f}",
                             tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
         tps = tokens / max(time.perf_counter() - t0, 1e-9)
-        val_loss = evaluate_loss(model, val, pad_id, images, cfg.micro_batch, media=media) if val else total / max(tokens, 1)
+        val_loss = (evaluate_loss(model, val, pad_id, images, cfg.micro_batch, media=media, world=world) if val
+                    else total / max(tokens, 1))
         sched.step(val_loss)
         rec = MaemiEpoch(epoch, total / max(tokens, 1), val_loss, opt.param_groups[0]["lr"], tps, steps)
         best, stop = result.end_epoch(rec, val_loss, cfg.early_stopping_patience, cfg.max_epochs,
-                                      checkpoint_path, fingerprint, opt, sched, gen, best, model.trainable_state_dict)
+                                      checkpoint_path if world.main else None, fingerprint, opt, sched, gen, best,
+                                      model.trainable_state_dict)
         on_epoch(rec)
         if stop:
             break

@@ -1,0 +1,183 @@
+"""Data-parallel instruction tuning on several processes (``model.processes``; torchrun).
+
+Every process holds the whole model. An optimizer step's micro-batches are dealt round-robin to
+the processes; each back-propagates its share of the step's token-weighted loss, the gradients
+are summed across processes (all-reduce: gloo on CPU, nccl on GPU), and every process applies
+the same Adam update, so all replicas stay identical. The DyQLoRA-FA rank of a step is sampled
+on process 0 and broadcast: every replica trains the same rows of B. With the same effective
+batch the updates equal the single-process ones up to the order of floating-point sums
+(``tests/test_data_parallel.py`` measures how close).
+
+The ``maemi_model`` step runs it as
+
+    python -m torch.distributed.run --standalone --nproc-per-node N -m maemi_core.training.data_parallel JOB
+
+where ``JOB`` is a folder the step wrote: the untrained model as a package (so every process
+rebuilds exactly the same model, warm start included) and the examples and settings. Process 0
+writes the checkpoint (resume after a kill works as in one process) and the result. On a node
+with N GPUs the same command runs one process per GPU (nccl). Across nodes, replace
+``--standalone`` by ``--nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT`` on every node,
+with the job folder and the checkpoint on the shared volume.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class World:
+    """This process's place among the data-parallel processes (``size == 1``: alone)."""
+    rank: int = 0
+    size: int = 1
+    device: str = "cpu"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum the gradients of ``params`` over the processes, in one flat buffer."""
+        if self.size == 1:
+            return
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        for p in params:
+            if p.grad is None:          # a parameter this share of the step did not reach
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(reduced)
+
+    def sum(self, *values: float) -> list[float]:
+        if self.size == 1:
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def broadcast_int(self, value: int) -> int:
+        if self.size == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.long, device=self.device)
+        dist.broadcast(t, src=0)
+        return int(t.item())
+
+
+SINGLE = World()
+
+
+def init_world() -> World:
+    """Join the process group torchrun describes in the environment."""
+    import torch.distributed as dist
+
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    gpu = torch.cuda.is_available()
+    device = f"cuda:{local}" if gpu else "cpu"
+    if gpu:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if gpu else "gloo")
+    return World(rank, size, device)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(job: Path, processes: int) -> list[str]:
+    """The torchrun command for ``job`` on this node."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(processes),
+            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+            "-m", "maemi_core.training.data_parallel", str(job)]
+
+
+def train_in_processes(model, cfg, train, val, images, tcfg, checkpoint_path, fingerprint: str, processes: int,
+                       on_epoch: Callable = lambda e: None, stop_after_epoch: Optional[int] = None,
+                       log: Callable[[str], None] = lambda m: None, threads: Optional[int] = None):
+    """:func:`~maemi_core.training.maemi_training.train_maemi` on ``processes`` processes; on
+    return ``model`` holds the trained (best-validation) tensors, as after a single-process run."""
+    from maemi_core.model.maemi_model import save_package
+    from maemi_core.threads import available_cores
+
+    job = Path(checkpoint_path).parent / "data_parallel_job"
+    save_package(model, cfg, job / "model")
+    # The package carries the trainable tensors as they are now (warm start included), the frozen A.
+    torch.save({"train": train, "val": val, "image_paths": images.paths, "image_size": images.size,
+                "training": asdict(tcfg), "checkpoint": str(checkpoint_path), "fingerprint": fingerprint,
+                "stop_after_epoch": stop_after_epoch,
+                "lm_cache": str(cfg.resolve(cfg.model.lm_cache)) if cfg.model.lm_cache else None}, job / "data.pt")
+    (job / "result.pt").unlink(missing_ok=True)
+    n_threads = threads or max(1, available_cores() // processes)
+    env = {**os.environ, "OMP_NUM_THREADS": str(n_threads), "MAEMI_DP_THREADS": str(n_threads)}
+    cmd = launch_command(job, processes)
+    log(f"data-parallel tuning: {processes} processes x {n_threads} threads ({' '.join(cmd[1:6])} ...)")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail: list[str] = []
+    for line in proc.stdout:
+        line = line.rstrip()
+        tail = (tail + [line])[-40:]
+        if line.startswith("maemi epoch") or "Error" in line:
+            log(line)
+    if proc.wait() != 0:
+        raise RuntimeError(f"data-parallel tuning failed (exit {proc.returncode}); its last lines:\n" + "\n".join(tail))
+    result = torch.load(job / "result.pt", weights_only=False)
+    model.load_state_dict(result["weights"], strict=False)
+    for rec in result["progress"].history[result["progress"].resumed_from_epoch:]:
+        on_epoch(rec)
+    return result["progress"]
+
+
+def main(job_dir: str) -> None:
+    from maemi_core.model.dyqlora_fa import set_fast_kernel
+    from maemi_core.model.maemi_model import load_package
+    from maemi_core.training.maemi_training import ImageStore, MaemiTrainingConfig, train_maemi
+
+    job = Path(job_dir)
+    torch.set_num_threads(int(os.environ.get("MAEMI_DP_THREADS", "1")))
+    world = init_world()
+    data = torch.load(job / "data.pt", weights_only=False)
+    model = load_package(job / "model", data["lm_cache"])
+    set_fast_kernel(model, False)               # training numerics
+    if world.device != "cpu":
+        model.to(world.device)
+    images = ImageStore(data["image_paths"], data["image_size"])
+
+    def on_epoch(e) -> None:
+        if world.main:
+            print(f"maemi epoch {e.epoch}: train_loss={e.train_loss:.4f} val_loss={e.val_loss:.4f} lr={e.lr:g} "
+                  f"({e.tokens_per_s:.0f} tok/s, {e.steps} steps)", flush=True)
+
+    progress = train_maemi(model, data["train"], data["val"], images, MaemiTrainingConfig(**data["training"]),
+                           data["checkpoint"], data["fingerprint"], on_epoch=on_epoch,
+                           stop_after_epoch=data["stop_after_epoch"], world=world)
+    if world.main:
+        tmp = job / "result.pt.tmp"
+        torch.save({"weights": {k: v.cpu() for k, v in model.trainable_state_dict().items()},
+                    "progress": progress}, tmp)
+        os.replace(tmp, job / "result.pt")
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
