@@ -39,8 +39,8 @@ class GatedCrossAttention(nn.Module):
         self.heads, self.head_dim = heads, head_dim
         self.norm = nn.LayerNorm(dim)
         # Flamingo's visual tokens reach the cross-attention through the Perceiver Resampler, whose
-        # output is layer-normalised. Raw CNN features (non-negative after ReLU6, a large shared
-        # component) give nearly equal keys; ``media_norm`` normalises each visual token first.
+        # output is layer-normalised; ``media_norm`` normalises each visual token first. On ELPV it
+        # learned worse at equal tokens than the raw EfficientNet features (README, learning curve).
         self.media_norm = nn.LayerNorm(vis_dim) if media_norm else None
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(vis_dim, 2 * inner, bias=False)
