@@ -142,6 +142,9 @@ up() {
   alive daemon || echo "${MAEMI_CONFIG:-configs/default.yaml}" > "$S/profile"
   eval "$(client_env)"
   export PATH="$BIN:$PATH"
+  # The profile's workdir is the volume every worker shares (here: this machine's disk); steps check
+  # the mark, so a worker that mounts something else fails clearly.
+  "$BIN/maemi" workdir declare-shared >/dev/null
   # Create (or upgrade) Dagster's tables once, before several processes would race to create them.
   "$BIN/dagster" instance migrate >"$S/logs/dagster-migrate.log" 2>&1 || {
     echo "dagster instance migrate failed: $S/logs/dagster-migrate.log" >&2; tail -5 "$S/logs/dagster-migrate.log" >&2; exit 1; }

@@ -100,6 +100,21 @@ def _cmd_tracking(args) -> int:
     return 0
 
 
+def _cmd_workdir(args) -> int:
+    from maemi_core.run_isolation import WorkdirNotShared, check_shared, declare_shared
+
+    cfg = load_config(args.config or config_path_from_env())
+    if args.action == "declare-shared":
+        print(f"{declare_shared(cfg)}: {check_shared(cfg)['id']}")
+        return 0
+    try:
+        print(f"{cfg.workdir_path} is the shared workdir {check_shared(cfg)['id']}")
+    except WorkdirNotShared as err:
+        print(err, file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_registry(args) -> int:
     from maemi_core.registry.model_promotion import read_log, registry_paths, rollback
     from maemi_core.registry.model_registry import CHALLENGER, CHAMPION, alias_version, registered_model_name
@@ -155,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
                                         "MLFLOW_TRACKING_URI, else the embedded store), or the champion's model URI")
     p.add_argument("what", choices=["uri", "model-uri"], nargs="?", default="uri")
     p.set_defaults(func=_cmd_tracking)
+    p = sub.add_parser("workdir", help="declare-shared: mark the profile's workdir as the shared volume of a "
+                                       "multi-host deployment (deploy/stack.sh up does it)")
+    p.add_argument("action", choices=["declare-shared", "check"])
+    p.set_defaults(func=_cmd_workdir)
     p = sub.add_parser("registry", help="champion/challenger status, the promotion log, rollback")
     p.add_argument("action", choices=["status", "log", "rollback"])
     p.set_defaults(func=_cmd_registry)

@@ -161,3 +161,44 @@ def prune(cfg, stage: str, keep: int) -> list[Path]:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
+
+
+# --- the workdir as a volume shared by several hosts ---------------------------------------------
+
+SHARED_MARKER = ".maemi-shared-volume"
+
+
+class WorkdirNotShared(RuntimeError):
+    """A worker of a multi-host deployment does not see the deployment's shared workdir."""
+
+
+def declare_shared(cfg) -> Path:
+    """Mark the profile's workdir as the deployment's shared volume (``maemi workdir declare-shared``,
+    run by ``deploy/stack.sh up``). Every step of a distributed run checks the mark is visible."""
+    import socket
+
+    base = cfg.workdir_path
+    base.mkdir(parents=True, exist_ok=True)
+    marker = base / SHARED_MARKER
+    if not marker.is_file():
+        tmp = base / f".{SHARED_MARKER}.{uuid.uuid4().hex}"
+        tmp.write_text(json.dumps({"id": uuid.uuid4().hex, "declared_on": socket.gethostname(), "time": time.time()}))
+        os.replace(tmp, marker)
+    return marker
+
+
+def check_shared(cfg) -> dict:
+    """The shared-volume mark of the workdir, or :class:`WorkdirNotShared` saying what to do. Assets
+    pass files by path (stage folders), so a worker that sees another folder at the workdir's path
+    (an empty local directory instead of the mounted volume) would fail later with a missing file."""
+    import socket
+
+    marker = cfg.workdir_path / SHARED_MARKER
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError):
+        raise WorkdirNotShared(
+            f"this worker ({socket.gethostname()}) does not see the shared workdir: {marker} is missing. Steps "
+            f"pass files through {cfg.workdir_path}; mount the deployment's shared volume at this same path on "
+            "every worker (README: From one machine to many), or declare it once with "
+            "`maemi workdir declare-shared` if this is the volume") from None

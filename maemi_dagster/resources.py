@@ -1,13 +1,14 @@
 """Resources: the active profile and the MLflow tracking store."""
 
 import contextlib
+import os
 from typing import Iterator, Optional
 
 import dagster as dg
 
 from maemi_core.config import MaemiConfig, config_path_from_env, load_config
 from maemi_core.registry import tracking
-from maemi_core.run_isolation import scoped
+from maemi_core.run_isolation import check_shared, scoped
 
 
 class MaemiConfigResource(dg.ConfigurableResource):
@@ -23,7 +24,13 @@ class MaemiConfigResource(dg.ConfigurableResource):
             run = context.run if context is not None else None
         except Exception:  # a context built for a direct call (tests, notebooks) has no run
             run = None
-        return cfg if run is None else scoped(cfg, run_scope(run), writes)
+        if run is None:
+            return cfg
+        if os.environ.get("MAEMI_EXECUTOR", "").lower() == "celery":
+            # Steps of one run land on different hosts and pass files by path: fail here, clearly,
+            # on a worker that does not see the deployment's shared workdir.
+            check_shared(cfg)
+        return scoped(cfg, run_scope(run), writes)
 
 
 def _run_is_dead(instance, run_id: str) -> bool:

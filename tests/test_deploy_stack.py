@@ -194,6 +194,7 @@ c = psycopg2.connect(os.environ["MAEMI_SHARED_DATABASE_URL"])
 cur = c.cursor(); cur.execute("SELECT COUNT(*) FROM maemi_teacher_answers"); print(cur.fetchone()[0])""")
     assert int(counted) > 0
     assert not (stack.work / "cache" / "teacher_cache.sqlite").exists()
+    assert (stack.work / ".maemi-shared-volume").is_file()      # declared by `up`, checked by every step
 
     port = _free_port()
     proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}@champion", "--env-manager",

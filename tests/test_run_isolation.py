@@ -93,3 +93,35 @@ def test_an_mlflow_run_left_running_by_a_dead_dagster_run_is_closed_as_failed(tm
     status = [client.get_run(r.info.run_id).info.status for r in (killed, child, alive, other_asset)]
     assert status == ["FAILED", "FAILED", "RUNNING", "RUNNING"]
     assert "new-run" in client.get_run(killed.info.run_id).data.tags["maemi.closed_by"]
+
+
+def test_a_worker_that_does_not_see_the_shared_workdir_fails_clearly(profile_factory, monkeypatch):
+    import socket
+
+    import pytest
+
+    from maemi_core.cli import main
+    from maemi_core.run_isolation import WorkdirNotShared, check_shared, declare_shared
+    from maemi_dagster.resources import MaemiConfigResource
+
+    cfg = profile_factory()
+    with pytest.raises(WorkdirNotShared, match=str(cfg.workdir_path)) as err:
+        check_shared(cfg)
+    assert socket.gethostname() in str(err.value) and "same path on every worker" in str(err.value)
+
+    class Run:
+        run_id, tags = "r1", {}
+
+    class Ctx:
+        run = Run()
+
+    resource = MaemiConfigResource(path=str(cfg.config_path))
+    monkeypatch.setenv("MAEMI_EXECUTOR", "celery")
+    with pytest.raises(WorkdirNotShared):
+        resource.load(Ctx(), writes="raw_images")      # a step of a distributed run refuses to start
+    assert main(["--config", str(cfg.config_path), "workdir", "check"]) == 1
+    first = declare_shared(cfg)
+    assert main(["--config", str(cfg.config_path), "workdir", "declare-shared"]) == 0   # idempotent: same id
+    assert check_shared(cfg)["id"] == __import__("json").loads(first.read_text())["id"]
+    assert resource.load(Ctx(), writes="raw_images")._run_scope == "r1"
+    assert main(["--config", str(cfg.config_path), "workdir", "check"]) == 0
