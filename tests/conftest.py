@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +18,43 @@ from maemi_core.config import load_config  # noqa: E402
 from maemi_core.data.sources import list_elpv  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def served_model(model_uri: str, env: dict, cwd=None, timeout: float = 300):
+    """``mlflow models serve`` of ``model_uri`` on a free loopback port, yielding the port once
+    ``/ping`` answers; stopped by its process group (never by name)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model_uri,
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, cwd=cwd)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+                assert time.time() < deadline, "mlflow models serve did not come up"
+                time.sleep(1)
+        yield port
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # never leave a server behind
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def pytest_addoption(parser):

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, served_model
 
 pytestmark = pytest.mark.deploy
 
@@ -196,20 +196,7 @@ cur = c.cursor(); cur.execute("SELECT COUNT(*) FROM maemi_teacher_answers"); pri
     assert not (stack.work / "cache" / "teacher_cache.sqlite").exists()
     assert (stack.work / ".maemi-shared-volume").is_file()      # declared by `up`, checked by every step
 
-    port = _free_port()
-    proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}@champion", "--env-manager",
-                             "local", "-h", "127.0.0.1", "-p", str(port)], env=stack.env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True, cwd=stack.dir)
-    try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-                assert time.time() < deadline, "mlflow models serve did not come up"
-                time.sleep(1)
+    with served_model(f"models:/{name}@champion", stack.env, cwd=stack.dir) as port:
         from maemi_core.data.sources import list_elpv
 
         b64 = base64.b64encode(list_elpv()[0].path.read_bytes()).decode()
@@ -220,13 +207,6 @@ cur = c.cursor(); cur.execute("SELECT COUNT(*) FROM maemi_teacher_answers"); pri
         with urllib.request.urlopen(req, timeout=300) as r:
             out = json.loads(r.read())
         assert set(out["predictions"][0]) == {"answer"}
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_two_retunes_submitted_at_once_are_serialised_by_the_queue(stack):

@@ -224,33 +224,15 @@ def test_mlflow_models_serve_answers_on_loopback(pipeline):
     import base64
     import json
     import os
-    import signal
-    import socket
-    import subprocess
     import sys
-    import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.conftest import served_model
+
     bin_dir = str(Path(sys.executable).parent)       # the server execs `uvicorn` from PATH
     env = _cli_env(pipeline) | {"MLFLOW_TRACKING_URI": tracking.embedded_store(pipeline.tmp_path)[0],
                                 "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
-    mlflow_bin = str(Path(bin_dir) / "mlflow")
-    proc = subprocess.Popen([mlflow_bin, "models", "serve", "-m", "models:/maemi-elpv-tiny@champion", "--env-manager",
-                             "local", "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-                assert time.time() < deadline, "mlflow models serve did not come up"
-                time.sleep(1)
+    with served_model("models:/maemi-elpv-tiny@champion", env, timeout=240) as port:
         image = pd.read_parquet(pipeline.cfg.workdir_path / "raw_images" / "manifest.parquet")["path"].iloc[0]
         b64 = base64.b64encode(Path(image).read_bytes()).decode()
         body = json.dumps({"dataframe_split": {"columns": ["image", "question"],
@@ -281,14 +263,6 @@ def test_mlflow_models_serve_answers_on_loopback(pipeline):
             together = list(pool.map(ask, range(16)))
         alone = [ask(i) for i in range(16)]
         assert together == alone
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:  # never leave a server behind
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
 
 
 REUSABLE = ("vit_classifier", "image_embeddings", "demonstration_sets", "maemi_model", "benchmark_tables")

@@ -28,6 +28,14 @@ def cache_key(image_ids: list[str], system: str, prompt: str, identity: dict) ->
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def _answer(row) -> Optional[dict]:
+    """A stored answer (text, prompt_tokens, completion_tokens, attempts, teacher, created) as a dict."""
+    if row is None:
+        return None
+    return {"text": row[0], "prompt_tokens": row[1], "completion_tokens": row[2], "attempts": row[3],
+            "teacher": json.loads(row[4]), "created": row[5]}
+
+
 class TeacherCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -47,10 +55,7 @@ class TeacherCache:
             row = self._db.execute(
                 "SELECT text, prompt_tokens, completion_tokens, attempts, teacher, created FROM answers WHERE key=?",
                 (key,)).fetchone()
-        if row is None:
-            return None
-        return {"text": row[0], "prompt_tokens": row[1], "completion_tokens": row[2], "attempts": row[3],
-                "teacher": json.loads(row[4]), "created": row[5]}
+        return _answer(row)
 
     def put(self, key: str, text: str, prompt_tokens: int, completion_tokens: int, attempts: int,
             teacher: dict) -> None:
@@ -115,10 +120,7 @@ class PostgresTeacherCache:
     def get(self, key: str) -> Optional[dict]:
         row = self._one("SELECT text, prompt_tokens, completion_tokens, attempts, teacher, created "
                         "FROM maemi_teacher_answers WHERE key=%s", (key,))
-        if row is None:
-            return None
-        return {"text": row[0], "prompt_tokens": row[1], "completion_tokens": row[2], "attempts": row[3],
-                "teacher": json.loads(row[4]), "created": row[5]}
+        return _answer(row)
 
     def put(self, key: str, text: str, prompt_tokens: int, completion_tokens: int, attempts: int,
             teacher: dict) -> None:
