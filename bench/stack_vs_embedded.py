@@ -102,7 +102,7 @@ def stack(base: Path, tmp: Path) -> dict:
         wall = time.time() - t0
         return {"submit_to_end_s": wall, "run_s": stats["end"] - stats["start"], "status": stats["status"]}
     finally:
-        subprocess.run([script, "down"], env=env, capture_output=True)
+        subprocess.run([script, "purge"], env=env, capture_output=True)
 
 
 def main() -> None:

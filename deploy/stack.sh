@@ -9,11 +9,12 @@
 #   dagster-daemon + dagster-webserver  on PostgreSQL, run queue and pools from deploy/dagster-stack.yaml
 #   N celery workers  each in its own working folder, the stand-ins for N hosts
 #
-#   deploy/stack.sh up | down | status | env
+#   deploy/stack.sh up | down | status | env | purge
 #
 # Idempotent: `up` starts what is not running, `down` stops what is (by the PIDs it recorded,
 # never by name). Ports and folders: deploy/stack.env. `env` prints the variables a client (a
-# test, `dagster job launch`, `maemi`) needs, for `eval "$(deploy/stack.sh env)"`.
+# test, `dagster job launch`, `maemi`) needs, for `eval "$(deploy/stack.sh env)"`. `purge` is
+# `down` plus deleting the stack's data (databases, artifacts, logs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -206,10 +207,21 @@ status() {
   return $rc
 }
 
+purge() {   # down, then delete every data folder of the stack (databases, artifacts, logs)
+  down
+  local data; data=$(cat "$S/pids/postgres.datadir" 2>/dev/null || echo "$PGDATA_DIR")
+  case "$data" in
+    "$S"/*|/var/lib/postgresql/maemi-stack-*) rm -rf "$data" ;;
+  esac
+  rm -rf "$S"
+  echo "purged $S"
+}
+
 case "${1:-}" in
   up) up ;;
   down) down ;;
+  purge) purge ;;
   status) status ;;
   env) client_env ;;
-  *) echo "usage: $0 up|down|status|env" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|status|env|purge" >&2; exit 2 ;;
 esac

@@ -153,7 +153,7 @@ def stack(tmp_path_factory):
         s.up()
         yield s
     finally:
-        s.script("down")
+        s.script("purge")          # down, and no database left behind on the machine
 
 
 def test_pipeline_through_the_queue_on_two_workers_survives_a_killed_worker(stack):
