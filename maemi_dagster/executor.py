@@ -41,6 +41,19 @@ def _celery():
     return celery_executor.configured({**settings, "retries": {"enabled": {}}}, name="maemi_celery")
 
 
-# MAEMI_EXECUTOR=celery (set by deploy/stack.sh for its daemon, webserver and workers) selects the
-# distributed executor; unset, steps run as processes on this host.
-executor = _celery() if os.environ.get("MAEMI_EXECUTOR", "").lower() == "celery" else _multiprocess
+def _k8s():
+    """A Kubernetes cluster (deploy/k8s/values.yaml): each step a Kubernetes Job. Not run by this
+    project's tests (no cluster); needs dagster-k8s in the code image."""
+    try:
+        from dagster_k8s import k8s_job_executor
+    except ImportError as err:
+        raise ImportError("MAEMI_EXECUTOR=k8s needs dagster-k8s in the image: pip install dagster-k8s==0.29.27") from err
+    return k8s_job_executor.configured({"retries": {"enabled": {}}}, name="maemi_k8s")
+
+
+# MAEMI_EXECUTOR=celery (set by deploy/stack.sh for its daemon, webserver and workers) or k8s selects
+# a distributed executor; unset, steps run as processes on this host.
+_CHOICE = os.environ.get("MAEMI_EXECUTOR", "").lower()
+if _CHOICE not in ("", "multiprocess", "celery", "k8s"):
+    raise ValueError(f"MAEMI_EXECUTOR={_CHOICE!r}: use multiprocess (default), celery or k8s")
+executor = {"celery": _celery, "k8s": _k8s}.get(_CHOICE, lambda: _multiprocess)()

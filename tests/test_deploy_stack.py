@@ -195,6 +195,7 @@ cur = c.cursor(); cur.execute("SELECT COUNT(*) FROM maemi_teacher_answers"); pri
     assert int(counted) > 0
     assert not (stack.work / "cache" / "teacher_cache.sqlite").exists()
     assert (stack.work / ".maemi-shared-volume").is_file()      # declared by `up`, checked by every step
+    assert not (stack.work / "registry" / "registry.lock").exists()   # promotion locked in PostgreSQL, not here
 
     with served_model(f"models:/{name}@champion", stack.env, cwd=stack.dir) as port:
         from maemi_core.data.sources import list_elpv
