@@ -111,7 +111,10 @@ def main() -> None:
                                                    / max(len(y), 1)),
                     # mean -log p(true category) over the category names: falls below the gates-closed
                     # value only if the image carries information the answer uses (more sensitive than top-1)
-                    "zero_shot_label_nll": float(np.mean(np.logaddexp.reduce(sc, axis=1) - sc[np.arange(len(y)), y]))}
+                    "zero_shot_label_nll": float(np.mean(np.logaddexp.reduce(sc, axis=1) - sc[np.arange(len(y)), y])),
+                    # one-vs-rest AUC of the category scores: above 0.5 when the scores rank images by
+                    # class, whatever the answer's bias towards one name (calibration-free)
+                    "zero_shot_macro_auc": _macro_auc(y, sc, len(class_names))}
             if method != GATES_CLOSED:
                 for task, recs in text_recs.items():
                     got = answerer.answer(recs, m.max_new_tokens, desc=f"{task}: {method}", method=method)
@@ -166,6 +169,14 @@ def main() -> None:
         mlflow.log_artifact(str(csv))
         mlflow.log_artifact(str(fig), artifact_path="figures")
     print(df.round(4).to_string(index=False))
+
+
+def _macro_auc(y: np.ndarray, scores: np.ndarray, n_classes: int) -> float:
+    """Mean one-vs-rest ROC AUC over the classes present (with both outcomes) in ``y``."""
+    from sklearn.metrics import roc_auc_score
+
+    aucs = [roc_auc_score(y == c, scores[:, c]) for c in range(n_classes) if 0 < (y == c).sum() < len(y)]
+    return float(np.mean(aucs)) if aucs else float("nan")
 
 
 def figure(df: pd.DataFrame, path: Path, dataset: str) -> Path:
