@@ -76,7 +76,8 @@ alive() { [ -s "$S/pids/$1" ] && kill -0 "$(cat "$S/pids/$1")" 2>/dev/null; }
 start() {
   local name=$1; shift
   if alive "$name"; then echo "$name: running (pid $(cat "$S/pids/$name"))"; return; fi
-  setsid "$@" >>"$S/logs/$name.log" 2>&1 < /dev/null &
+  # MAEMI_STACK_MEMBER marks the process and everything it starts as this stack's (see leftovers)
+  setsid env MAEMI_STACK_MEMBER="$S" "$@" >>"$S/logs/$name.log" 2>&1 < /dev/null &
   echo $! > "$S/pids/$name"
   echo "$name: started (pid $!)"
 }
@@ -181,6 +182,14 @@ stop_group() {   # stop_group NAME: TERM the process group, KILL what is left af
   rm -f "$S/pids/$name"
 }
 
+leftovers() {   # PIDs of live processes that a `start` of this stack began, in any process group
+  local p
+  for p in /proc/[0-9]*; do
+    { tr '\0' '\n' < "$p/environ"; } 2>/dev/null | grep -qxF "MAEMI_STACK_MEMBER=$S" && echo "${p#/proc/}"
+  done
+  return 0
+}
+
 down() {
   local name
   for name in webserver daemon mlflow $(cd "$S/pids" && ls -d worker* 2>/dev/null); do stop_group "$name"; done
@@ -196,6 +205,16 @@ down() {
   if as_pg "$(pg_bin)/pg_ctl" -D "$data" status >/dev/null 2>&1; then
     as_pg "$(pg_bin)/pg_ctl" -D "$data" -m fast -w stop >/dev/null && echo "postgres: stopped"
   fi
+  # Processes that left their group (Dagster's code servers run in sessions of their own) end by
+  # their heartbeat once the daemon is gone; wait for them, then stop what is left by PID.
+  local left i
+  for ((i = 0; i < 60; i++)); do
+    left=$(leftovers)
+    [ -z "$left" ] && return 0
+    sleep 0.5
+  done
+  echo "stopping leftover processes of the stack: $left"
+  kill -KILL $left 2>/dev/null || true
 }
 
 status() {

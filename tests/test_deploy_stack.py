@@ -264,5 +264,14 @@ def test_down_leaves_no_process_behind(stack):
             alive = False
         assert not alive, f"{name} (pid {pid}) still running"
     assert stack.script("status").returncode != 0
+    marker = f"MAEMI_STACK_MEMBER={stack.dir}".encode()
+    started_by_stack = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "environ").read_bytes().split(b"\0"):
+                started_by_stack.append(proc.name)
+        except OSError:
+            pass
+    assert not started_by_stack, f"processes of the stack still running: {started_by_stack}"
     # Idempotent: a second `down` has nothing to do and succeeds.
     assert stack.script("down").returncode == 0
