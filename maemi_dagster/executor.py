@@ -28,9 +28,9 @@ _multiprocess = dg.multiprocess_executor.configured({
 
 def _celery():
     """Many hosts: every step is a Celery task on the broker in ``$MAEMI_CELERY_BROKER``, run by
-    whichever worker takes it, with the settings the workers also read (``$MAEMI_CELERY_CONFIG``, default
-    deploy/celery.yaml). Step
-    retries are on, so a step that failed on a lost worker runs again elsewhere."""
+    whichever worker takes it, with the settings the workers also read (``$MAEMI_CELERY_CONFIG``,
+    default deploy/celery.yaml). A step whose worker died is re-delivered by the broker to another
+    worker (acknowledged late); Dagster's step retries are enabled for steps that declare a policy."""
     from pathlib import Path
 
     import yaml
