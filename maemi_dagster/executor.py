@@ -53,7 +53,16 @@ def _k8s():
 
 # MAEMI_EXECUTOR=celery (set by deploy/stack.sh for its daemon, webserver and workers) or k8s selects
 # a distributed executor; unset, steps run as processes on this host.
-_CHOICE = os.environ.get("MAEMI_EXECUTOR", "").lower()
-if _CHOICE not in ("", "multiprocess", "celery", "k8s"):
-    raise ValueError(f"MAEMI_EXECUTOR={_CHOICE!r}: use multiprocess (default), celery or k8s")
-executor = {"celery": _celery, "k8s": _k8s}.get(_CHOICE, lambda: _multiprocess)()
+def executor_choice() -> str:
+    """``$MAEMI_EXECUTOR``: multiprocess (default, this host), celery or k8s (steps on many hosts)."""
+    choice = os.environ.get("MAEMI_EXECUTOR", "").lower() or "multiprocess"
+    if choice not in ("multiprocess", "celery", "k8s"):
+        raise ValueError(f"MAEMI_EXECUTOR={choice!r}: use multiprocess (default), celery or k8s")
+    return choice
+
+
+def steps_on_many_hosts() -> bool:
+    return executor_choice() != "multiprocess"
+
+
+executor = {"celery": _celery, "k8s": _k8s}.get(executor_choice(), lambda: _multiprocess)()

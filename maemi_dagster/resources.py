@@ -1,7 +1,6 @@
 """Resources: the active profile and the MLflow tracking store."""
 
 import contextlib
-import os
 from typing import Iterator, Optional
 
 import dagster as dg
@@ -9,6 +8,7 @@ import dagster as dg
 from maemi_core.config import MaemiConfig, config_path_from_env, load_config
 from maemi_core.registry import tracking
 from maemi_core.run_isolation import check_shared, scoped
+from maemi_dagster.executor import steps_on_many_hosts
 
 
 class MaemiConfigResource(dg.ConfigurableResource):
@@ -26,7 +26,7 @@ class MaemiConfigResource(dg.ConfigurableResource):
             run = None
         if run is None:
             return cfg
-        if os.environ.get("MAEMI_EXECUTOR", "").lower() == "celery":
+        if steps_on_many_hosts():
             # Steps of one run land on different hosts and pass files by path: fail here, clearly,
             # on a worker that does not see the deployment's shared workdir.
             check_shared(cfg)

@@ -78,3 +78,37 @@ def test_two_processes_match_one_with_the_same_effective_batch(setup):
     qs = ["<image>\nDescribe the cell."] * 6
     assert generate_answers(single.eval(), qs, imgs, max_new_tokens=12) == \
         generate_answers(model.eval(), qs, imgs, max_new_tokens=12)
+
+
+def test_the_torchrun_launcher_dies_with_a_killed_step():
+    """A step killed mid-training must not leave torchrun training on its checkpoint: the launcher is
+    started with a parent-death signal (what train_in_processes passes as preexec_fn)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    step = subprocess.Popen([sys.executable, "-c", """
+import subprocess, sys
+from maemi_core.training.data_parallel import _die_with_parent
+child = subprocess.Popen(["sleep", "120"], preexec_fn=_die_with_parent)
+print(child.pid, flush=True)
+child.wait()
+"""], stdout=subprocess.PIPE, text=True)
+    child = int(step.stdout.readline())
+    os.kill(step.pid, signal.SIGKILL)                # the step dies the hard way
+    step.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{child}/stat") as f:       # reaped by init or a zombie: gone either way
+            if f.read().split()[2] == "Z":
+                break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the launched process outlived the killed step")

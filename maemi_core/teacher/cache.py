@@ -102,10 +102,9 @@ class PostgresTeacherCache:
 
         self.url = url
         self._lock = threading.Lock()
-        with advisory_lock(url, "teacher-cache-schema"):   # concurrent CREATE TABLE IF NOT EXISTS can race
-            self._db = connect(url)
-            with self._db.cursor() as cur:
-                cur.execute(_PG_SCHEMA)
+        self._db = connect(url)
+        with advisory_lock(url, "teacher-cache-schema"), self._db.cursor() as cur:
+            cur.execute(_PG_SCHEMA)      # concurrent CREATE TABLE IF NOT EXISTS can race: one at a time
 
     def _one(self, sql: str, args: tuple = ()):
         with self._lock, self._db.cursor() as cur:

@@ -4,9 +4,10 @@ Every process holds the whole model. An optimizer step's micro-batches are dealt
 the processes; each back-propagates its share of the step's token-weighted loss, the gradients
 are summed across processes (all-reduce: gloo on CPU, nccl on GPU), and every process applies
 the same Adam update, so all replicas stay identical. The DyQLoRA-FA rank of a step is sampled
-on process 0 and broadcast: every replica trains the same rows of B. With the same effective
-batch the updates equal the single-process ones up to the order of floating-point sums
-(``tests/test_data_parallel.py`` measures how close).
+on process 0 and broadcast: every replica trains the same rows of B, and LoRA dropout masks are
+seeded per micro-batch. With the same effective batch and threads per process the result is
+bit-identical to one process (``tests/test_data_parallel.py``); other thread counts change float
+reductions inside the matmuls, and so the bits.
 
 The ``maemi_model`` step runs it as
 
@@ -23,7 +24,6 @@ with the job folder and the checkpoint on the shared volume.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -96,17 +96,23 @@ def init_world() -> World:
     return World(rank, size, device)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_command(job: Path, processes: int) -> list[str]:
-    """The torchrun command for ``job`` on this node."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(processes),
-            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+    """The torchrun command for ``job`` on this node (``--standalone``: torchrun picks a free
+    loopback port for the rendezvous itself)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
             "-m", "maemi_core.training.data_parallel", str(job)]
+
+
+def _die_with_parent() -> None:
+    """In the torchrun child: receive SIGTERM when the step's process dies (Linux), so a killed
+    step never leaves a training running on its checkpoint (torchrun stops its workers on SIGTERM)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def train_in_processes(model, cfg, train, val, images, tcfg, checkpoint_path, fingerprint: str, processes: int,
@@ -128,8 +134,9 @@ def train_in_processes(model, cfg, train, val, images, tcfg, checkpoint_path, fi
     n_threads = threads or max(1, available_cores() // processes)
     env = {**os.environ, "OMP_NUM_THREADS": str(n_threads), "MAEMI_DP_THREADS": str(n_threads)}
     cmd = launch_command(job, processes)
-    log(f"data-parallel tuning: {processes} processes x {n_threads} threads ({' '.join(cmd[1:6])} ...)")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log(f"data-parallel tuning: {processes} processes x {n_threads} threads ({' '.join(cmd[1:5])} ...)")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_die_with_parent)
     tail: list[str] = []
     for line in proc.stdout:
         line = line.rstrip()
