@@ -28,15 +28,19 @@ def served_model(model_uri: str, env: dict, cwd=None, timeout: float = 300):
     import socket
     import subprocess
     import sys
+    import tempfile
     import time
     import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # The server's log goes to a file, not a pipe nobody reads while it serves (a full pipe would
+    # block it); its tail is shown if it dies before answering.
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model_uri,
                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, cwd=cwd)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
     try:
         deadline = time.time() + timeout
         while True:
@@ -44,7 +48,9 @@ def served_model(model_uri: str, env: dict, cwd=None, timeout: float = 300):
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
                 break
             except OSError:
-                assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise AssertionError(log.read().decode(errors="replace")[-3000:])
                 assert time.time() < deadline, "mlflow models serve did not come up"
                 time.sleep(1)
         yield port
@@ -55,6 +61,7 @@ def served_model(model_uri: str, env: dict, cwd=None, timeout: float = 300):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:  # never leave a server behind
             os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
 
 
 def pytest_addoption(parser):
