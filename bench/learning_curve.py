@@ -57,7 +57,8 @@ def main() -> None:
     from maemi_core.teacher.instruction_set import load_instruction_set
     from maemi_core.training.instruction_tuning import select_records, training_config
     from maemi_core.training.maemi_training import (
-        ImageStore, MediaCache, build_examples, evaluate_loss, length_buckets, make_optimizer, optimizer_step,
+        ImageStore, MediaCache, build_examples, evaluate_loss, fit_media_statistics, length_buckets, make_optimizer,
+        optimizer_step,
     )
 
     cfg = load_config(args.config)
@@ -72,6 +73,8 @@ def main() -> None:
     val_ex, _ = build_examples(val_recs, model.tokenizer, m.max_len)
     images = ImageStore.from_manifest(manifest, cfg.vision.image_size)
     media = MediaCache(model, images)
+    if m.media_standardize:
+        fit_media_statistics(model, train_ex, media)
     tok = model.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     tcfg = training_config(cfg)
@@ -136,7 +139,8 @@ def main() -> None:
                            "eval_records": args.eval_records, "threads": args.threads, "lr": tcfg.lr,
                            "effective_batch": tcfg.effective_batch, "gate_lr_multiplier": tcfg.gate_lr_multiplier,
                            "xattn_heads": m.xattn_heads, "xattn_head_dim": m.xattn_head_dim,
-                           "media_norm": m.media_norm, "eval_split": args.eval_split, "majority_top1": majority})
+                           "media_norm": m.media_norm, "media_standardize": m.media_standardize,
+                           "eval_split": args.eval_split, "majority_top1": majority})
         rows += evaluate(0, 0.0, [BASE_LM, MAEMI, GATES_CLOSED])
         accum = max(1, tcfg.effective_batch // tcfg.micro_batch)
         lengths = [len(e.input_ids) for e in train_ex]

@@ -200,6 +200,9 @@ class ModelConfig(_Strict):
     xattn_head_dim: int = 32
     xattn_ff_mult: int = 2
     media_norm: bool = False     # layer-normalise the visual tokens first (measured worse on ELPV: README)
+    # standardise every visual-token channel with its mean/std over the train images (fitted once
+    # before the first step, kept with the trained tensors): what the linear probe's scaler does
+    media_standardize: bool = False
     r_min: int = 4
     r_max: int = 16
     alpha: float = 16.0

@@ -14,12 +14,13 @@ from maemi_core.training.maemi_training import ImageStore, MaemiTrainingConfig, 
 from maemi_core.vision.vit import PaperViT, PaperViTConfig
 
 
-def tiny_model(quantize: bool = True, seed: int = 0) -> MaemiModel:
+def tiny_model(quantize: bool = True, seed: int = 0, media_standardize: bool = False) -> MaemiModel:
     lm, tok = load_language_model("tiny", seed=seed)
     torch.manual_seed(seed)
     vit = PaperViT(PaperViTConfig(num_classes=2)).eval()
     return MaemiModel(lm, tok, vit, 64, MaemiModelConfig(xattn_every=1, xattn_heads=2, xattn_head_dim=16,
-                                                         r_min=2, r_max=8, alpha=8, quantize=quantize))
+                                                         r_min=2, r_max=8, alpha=8, quantize=quantize,
+                                                         media_standardize=media_standardize))
 
 
 def test_closed_gates_give_exactly_the_base_lm():
@@ -89,6 +90,38 @@ def test_training_resumes_from_the_same_epoch(tmp_path):
     a, b = straight.trainable_state_dict(), resumed_model.trainable_state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_visual_token_standardisation_is_fitted_once_on_train_images_and_travels_with_the_weights(tmp_path):
+    cfg = MaemiTrainingConfig(lr=1e-2, micro_batch=4, effective_batch=8, max_epochs=2, seed=0)
+    model = tiny_model(media_standardize=True)
+    examples, store = _toy_data(model)
+    assert not model.media_statistics_fitted
+    train_maemi(model, examples, examples[:4], store, cfg, tmp_path / "a.pt", "f")
+    assert int(model.media_images) == 4                                      # the 4 distinct train images
+    raw = torch.cat([model.encode_images(torch.from_numpy(store.get(f"i{k}"))[None, None]) for k in range(4)])[:, 0]
+    flat = raw.reshape(-1, raw.shape[-1])
+    torch.testing.assert_close(model.media_mean, flat.mean(0))
+    seen = {}
+    layer = next(la for la in model.lm.model.layers if la.xattn is not None)
+    layer.xattn.register_forward_pre_hook(lambda mod, args: seen.update(media=args[1]))
+    ids = model.tokenizer("<image>\nwhat is it?", return_tensors="pt")
+    with torch.no_grad():
+        model(ids["input_ids"], ids["attention_mask"], None, media=raw[:1, None])
+    expect = (raw[:1] - model.media_mean) / model.media_std
+    torch.testing.assert_close(seen["media"][:, 0], expect)                  # what the cross-attention reads
+    kept = model.trainable_state_dict()
+    assert {"media_mean", "media_std", "media_images"} <= set(kept)
+    # A fresh model given the kept tensors standardises identically and is not refitted by training.
+    fresh = tiny_model(media_standardize=True)
+    fresh.load_state_dict(kept, strict=False)
+    assert fresh.media_statistics_fitted
+    before = fresh.media_mean.clone()
+    train_maemi(fresh, examples[:4], [], store, MaemiTrainingConfig(lr=1e-2, micro_batch=4, effective_batch=4,
+                                                                   max_epochs=1, seed=0), tmp_path / "b.pt", "g")
+    torch.testing.assert_close(fresh.media_mean, before)
+    with pytest.raises(ValueError, match="at least one image"):
+        fresh.fit_media_statistics(torch.zeros(0, 5, 64))
 
 
 @pytest.mark.parametrize("rank", [2, 5, 8])

@@ -30,6 +30,7 @@ from maemi_core.model.gated_cross_attention import GatedCrossAttention, GatedXAt
 from maemi_core.run_isolation import stage_dir
 
 IMAGE_TOKEN = "<image>"
+MEDIA_STATISTICS = ("media_mean", "media_std", "media_images")
 ENCODE_TOKEN = "<Encode>"
 
 
@@ -40,6 +41,7 @@ class MaemiModelConfig:
     xattn_head_dim: int = 32
     xattn_ff_mult: int = 2
     media_norm: bool = False        # layer-normalise visual tokens before the keys/values
+    media_standardize: bool = False  # per-channel train-set standardisation of the visual tokens
     r_min: int = 4
     r_max: int = 16
     alpha: float = 16.0
@@ -73,6 +75,11 @@ class MaemiModel(nn.Module):
         # The new tokens' embeddings live apart from the frozen vocabulary: (2, D), trained.
         self.new_token_embeddings = nn.Parameter(
             lm.get_input_embeddings().weight.detach().std() * torch.randn(2, hidden))
+        # Per-channel statistics of the visual tokens over the train images (identity until
+        # :meth:`fit_media_statistics`); they travel with the trained tensors.
+        self.register_buffer("media_mean", torch.zeros(vis_dim))
+        self.register_buffer("media_std", torch.ones(vis_dim))
+        self.register_buffer("media_images", torch.zeros((), dtype=torch.long))
         layers = lm.model.layers
         for i in range(len(layers)):
             xattn = (GatedCrossAttention(hidden, vis_dim, cfg.xattn_heads, cfg.xattn_head_dim, cfg.xattn_ff_mult,
@@ -96,9 +103,28 @@ class MaemiModel(nn.Module):
                 "total": sum(p.numel() for p in self.parameters()) + sum(b.numel() for b in self.buffers())}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """What training changed: small enough to checkpoint and register."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        """What training changed (the trained parameters and the visual-token statistics it
+        fitted): small enough to checkpoint and register."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad} | set(MEDIA_STATISTICS)
         return {k: v.detach().clone() for k, v in self.state_dict().items() if k in names}
+
+    @property
+    def media_statistics_fitted(self) -> bool:
+        return int(self.media_images) > 0
+
+    @torch.no_grad()
+    def fit_media_statistics(self, tokens: torch.Tensor) -> None:
+        """``tokens`` (n_images, N, V): the raw visual tokens of train images. Every channel is then
+        standardised with its mean and standard deviation over all their tokens, so what differs
+        between images, not what every image shares, dominates the cross-attention's keys and
+        values (EfficientNet features are non-negative with a large common part)."""
+        if tokens.ndim != 3 or not len(tokens):
+            raise ValueError("fit_media_statistics needs the visual tokens of at least one image, (n, N, V)")
+        flat = tokens.reshape(-1, tokens.shape[-1]).double()
+        self.media_mean.copy_(flat.mean(0).to(self.media_mean.dtype))
+        # A channel that never varies (a dead ReLU) stays at 0 after centring; the floor keeps it finite.
+        self.media_std.copy_(flat.std(0).clamp_min(1e-3).to(self.media_std.dtype))
+        self.media_images.fill_(len(tokens))
 
     @contextmanager
     def _zeroed(self, suffixes: tuple[str, ...]):
@@ -151,6 +177,8 @@ class MaemiModel(nn.Module):
         return pos
 
     def condition(self, media: Optional[torch.Tensor], media_mask: Optional[torch.Tensor]) -> None:
+        if media is not None and self.cfg.media_standardize:
+            media = (media - self.media_mean.to(media.dtype)) / self.media_std.to(media.dtype)
         for layer in self.lm.model.layers:
             layer.condition(media, media_mask)
 
@@ -184,7 +212,8 @@ class MaemiModel(nn.Module):
 def model_config_from(cfg) -> MaemiModelConfig:
     m = cfg.model
     return MaemiModelConfig(xattn_every=m.xattn_every, xattn_heads=m.xattn_heads, xattn_head_dim=m.xattn_head_dim,
-                            xattn_ff_mult=m.xattn_ff_mult, media_norm=m.media_norm, r_min=m.r_min, r_max=m.r_max, alpha=m.alpha,
+                            xattn_ff_mult=m.xattn_ff_mult, media_norm=m.media_norm,
+                            media_standardize=m.media_standardize, r_min=m.r_min, r_max=m.r_max, alpha=m.alpha,
                             lora_dropout=m.lora_dropout, quantize=m.quantize_8bit, image_size=cfg.vision.image_size)
 
 

@@ -48,6 +48,7 @@ def warm_start_from_champion(model, cfg: MaemiConfig, log: Callable[[str], None]
     champion or its shapes do not fit this profile."""
     import tempfile
 
+    import torch
     from safetensors.torch import load_file
 
     from maemi_core.registry.model_registry import CHAMPION, alias_version, download_package, registered_model_name
@@ -63,6 +64,10 @@ def warm_start_from_champion(model, cfg: MaemiConfig, log: Callable[[str], None]
     if misfit:
         log(f"champion v{version} does not fit this model profile ({len(misfit)} tensors differ, e.g. {misfit[0]}): "
             "training from scratch")
+        return None
+    if bool(int(tensors.get("media_images", torch.zeros(())))) != model.cfg.media_standardize:
+        log(f"champion v{version} was trained with model.media_standardize="
+            f"{not model.cfg.media_standardize}, this profile says {model.cfg.media_standardize}: training from scratch")
         return None
     model.load_state_dict(tensors, strict=False)
     log(f"warm start: continuing from the champion's adapters ({name} v{version})")

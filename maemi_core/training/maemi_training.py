@@ -99,6 +99,11 @@ class MediaCache:
             for iid, tok in zip(chunk, self.model.encode_images(imgs)[:, 0]):
                 self._tokens[iid] = tok
 
+    def tokens(self, image_ids: list[str]) -> torch.Tensor:
+        """(n, N, V) visual tokens of these images, in this order."""
+        self.ensure(image_ids)
+        return torch.stack([self._tokens[i] for i in image_ids])
+
     def media(self, batch: list["Example"]) -> Optional[torch.Tensor]:
         m = max(len(e.image_ids) for e in batch)
         if m == 0:
@@ -110,6 +115,15 @@ class MediaCache:
             for j, iid in enumerate(e.image_ids):
                 out[i, j] = self._tokens[iid]
         return out
+
+
+def fit_media_statistics(model: MaemiModel, train: list["Example"], media: MediaCache, max_images: int = 512) -> int:
+    """Fit the visual-token standardisation (``model.media_standardize``) on up to ``max_images``
+    train images (a stable choice: the smallest image ids, i.e. content hashes). Returns how many."""
+    ids = sorted({i for e in train for i in e.image_ids})[:max_images]
+    if ids:
+        model.fit_media_statistics(media.tokens(ids))
+    return len(ids)
 
 
 def length_buckets(order: list[int], lengths: list[int], micro_batch: int, gen: torch.Generator,
@@ -267,6 +281,8 @@ def train_maemi(model: MaemiModel, train: list[Example], val: list[Example], ima
         model.load_state_dict(state["weights"], strict=False)
         best = state["best"]
         start = result.restore(state, opt, sched, gen, MaemiEpoch)
+    if model.cfg.media_standardize and not model.media_statistics_fitted:
+        fit_media_statistics(model, train, media)   # before the first step; a checkpoint carries them
 
     for epoch in range(start + 1, cfg.max_epochs + 1):
         model.train()
