@@ -142,6 +142,10 @@ def main() -> None:
                            "media_norm": m.media_norm, "media_standardize": m.media_standardize,
                            "eval_split": args.eval_split, "majority_top1": majority})
         rows += evaluate(0, 0.0, [BASE_LM, MAEMI, GATES_CLOSED])
+        probe = probe_reference(cfg, image_ids, y, class_names)
+        if probe is not None:
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in probe.items()}, flush=True)
+            rows.append(probe)
         accum = max(1, tcfg.effective_batch // tcfg.micro_batch)
         lengths = [len(e.input_ids) for e in train_ex]
         trained, tokens, epoch, queue = 0.0, 0, 0, []
@@ -173,6 +177,34 @@ def main() -> None:
         mlflow.log_artifact(str(csv))
         mlflow.log_artifact(str(fig), artifact_path="figures")
     print(df.round(4).to_string(index=False))
+
+
+def probe_reference(cfg, image_ids: list[str], y: np.ndarray, class_names: list[str]):
+    """The same scores for the frozen EfficientNet-Lite0 linear probe (``vit_classifier``'s
+    baseline) on the same images, from the ``image_embeddings`` it reads: how much of the class
+    the visual tokens MAEMI attends to carry. None when the probe or embeddings are missing."""
+    import joblib
+
+    from maemi_core.run_isolation import stage_dir
+    from maemi_core.vision.embeddings import load_embeddings
+
+    path = stage_dir(cfg, "vision") / "efficientnet_lite0" / "probe.joblib"
+    try:
+        index, emb = load_embeddings(cfg)
+    except FileNotFoundError:
+        return None
+    if not path.is_file() or set(index["encoder"]) != {"efficientnet_lite0"}:
+        return None
+    saved = joblib.load(path)
+    row_of = {iid: k for k, iid in enumerate(index["image_id"])}
+    proba = saved["probe"].predict_log_proba(emb[[row_of[i] for i in image_ids]])
+    sc = np.full((len(image_ids), len(class_names)), -np.inf)
+    for j, name in enumerate(saved["class_names"]):
+        sc[:, class_names.index(name)] = proba[:, j]
+    hit = (sc.argmax(1) == y).astype(float)
+    return {"method": "efficientnet_probe", "train_tokens": 0, "train_minutes": 0.0, "zero_shot_top1": hit.mean(),
+            "zero_shot_label_nll": float(np.mean(-sc[np.arange(len(y)), y])),
+            "zero_shot_macro_auc": _macro_auc(y, sc, len(class_names))}
 
 
 def _macro_auc(y: np.ndarray, scores: np.ndarray, n_classes: int) -> float:
