@@ -118,6 +118,7 @@ def main() -> None:
                     # one-vs-rest AUC of the category scores: above 0.5 when the scores rank images by
                     # class, whatever the answer's bias towards one name (calibration-free)
                     "zero_shot_macro_auc": _macro_auc(y, sc, len(class_names))}
+            row |= _auc_interval(y, sc, len(class_names))
             if method != GATES_CLOSED:
                 for task, recs in text_recs.items():
                     got = answerer.answer(recs, m.max_new_tokens, desc=f"{task}: {method}", method=method)
@@ -204,7 +205,21 @@ def probe_reference(cfg, image_ids: list[str], y: np.ndarray, class_names: list[
     hit = (sc.argmax(1) == y).astype(float)
     return {"method": "efficientnet_probe", "train_tokens": 0, "train_minutes": 0.0, "zero_shot_top1": hit.mean(),
             "zero_shot_label_nll": float(np.mean(-sc[np.arange(len(y)), y])),
-            "zero_shot_macro_auc": _macro_auc(y, sc, len(class_names))}
+            "zero_shot_macro_auc": _macro_auc(y, sc, len(class_names)), **_auc_interval(y, sc, len(class_names))}
+
+
+def _auc_interval(y: np.ndarray, scores: np.ndarray, n_classes: int, n_boot: int = 500) -> dict:
+    """95% percentile-bootstrap interval of the macro AUC over the evaluation images."""
+    rng = np.random.default_rng(0)
+    draws = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        draws.append(_macro_auc(y[idx], scores[idx], n_classes))
+    draws = np.array([d for d in draws if np.isfinite(d)])
+    if not len(draws):
+        return {"zero_shot_macro_auc_ci_low": float("nan"), "zero_shot_macro_auc_ci_high": float("nan")}
+    return {"zero_shot_macro_auc_ci_low": float(np.percentile(draws, 2.5)),
+            "zero_shot_macro_auc_ci_high": float(np.percentile(draws, 97.5))}
 
 
 def _macro_auc(y: np.ndarray, scores: np.ndarray, n_classes: int) -> float:
