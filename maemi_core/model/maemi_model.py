@@ -30,8 +30,9 @@ from maemi_core.model.gated_cross_attention import GatedCrossAttention, GatedXAt
 from maemi_core.run_isolation import stage_dir
 
 IMAGE_TOKEN = "<image>"
-MEDIA_STATISTICS = ("media_mean", "media_std", "media_images")
 ENCODE_TOKEN = "<Encode>"
+# Buffers fitted by training (``media_standardize``) that travel with the trained parameters.
+MEDIA_STATISTICS = ("media_mean", "media_std", "media_images")
 
 
 @dataclass
