@@ -130,12 +130,21 @@ class VisionConfig(_Strict):
     image_size: int = 224
     vit: ViTConfig = Field(default_factory=ViTConfig)
     train: ClassifierTrainingConfig = Field(default_factory=ClassifierTrainingConfig)
-    baselines: list[Literal["efficientnet_lite0", "classical"]] = Field(
+    # Rows beside the ViT. efficientnet_lite0: frozen encoder + logistic-regression probe on the
+    # whole image at 224 px; efficientnet_lite0_tiles: the same plus the mean feature of 224-px
+    # tiles at each of tile_scales (for micrographs much larger than 224 px); efficientnet_lite0_tta:
+    # the first probe with its scores averaged over the 8 rotations/flips; classical: texture SVM.
+    baselines: list[Literal["efficientnet_lite0", "efficientnet_lite0_tiles", "efficientnet_lite0_tta", "classical"]] = Field(
         default_factory=lambda: ["efficientnet_lite0", "classical"])
+    tile_scales: list[int] = Field(default_factory=lambda: [2])   # short side = s x image_size
     embed_batch_size: int = 64
     # Probe / SVM C: chosen by cross-validation over train+val with folds that never split a
     # sample group when the validation split has fewer images than this; else on validation.
     grouped_cv_below: int = 200
+    # The classical baseline's feature blocks (lbp, glcm, hog, intensity): the candidate sets that
+    # validation (or grouped CV) chooses from together with C; null: the texture core with and
+    # without HOG / intensity statistics, and LBP or GLCM alone. One set fixes it.
+    classical_feature_sets: Optional[list[list[Literal["lbp", "glcm", "hog", "intensity"]]]] = None
 
 
 class SamplingConfig(_Strict):

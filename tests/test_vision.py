@@ -176,3 +176,39 @@ def test_grouped_cv_scores_unseen_samples_not_copies_and_is_deterministic():
     assert choose_c(*args, sample[tr].astype(str), x[va], y[va], sample[va].astype(str)) == grouped
     big_val = choose_c(*args, sample[tr].astype(str), x[va], y[va], sample[va].astype(str), cv_below=10)
     assert big_val.method == "validation split"
+
+
+def test_texture_blocks_cover_every_column_once_in_order():
+    from maemi_core.vision.texture_baseline import FEATURE_BLOCKS, block_slices, feature_set_columns, texture_features
+
+    img = np.random.default_rng(1).integers(0, 255, (150, 230), dtype=np.uint8)
+    n = len(texture_features(img))
+    sl = block_slices()
+    assert [sl[b].start for b in FEATURE_BLOCKS][0] == 0 and sl[FEATURE_BLOCKS[-1]].stop == n
+    assert all(sl[a].stop == sl[b].start for a, b in zip(FEATURE_BLOCKS, FEATURE_BLOCKS[1:]))
+    assert sl["lbp"].stop - sl["lbp"].start == 10 + 18 + 26 and sl["intensity"].stop - sl["intensity"].start == 9
+    cols = feature_set_columns(("glcm", "lbp"))          # order of the blocks, not of the request
+    assert list(cols) == list(range(sl["lbp"].start, sl["glcm"].stop))
+    with pytest.raises(ValueError, match="non-empty subset"):
+        feature_set_columns(("lbp", "sift"))
+
+
+def test_feature_set_choice_drops_a_block_of_noise_and_keeps_the_first_on_ties():
+    """An RBF SVM on 8 informative columns plus 600 columns of noise: the kernel's distances are
+    mostly noise, so validation must prefer the informative block alone."""
+    from maemi_core.vision.model_selection import choose_columns_and_c
+    from maemi_core.vision.texture_baseline import svm_model
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 600)
+    signal = rng.normal(size=(3, 8))[y] + rng.normal(scale=1.0, size=(600, 8))
+    x = np.concatenate([signal, rng.normal(size=(600, 600))], axis=1)
+    g = np.arange(600).astype(str)
+    tr, va = slice(0, 450), slice(450, 600)
+    sets = {"all": np.arange(608), "signal": np.arange(8), "noise": np.arange(8, 608)}
+    got = choose_columns_and_c(svm_model, (1.0, 10.0), sets, x[tr], y[tr], g[tr], x[va], y[va], g[va], cv_below=10)
+    assert got.name == "signal" and got.selection.method == "validation split"
+    assert got.scores["signal"] > got.scores["all"] + 0.1 and got.scores["noise"] < 0.5
+    same = choose_columns_and_c(svm_model, (1.0,), {"first": np.arange(8), "second": np.arange(8)},
+                                x[tr], y[tr], g[tr], x[va], y[va], g[va], cv_below=10)
+    assert same.name == "first"

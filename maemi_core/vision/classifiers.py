@@ -34,11 +34,14 @@ from maemi_core.evaluation.classification_metrics import (
 )
 from maemi_core.registry.tracking import TrackingContext
 from maemi_core.training.classifier_training import EpochRecord, predict_logits, train_classifier
-from maemi_core.vision.efficientnet_lite0 import cached_pooled_features
-from maemi_core.vision.texture_baseline import svm_model, svm_scores, texture_feature_matrix
+from maemi_core.vision.efficientnet_lite0 import EfficientNetLite0Encoder, cached_pooled_features
+from maemi_core.vision.multiscale_views import dihedral_features, tile_features
+from maemi_core.vision.texture_baseline import (
+    DEFAULT_FEATURE_SETS, feature_set_columns, svm_model, svm_scores, texture_feature_matrix,
+)
 from maemi_core.vision.vit import PaperViT, PaperViTConfig
 from maemi_core.run_isolation import stage_dir
-from maemi_core.vision.model_selection import choose_c
+from maemi_core.vision.model_selection import choose_c, choose_columns_and_c
 
 ASSET = "vit_classifier"
 
@@ -155,9 +158,15 @@ def _encode_vit(model: PaperViT, images_u8: np.ndarray, batch_size: int = 64) ->
     return np.concatenate(out) if out else np.empty((0, model.cfg.dim), np.float32)
 
 
-def train_efficientnet_probe(cfg: MaemiConfig, data: VisionData) -> ModelReport:
+def train_efficientnet_probe(cfg: MaemiConfig, data: VisionData, variant: str = "efficientnet_lite0") -> ModelReport:
+    """The frozen EfficientNet-Lite0 + logistic-regression probe. ``variant``:
+    ``efficientnet_lite0`` (the whole image at 224 px), ``efficientnet_lite0_tiles`` (plus the
+    mean feature of the tiles at each of ``vision.tile_scales``) or ``efficientnet_lite0_tta``
+    (the first probe, its validation/test scores averaged over the 8 dihedral transforms)."""
     all_feats = cached_pooled_features(data.images, cfg.workdir_path / "cache", manifest_hash(data.manifest),
                                        cfg.vision.embed_batch_size)
+    if variant == "efficientnet_lite0_tiles":
+        all_feats = _cached_tile_features(cfg, data, all_feats)
     split = data.manifest["split"].to_numpy()
     feats = {s: all_feats[split == s] for s in ("train", "val", "test")}
     y = {s: data.split(s)[1] for s in ("train", "val", "test")}
@@ -170,17 +179,49 @@ def train_efficientnet_probe(cfg: MaemiConfig, data: VisionData) -> ModelReport:
                    cfg.vision.grouped_cv_below)
     c, val_acc = sel.c, sel.val_top1
     probe = make(c).fit(feats["train"], y["train"])
-    test_scores = _full_proba(probe, feats["test"], len(data.class_names))
+    n_cls = len(data.class_names)
+    params = {"mode": "linear_probe", "C": c, "C_chosen_by": sel.method,
+              "features": "global-average 1280-d, frozen ImageNet weights"}
+    if variant == "efficientnet_lite0_tta":
+        encoder = EfficientNetLite0Encoder()
+        views = {s: dihedral_features(encoder, data.split(s)[0], cfg.vision.embed_batch_size, f"dihedral views ({s})")
+                 for s in ("val", "test")}
+        scores = {s: np.mean([_full_proba(probe, v, n_cls) for v in views[s]], axis=0) for s in views}
+        val_acc = float((scores["val"].argmax(1) == y["val"]).mean())    # the probe's C, scored with the views
+        test_scores = scores["test"]
+        params["test_time_augmentation"] = "probabilities averaged over the 8 dihedral transforms"
+    else:
+        test_scores = _full_proba(probe, feats["test"], n_cls)
+    if variant == "efficientnet_lite0_tiles":
+        params["features"] += f" + mean of 224-px tiles at short side {list(cfg.vision.tile_scales)} x 224"
+        params["tile_scales"] = ",".join(map(str, cfg.vision.tile_scales))
     emb = {s: l2_normalize(feats[s]) for s in ("train", "val")}
-    out = vision_dir(cfg) / "efficientnet_lite0"
+    out = vision_dir(cfg) / variant
     out.mkdir(parents=True, exist_ok=True)
-    joblib.dump({"probe": probe, "class_names": data.class_names}, out / "probe.joblib")
-    report = _finish("efficientnet_lite0", data, test_scores, vision_dir(cfg) / "figures", {
+    joblib.dump({"probe": probe, "class_names": data.class_names, "variant": variant}, out / "probe.joblib")
+    report = _finish(variant, data, test_scores, vision_dir(cfg) / "figures", {
         "val_top1": val_acc, "val_knn_top1": knn_top1(emb["train"], y["train"], emb["val"], y["val"])})
-    report.params = {"mode": "linear_probe", "C": c, "C_chosen_by": sel.method,
-                     "features": "global-average 1280-d, frozen ImageNet weights"}
+    report.params = params
     report.artifacts = [out / "probe.joblib"]
     return report
+
+
+def _cached_tile_features(cfg: MaemiConfig, data: VisionData, whole: np.ndarray) -> np.ndarray:
+    """:func:`tile_features` of every image, memoised under the data version and the scales."""
+    from maemi_core.data.transforms import save_cache_npy
+
+    scales = [int(s) for s in cfg.vision.tile_scales]
+    path = cfg.workdir_path / "cache" / f"tiles_{'-'.join(map(str, scales))}_{manifest_hash(data.manifest)}.npy"
+    if path.is_file():
+        feats = np.load(path)
+        if feats.shape == (len(whole), whole.shape[1] * (1 + len(scales))):
+            return feats
+    m = data.manifest
+    crops = m["crop_bottom"].fillna(0).astype(int).tolist() if "crop_bottom" in m else [0] * len(m)
+    feats = tile_features(EfficientNetLite0Encoder(), m["path"].tolist(), crops, scales, whole,
+                          cfg.vision.image_size, cfg.vision.embed_batch_size)
+    save_cache_npy(path, feats, "tiles_*.npy")
+    return feats
 
 
 def _full_proba(model, x: np.ndarray, num_classes: int) -> np.ndarray:
@@ -194,18 +235,25 @@ def train_classical(cfg: MaemiConfig, data: VisionData) -> ModelReport:
     feats = {s: texture_feature_matrix(data.split(s)[0]) for s in ("train", "val", "test")}
     y = {s: data.split(s)[1] for s in ("train", "val", "test")}
     g = data.groups()
-    sel = choose_c(svm_model, (1.0, 10.0, 100.0), feats["train"], y["train"], g["train"], feats["val"], y["val"],
-                   g["val"], cfg.vision.grouped_cv_below)
+    sets = [tuple(s) for s in (cfg.vision.classical_feature_sets or DEFAULT_FEATURE_SETS)]
+    columns = {"+".join(s): feature_set_columns(s) for s in sets}
+    chosen = choose_columns_and_c(svm_model, (1.0, 10.0, 100.0), columns, feats["train"], y["train"], g["train"],
+                                  feats["val"], y["val"], g["val"], cfg.vision.grouped_cv_below)
+    sel, cols = chosen.selection, columns[chosen.name]
     c, val_acc = sel.c, sel.val_top1
-    model = svm_model(c).fit(feats["train"], y["train"])
-    test_scores = svm_scores(model, feats["test"], len(data.class_names))
+    model = svm_model(c).fit(feats["train"][:, cols], y["train"])
+    test_scores = svm_scores(model, feats["test"][:, cols], len(data.class_names))
     out = vision_dir(cfg) / "classical"
     out.mkdir(parents=True, exist_ok=True)
-    joblib.dump({"model": model, "class_names": data.class_names}, out / "svm.joblib")
-    report = _finish("classical", data, test_scores, vision_dir(cfg) / "figures", {"val_top1": val_acc, "val_knn_top1": float("nan")})
+    joblib.dump({"model": model, "class_names": data.class_names, "feature_set": chosen.name, "columns": cols},
+                out / "svm.joblib")
+    report = _finish("classical", data, test_scores, vision_dir(cfg) / "figures", {
+        "val_top1": val_acc, "val_knn_top1": float("nan"), "feature_set": chosen.name})
     report.params = {"features": "LBP(8,1)(16,2)(24,3) + GLCM(d=1,2,4) + HOG(112px) + intensity stats",
+                     "feature_set": chosen.name, "feature_set_chosen_by": sel.method,
+                     "feature_set_scores": json.dumps(chosen.scores),
                      "classifier": "RBF SVM, class_weight=balanced", "C": c, "C_chosen_by": sel.method,
-                     "n_features": feats["train"].shape[1]}
+                     "n_features": int(len(cols))}
     report.artifacts = [out / "svm.joblib"]
     return report
 
@@ -246,8 +294,9 @@ def train_classifiers(cfg: MaemiConfig, manifest: pd.DataFrame, tracker: Optiona
         return train_vit(cfg, data, on_epoch)
 
     steps.append(("vit", vit_step))
-    if "efficientnet_lite0" in cfg.vision.baselines:
-        steps.append(("efficientnet_lite0", lambda: train_efficientnet_probe(cfg, data)))
+    for variant in ("efficientnet_lite0", "efficientnet_lite0_tiles", "efficientnet_lite0_tta"):
+        if variant in cfg.vision.baselines:
+            steps.append((variant, lambda variant=variant: train_efficientnet_probe(cfg, data, variant)))
     if "classical" in cfg.vision.baselines:
         steps.append(("classical", lambda: train_classical(cfg, data)))
 

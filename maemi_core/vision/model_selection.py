@@ -48,3 +48,28 @@ def choose_c(make_model: Callable[[float], object], cs: tuple[float, ...], x_tr:
         method = "validation split"
     best = max(cs, key=lambda c: (scores[c], -c))
     return Selection(best, scores[best], method, scores)
+
+
+@dataclass
+class ColumnSelection:
+    name: str              # the chosen column set
+    selection: Selection   # C and its estimate on those columns
+    scores: dict           # column set -> its best estimate
+
+
+def choose_columns_and_c(make_model: Callable[[float], object], cs: tuple[float, ...], column_sets: dict[str, np.ndarray],
+                         x_tr: np.ndarray, y_tr: np.ndarray, g_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndarray,
+                         g_va: np.ndarray, cv_below: int = 200, folds: int = 5) -> ColumnSelection:
+    """The column set (e.g. feature blocks) and C with the best estimate, each set by ``choose_c``
+    on the same folds or validation split. Ties go to the earlier set (list the default first), so a
+    set is only dropped for a better estimate."""
+    if not column_sets:
+        raise ValueError("no column set to choose from")
+    best: tuple[str, Selection] | None = None
+    scores = {}
+    for name, cols in column_sets.items():
+        sel = choose_c(make_model, cs, x_tr[:, cols], y_tr, g_tr, x_va[:, cols], y_va, g_va, cv_below, folds)
+        scores[name] = sel.val_top1
+        if best is None or sel.val_top1 > best[1].val_top1:
+            best = (name, sel)
+    return ColumnSelection(best[0], best[1], scores)
