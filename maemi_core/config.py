@@ -228,6 +228,16 @@ class ModelConfig(_Strict):
     max_len: int = 256
     train_tasks: list[str] = Field(default_factory=lambda: list(TEACHER_TASKS))
     max_train_records: Optional[int] = None   # a stable hash-chosen slice, to fit a CPU budget
+    # How the slice is shared between tasks: records of a task per round-robin round (default 1).
+    train_task_weights: dict[str, int] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _task_weights_name_tasks(self) -> "ModelConfig":
+        bad = {k: v for k, v in self.train_task_weights.items() if k not in TEACHER_TASKS or v < 0}
+        if bad:
+            raise ValueError(f"model.train_task_weights {bad}: keys are tasks of {list(TEACHER_TASKS)}, "
+                             "values records per round (>= 0)")
+        return self
     max_val_records: Optional[int] = None
     seed: int = 0
     # Data-parallel tuning on this many processes (torchrun; gloo on CPU, nccl with one GPU per

@@ -131,6 +131,21 @@ def test_benchmark_records_are_a_stable_slice_covering_every_family():
     assert len(benchmark_records(recs, "vqa", None)) == 30
 
 
+def test_training_slice_shares_records_between_tasks_by_weight():
+    from maemi_core.training.instruction_tuning import select_records
+
+    recs = [_rec(i, t, split="train") for t in ("caption", "vqa", "heterogeneity") for i in range(20)]
+    even = select_records(recs, "train", ["caption", "vqa", "heterogeneity"], 12)
+    weighted = select_records(recs, "train", ["caption", "vqa", "heterogeneity"], 12, {"vqa": 3, "heterogeneity": 0})
+    count = lambda rs, t: sum(r["task"] == t for r in rs)   # noqa: E731
+    assert [count(even, t) for t in ("caption", "vqa", "heterogeneity")] == [4, 4, 4]
+    assert [count(weighted, t) for t in ("caption", "vqa", "heterogeneity")] == [3, 9, 0]
+    # a weighted slice only adds records of a task: the evenly chosen ones stay chosen
+    assert {r["id"] for r in even if r["task"] == "vqa"} <= {r["id"] for r in weighted}
+    # weight 0 for the only tasks left: the slice stops short instead of looping
+    assert len(select_records(recs, "train", ["caption", "vqa"], 30, {"caption": 0, "vqa": 1})) == 20
+
+
 def test_text_table_builders_on_fixed_records():
     recs = [_rec(i, "vqa", family=f"f{i % 2}") for i in range(4)]
     answers = {"maemi": [r["conversations"][1]["value"] for r in recs], "base_lm": ["no idea"] * 4}

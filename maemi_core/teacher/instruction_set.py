@@ -377,20 +377,27 @@ def validate_records(records: list[dict]) -> list[str]:
     return problems
 
 
-def stable_slice(records: list[dict], limit: Optional[int], group: Callable[[dict], str]) -> list[dict]:
+def stable_slice(records: list[dict], limit: Optional[int], group: Callable[[dict], str],
+                 weights: Optional[dict[str, int]] = None) -> list[dict]:
     """``records`` in a stable order (sha256 of the id); with ``limit``, the first ``limit`` taken
-    round-robin over ``group(record)`` so every group is represented. Adding records elsewhere
-    never reshuffles which ones are chosen within a group."""
+    round-robin over ``group(record)`` so every group is represented (``weights``: a group takes
+    that many records per round, default 1). Adding records elsewhere never reshuffles which ones
+    are chosen within a group."""
     chosen = sorted(records, key=lambda r: hashlib.sha256(r["id"].encode()).hexdigest())
     if limit is None or len(chosen) <= limit:
         return chosen
+    weights = weights or {}
     groups: dict[str, list[dict]] = {}
     for r in chosen:
         groups.setdefault(group(r), []).append(r)
-    out, i = [], 0
+    out, taken = [], {g: 0 for g in groups}
     while len(out) < limit:
+        before = len(out)
         for g in sorted(groups):
-            if i < len(groups[g]) and len(out) < limit:
-                out.append(groups[g][i])
-        i += 1
+            for _ in range(max(0, int(weights.get(g, 1)))):
+                if taken[g] < len(groups[g]) and len(out) < limit:
+                    out.append(groups[g][taken[g]])
+                    taken[g] += 1
+        if len(out) == before:      # only groups of weight 0 are left
+            break
     return out

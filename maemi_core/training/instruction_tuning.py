@@ -28,11 +28,13 @@ def model_dir(cfg: MaemiConfig) -> Path:
     return stage_dir(cfg, "model")
 
 
-def select_records(records: list[dict], split: str, tasks: list[str], limit: Optional[int]) -> list[dict]:
+def select_records(records: list[dict], split: str, tasks: list[str], limit: Optional[int],
+                   task_weights: Optional[dict[str, int]] = None) -> list[dict]:
     """Records of one split and the training tasks; with ``limit``, a stable slice by id hash
-    that keeps every task represented (round-robin over tasks)."""
+    that keeps every task represented (round-robin over tasks, ``task_weights`` records of a
+    task per round, default 1)."""
     return stable_slice([r for r in records if r["split"] == split and r["task"] in tasks], limit,
-                        lambda r: r["task"])
+                        lambda r: r["task"], task_weights)
 
 
 def package_meta(records: list[dict], manifest: pd.DataFrame) -> dict:
@@ -123,7 +125,7 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
     from maemi_core.registry.model_registry import log_and_register, registered_model_name
 
     m = cfg.model
-    train_recs = select_records(records, "train", m.train_tasks, m.max_train_records)
+    train_recs = select_records(records, "train", m.train_tasks, m.max_train_records, m.train_task_weights)
     val_recs = select_records(records, "val", m.train_tasks, m.max_val_records)
     if not train_recs:
         raise ValueError("no train records for model.train_tasks: materialize instruction_set first")
