@@ -4,14 +4,19 @@
 
 Measures, on real ELPV cells at 224 px: ViT training steps (forward + backward + Adam,
 with and without augmentation), ViT embedding (no grad), EfficientNet-Lite0 embedding,
-texture-feature extraction for the classical baseline, and top-K similarity search over
-21,000 synthetic 64-d embeddings (the SEM dataset's size).
+texture-feature extraction for the classical baseline, the probe options (multi-scale tiles of
+a 1024x700 16-bit micrograph, the 8 dihedral views for test-time augmentation) and top-K
+similarity search over 21,000 synthetic 64-d embeddings (the SEM dataset's size). The peak
+resident memory of the process is printed after each row (it only grows).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,15 +27,32 @@ from maemi_core.data.sources import list_elpv
 from maemi_core.data.transforms import augment, build_image_array, standardize
 from maemi_core.vision.efficientnet_lite0 import EfficientNetLite0Encoder
 from maemi_core.vision.embeddings import embed_images
+from maemi_core.vision.multiscale_views import dihedral_features, tile_features
 from maemi_core.vision.similarity_sampling import few_shot_demonstrations
 from maemi_core.vision.texture_baseline import texture_feature_matrix
 from maemi_core.vision.vit import PaperViT, PaperViTConfig
 
 
-def timed(fn, n_images: int) -> float:
+def timed(fn, n_images: int) -> tuple[float, float]:
+    """(images/s, peak RSS of the process in GB after the call)."""
     t0 = time.perf_counter()
     fn()
-    return n_images / (time.perf_counter() - t0)
+    return n_images / (time.perf_counter() - t0), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def large_micrographs(cands, n: int, folder: Path) -> list[str]:
+    """``n`` real cells upscaled to 1024x700 and saved as 16-bit TIFFs (12-bit values), the size
+    and depth of an SEM frame."""
+    import tifffile
+    from PIL import Image
+
+    paths = []
+    for i, c in enumerate(cands[:n]):
+        with Image.open(c.path) as im:
+            big = np.asarray(im.convert("L").resize((1024, 700), Image.Resampling.BICUBIC), dtype=np.uint16) * 16
+        paths.append(str(folder / f"frame{i}.tif"))
+        tifffile.imwrite(paths[-1], big)
+    return paths
 
 
 def main() -> None:
@@ -70,6 +92,13 @@ def main() -> None:
     enc = EfficientNetLite0Encoder()
     rows.append(("efficientnet_lite0 embedding (no grad)", timed(lambda: embed_images(enc, images, 64), n)))
     rows.append(("texture features (LBP/GLCM/HOG, 2 jobs)", timed(lambda: texture_feature_matrix(images[:128]), 128)))
+    rows.append(("efficientnet_lite0 8 dihedral views (tta)", timed(lambda: dihedral_features(enc, images[:64]), 64)))
+    with tempfile.TemporaryDirectory() as tmp:
+        frames = large_micrographs(cands, 16, Path(tmp))
+        whole = np.zeros((len(frames), 1280), np.float32)
+        for scales in ([2], [2, 4]):
+            rows.append((f"tiles of 1024x700 16-bit frames, scales {scales}",
+                         timed(lambda: tile_features(enc, frames, [0] * len(frames), scales, whole), len(frames))))
 
     m = 21_000
     emb = np.random.default_rng(0).normal(size=(m, 64)).astype(np.float32)
@@ -79,8 +108,8 @@ def main() -> None:
     rows.append(("top-4 similarity search, 21k x 14.7k train", timed(lambda: few_shot_demonstrations(index, emb, 4), m)))
 
     width = max(len(r[0]) for r in rows)
-    for name, ips in rows:
-        print(f"{name:<{width}}  {ips:10.1f} images/s")
+    for name, (ips, rss) in rows:
+        print(f"{name:<{width}}  {ips:10.1f} images/s   peak RSS {rss:.2f} GB")
 
 
 if __name__ == "__main__":
