@@ -229,6 +229,7 @@ class ModelConfig(_Strict):
     train_tasks: list[str] = Field(default_factory=lambda: list(TEACHER_TASKS))
     max_train_records: Optional[int] = None   # a stable hash-chosen slice, to fit a CPU budget
     # How the slice is shared between tasks: records of a task per round-robin round (default 1).
+    # Only shapes the slice: with max_train_records null every record is used once per epoch.
     train_task_weights: dict[str, int] = Field(default_factory=dict)
 
     @model_validator(mode="after")
