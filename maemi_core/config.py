@@ -231,14 +231,6 @@ class ModelConfig(_Strict):
     # How the slice is shared between tasks: records of a task per round-robin round (default 1).
     # Only shapes the slice: with max_train_records null every record is used once per epoch.
     train_task_weights: dict[str, int] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _task_weights_name_tasks(self) -> "ModelConfig":
-        bad = {k: v for k, v in self.train_task_weights.items() if k not in TEACHER_TASKS or v < 0}
-        if bad:
-            raise ValueError(f"model.train_task_weights {bad}: keys are tasks of {list(TEACHER_TASKS)}, "
-                             "values records per round (>= 0)")
-        return self
     max_val_records: Optional[int] = None
     seed: int = 0
     # Data-parallel tuning on this many processes (torchrun; gloo on CPU, nccl with one GPU per
@@ -252,6 +244,14 @@ class ModelConfig(_Strict):
     # auto: serve with the dynamic int8 kernel only if, on the validation records, it gives the
     # same greedy answers and loss as the training numerics (maemi_core/model/inference_kernel.py)
     inference_kernel: Literal["auto", "dynamic_int8", "weight_only_int8"] = "auto"
+
+    @model_validator(mode="after")
+    def _task_weights_name_tasks(self) -> "ModelConfig":
+        bad = {k: v for k, v in self.train_task_weights.items() if k not in TEACHER_TASKS or v < 0}
+        if bad:
+            raise ValueError(f"model.train_task_weights {bad}: keys are tasks of {list(TEACHER_TASKS)}, "
+                             "values records per round (>= 0)")
+        return self
 
 
 class BaselineEndpoint(_Strict):
