@@ -18,6 +18,12 @@ wall time; each budget continues the last) evaluates on the same fixed test reco
 ``base_lm`` (the LM as it ships) is evaluated once, at 0 tokens. Every point is logged to the
 MLflow experiment ``maemi-learning-curve-<dataset>`` (step = training tokens) and written to
 the CSV beside ``--figure`` (same name, ``.csv``).
+
+After every budget the whole training state (trained tensors, Adam moments, data order and
+random state, the rows so far) is written atomically to ``--state`` (default: beside the
+figure, ``.state.pt``). Run the script again with larger ``--budgets`` and the same settings and
+it continues from the last budget it finished instead of starting over (``--fresh`` ignores
+the state); a state written for other settings or data is not used.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ def main() -> None:
                     help="val: compare design variants without looking at the test set")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--figure", default="docs/learning_curve.png")
+    ap.add_argument("--state", default=None, help="resumable training state (default: <figure>.state.pt)")
+    ap.add_argument("--fresh", action="store_true", help="start from 0 tokens even if a state exists")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -55,6 +63,7 @@ def main() -> None:
     from maemi_core.model.maemi_model import build_model
     from maemi_core.registry.tracking import resolve_tracking_uri, tracked_run
     from maemi_core.teacher.instruction_set import load_instruction_set
+    from maemi_core.training.checkpoints import load_checkpoint, save_checkpoint
     from maemi_core.training.instruction_tuning import select_records, training_config
     from maemi_core.training.maemi_training import (
         ImageStore, MediaCache, build_examples, evaluate_loss, fit_media_statistics, length_buckets, make_optimizer,
@@ -133,6 +142,9 @@ def main() -> None:
         return rows
 
     uri, artifact_root = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.project_root)
+    state_path = Path(args.state) if args.state else Path(args.figure).with_suffix(".state.pt")
+    fingerprint = _fingerprint(args, cfg, train_ex, cls_recs, text_recs)
+    state = None if args.fresh else load_checkpoint(state_path, fingerprint)
     rows: list[dict] = []
     with tracked_run(uri, f"maemi-learning-curve-{cfg.dataset.name}", "learning_curve", time.strftime("%Y%m%dT%H%M%S"),
                      Path(args.config).name, artifact_root):
@@ -142,15 +154,27 @@ def main() -> None:
                            "xattn_heads": m.xattn_heads, "xattn_head_dim": m.xattn_head_dim,
                            "media_norm": m.media_norm, "media_standardize": m.media_standardize,
                            "eval_split": args.eval_split, "majority_top1": majority})
-        rows += evaluate(0, 0.0, [BASE_LM, MAEMI, GATES_CLOSED])
-        probe = probe_reference(cfg, image_ids, y, class_names)
-        if probe is not None:
-            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in probe.items()}, flush=True)
-            rows.append(probe)
         accum = max(1, tcfg.effective_batch // tcfg.micro_batch)
         lengths = [len(e.input_ids) for e in train_ex]
         trained, tokens, epoch, queue = 0.0, 0, 0, []
+        if state is not None:
+            model.load_state_dict(state["weights"], strict=False)
+            opt.load_state_dict(state["optimizer"])
+            gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            trained, tokens, epoch, queue, rows = (state["trained_s"], state["tokens"], state["epoch"], state["queue"],
+                                                   state["rows"])
+            print(f"continuing from {state_path}: {trained / 60:.1f} min trained, {tokens} tokens, epoch {epoch}",
+                  flush=True)
+        else:
+            rows += evaluate(0, 0.0, [BASE_LM, MAEMI, GATES_CLOSED])
+            probe = probe_reference(cfg, image_ids, y, class_names)
+            if probe is not None:
+                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in probe.items()}, flush=True)
+                rows.append(probe)
         for budget in budgets:
+            if trained >= budget * 60:
+                continue            # reached by the run this one continues
             model.train()
             model.vision.eval()
             while trained < budget * 60:
@@ -170,6 +194,10 @@ def main() -> None:
                 mlflow.log_metrics({f"{r['method']}.{k}": float(v) for k, v in r.items()
                                     if k not in ("method",) and isinstance(v, (int, float)) and np.isfinite(v)},
                                    step=tokens)
+            save_checkpoint({"fingerprint": fingerprint, "weights": model.trainable_state_dict(),
+                             "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                             "torch_rng": torch.get_rng_state(), "trained_s": trained, "tokens": tokens,
+                             "epoch": epoch, "queue": queue, "rows": rows}, state_path)
         df = pd.DataFrame(rows)
         csv = Path(args.figure).with_suffix(".csv")
         csv.parent.mkdir(parents=True, exist_ok=True)
@@ -178,6 +206,19 @@ def main() -> None:
         mlflow.log_artifact(str(csv))
         mlflow.log_artifact(str(fig), artifact_path="figures")
     print(df.round(4).to_string(index=False))
+
+
+def _fingerprint(args, cfg, train_ex, cls_recs, text_recs) -> str:
+    """What a saved state must share with this run to be continued: the profile's model and
+    training settings, the train examples and the evaluation records."""
+    import hashlib
+    import json
+
+    key = {"model": cfg.model.model_dump(mode="json"),
+           "vision": cfg.vision.encoder, "threads": args.threads, "eval_split": args.eval_split,
+           "train": [e.id for e in train_ex], "eval_images": [r["id"] for r in cls_recs],
+           "eval_records": {k: [r["id"] for r in v] for k, v in text_recs.items()}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def probe_reference(cfg, image_ids: list[str], y: np.ndarray, class_names: list[str]):

@@ -233,3 +233,52 @@ def test_training_fingerprint_changes_with_the_frozen_encoder_weights():
     a, b, c = tiny_model(seed=0), tiny_model(seed=0), tiny_model(seed=1)
     assert encoder_fingerprint(a) == encoder_fingerprint(b)
     assert encoder_fingerprint(a) != encoder_fingerprint(c)       # a re-trained ViT under the same name
+
+
+def test_answerer_encodes_each_image_once_and_scores_as_without_the_memo():
+    import pandas as pd
+
+    from maemi_core.evaluation.answering import BASE_LM, GATES_CLOSED, Answerer
+    from maemi_core.model.generation import candidate_log_likelihoods
+
+    model = _opened(tiny_model())
+    rng = np.random.default_rng(3)
+    arrays = {f"i{k}": rng.integers(0, 255, (3, 224, 224), dtype=np.uint8) for k in range(3)}
+    answerer = Answerer(model, pd.DataFrame({"image_id": [], "path": [], "crop_bottom": []}), batch_size=4)
+    answerer.images._cache.update(arrays)
+    recs = [{"id": "a", "image_ids": ["i0"], "conversations": [{"value": "<image>\nWhich class?"}]},
+            {"id": "b", "image_ids": ["i1"], "conversations": [{"value": "<image>\nClassify this cell image."}]},
+            {"id": "c", "image_ids": ["i0", "i1", "i2"],     # a few-shot prompt reuses images
+             "conversations": [{"value": "<image> <image> <image>\nThe last one?"}]}]
+    cands = ["functional", "possibly_defective", "defective"]
+    scores = answerer.category_scores(recs, cands)
+    answers = answerer.answer(recs, max_new_tokens=5)
+    for method in (GATES_CLOSED, BASE_LM):
+        answerer.category_scores(recs, cands, method)
+    assert answerer.media.encoded == 3          # three distinct images, however often they are asked about
+
+    qs = [r["conversations"][0]["value"] for r in recs]
+    imgs = [[arrays[i] for i in r["image_ids"]] for r in recs]
+    np.testing.assert_allclose(scores, candidate_log_likelihoods(model, qs, imgs, cands, batch_size=4), atol=1e-4)
+    order = [0, 1, 2]      # the Answerer's order here: by image count, then question length
+    ref = generate_answers(model, [qs[i] for i in order], [imgs[i] for i in order], max_new_tokens=5)
+    assert answers == [ref[order.index(i)] for i in range(3)]
+
+
+def test_visual_token_memo_keeps_the_most_recent_images_within_capacity():
+    from maemi_core.training.maemi_training import MediaCache
+
+    model = tiny_model()
+    rng = np.random.default_rng(4)
+    store = ImageStore({}, 224)
+    store._cache.update({f"i{k}": rng.integers(0, 255, (3, 224, 224), dtype=np.uint8) for k in range(3)})
+    memo = MediaCache(model, store, capacity=2)
+    first = memo.tokens(["i0", "i1"])
+    memo.tokens(["i0"])                           # i0 is now the most recent: i1 leaves next
+    memo.tokens(["i2"])
+    assert memo.encoded == 3 and list(memo._tokens) == ["i0", "i2"]
+    again = memo.tokens(["i1"])                   # evicted, so encoded again: the same tokens
+    assert memo.encoded == 4
+    torch.testing.assert_close(again[0], first[1])
+    with pytest.raises(ValueError, match="capacity"):
+        memo.tokens(["i0", "i1", "i2"])

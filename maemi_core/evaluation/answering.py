@@ -61,14 +61,17 @@ class DecodeStats:
 class Answerer:
     """Batched answers of one loaded MAEMI package for instruction records."""
 
-    def __init__(self, model, manifest: pd.DataFrame, batch_size: int, decoding: DecodingConfig = DecodingConfig()):
-        from maemi_core.training.maemi_training import ImageStore
+    def __init__(self, model, manifest: pd.DataFrame, batch_size: int, decoding: DecodingConfig = DecodingConfig(),
+                 media_capacity: int = 4096):
+        from maemi_core.training.maemi_training import ImageStore, MediaCache
 
         self.model, self.batch_size, self.decoding = model, batch_size, decoding
         self.images = ImageStore.from_manifest(manifest, model.cfg.image_size)
-
-    def arrays(self, r: dict) -> list[np.ndarray]:
-        return [self.images.get(i) for i in r["image_ids"]]
+        # Each image's visual tokens once per Answerer: a benchmark asks about the same test image
+        # in many prompts (every text table, zero- and few-shot, each demonstration, every method
+        # and rank). The encoder is frozen and inputs are fixed, so a memo hit is exact. At most
+        # ``media_capacity`` images are kept (about 256 KB each for EfficientNet-Lite0).
+        self.media = MediaCache(model, self.images, batch=batch_size, capacity=media_capacity)
 
     def method(self, method: str):
         """The model as ``method`` within the block."""
@@ -103,9 +106,10 @@ class Answerer:
             idx = order[start:start + self.batch_size]
             t0 = time.perf_counter()
             counts: list[int] = []
-            got = generate_answers(self.model, [question(records[i]) for i in idx],
-                                   [self.arrays(records[i]) for i in idx], max_new_tokens=max_new_tokens, rank=rank,
-                                   token_counts=counts, plain=plain, decoding=self.decoding)
+            got = generate_answers(self.model, [question(records[i]) for i in idx], [[] for _ in idx],
+                                   max_new_tokens=max_new_tokens, rank=rank, token_counts=counts, plain=plain,
+                                   decoding=self.decoding,
+                                   media=None if plain else self.media.stacked([records[i]["image_ids"] for i in idx]))
             if stats is not None:
                 stats.seconds += time.perf_counter() - t0
                 stats.tokens += sum(counts)
@@ -130,7 +134,8 @@ class Answerer:
             for start in tqdm(range(0, len(records), self.batch_size), desc=f"category likelihoods: {method}",
                               unit="batch", mininterval=2):
                 chunk = records[start:start + self.batch_size]
-                out.append(candidate_log_likelihoods(self.model, [question(r) for r in chunk],
-                                                     [self.arrays(r) for r in chunk], class_names,
-                                                     batch_size=self.batch_size))
+                out.append(candidate_log_likelihoods(
+                    self.model, [question(r) for r in chunk], [[] for _ in chunk], class_names,
+                    batch_size=self.batch_size,
+                    media_of=lambda a, b, chunk=chunk: self.media.stacked([r["image_ids"] for r in chunk[a:b]])))
             return np.concatenate(out) if out else np.zeros((0, len(class_names)))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -41,7 +41,8 @@ def deploy_rank(model: MaemiModel, rank: Optional[int]):
         yield
 
 
-def _left_padded(model: MaemiModel, questions: list[str], images: list[list[np.ndarray]], plain: bool):
+def _left_padded(model: MaemiModel, questions: list[str], images: list[list[np.ndarray]], plain: bool,
+                 media: Optional[torch.Tensor] = None):
     tok = model.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ids = [prompt_ids(tok, q, plain=plain) for q in questions]
@@ -51,8 +52,11 @@ def _left_padded(model: MaemiModel, questions: list[str], images: list[list[np.n
     for i, row in enumerate(ids):
         input_ids[i, t - len(row):] = torch.tensor(row)
         attn[i, t - len(row):] = 1
-    media = None
-    m = 0 if plain else max((len(x) for x in images), default=0)
+    if plain:
+        return input_ids, attn, None, pad_id
+    if media is not None:                          # visual tokens computed by the caller (a memo)
+        return input_ids, attn, media, pad_id
+    m = max((len(x) for x in images), default=0)
     if m:
         size = model.cfg.image_size
         imgs = torch.zeros((len(ids), m, 3, size, size), dtype=torch.uint8)
@@ -68,14 +72,16 @@ def generate_answers(model: MaemiModel, questions: list[str], images: list[list[
                      max_new_tokens: int = 96, do_sample: bool = False, temperature: float = 0.7,
                      top_p: float = 0.9, rank: Optional[int] = None, seed: int = 0,
                      token_counts: Optional[list[int]] = None, plain: bool = False,
-                     decoding: DecodingConfig = DecodingConfig()) -> list[str]:
-    """``questions[i]`` holds one ``<image>`` per array in ``images[i]`` ((3, S, S) uint8 each).
+                     decoding: DecodingConfig = DecodingConfig(),
+                     media: Optional[torch.Tensor] = None) -> list[str]:
+    """``questions[i]`` holds one ``<image>`` per array in ``images[i]`` ((3, S, S) uint8 each),
+    or ``media`` holds their visual tokens already ((B, M, N, V), zero-padded; ``images`` unused).
     ``token_counts``, when given, is extended with the number of tokens generated per answer
     (up to and including end-of-sequence), for throughput figures. ``plain``: prompt without
     image markers, ``<Encode>`` or images (the LM as it ships)."""
     model.eval()
     tok = model.tokenizer
-    input_ids, attn, media, pad_id = _left_padded(model, questions, images, plain)
+    input_ids, attn, media, pad_id = _left_padded(model, questions, images, plain, media)
     t = input_ids.shape[1]
     mask = None if media is None else media_attention_mask(model.image_positions(input_ids, media.shape[1]), t,
                                                            media.shape[1])
@@ -108,12 +114,14 @@ def generate_answers(model: MaemiModel, questions: list[str], images: list[list[
 @torch.no_grad()
 def candidate_log_likelihoods(model: MaemiModel, questions: list[str], images: list[list[np.ndarray]],
                               candidates: list[str], rank: Optional[int] = None, plain: bool = False,
-                              batch_size: int = 8) -> np.ndarray:
+                              batch_size: int = 8,
+                              media_of: Optional[Callable[[int, int], Optional[torch.Tensor]]] = None) -> np.ndarray:
     """(len(questions), len(candidates)) summed log-probability of each candidate as the start of
     the answer: the model's ranking of the categories (top-1/top-k on every test image), from the
     same prompt as :func:`generate_answers`. The prompt is run once per question with the KV
     cache, which is then shared by the candidates: the cost is one prompt plus a few tokens per
-    candidate, not one prompt per candidate."""
+    candidate, not one prompt per candidate. ``media_of(start, stop)``, when given, returns the
+    visual tokens of questions ``start:stop`` (from a memo) instead of encoding ``images``."""
     model.eval()
     tok = model.tokenizer
     cand_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in candidates]
@@ -122,7 +130,8 @@ def candidate_log_likelihoods(model: MaemiModel, questions: list[str], images: l
     with deploy_rank(model, rank):
         for start in range(0, len(questions), batch_size):
             qs, ims = questions[start:start + batch_size], images[start:start + batch_size]
-            ids, attn, media, pad_id = _left_padded(model, qs, ims, plain)
+            pre = None if plain or media_of is None else media_of(start, start + len(qs))
+            ids, attn, media, pad_id = _left_padded(model, qs, ims, plain, pre)
             b, t = ids.shape
             mask = None
             if media is not None:   # candidate tokens see the last image, like the answer would

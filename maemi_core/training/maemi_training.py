@@ -10,6 +10,7 @@ checkpoint of the trainable tensors + optimizer after every epoch, and resume af
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -84,37 +85,53 @@ class ImageStore:
 class MediaCache:
     """Visual tokens per image id, computed once by the frozen encoder and reused by every epoch
     and micro-batch (the encoder is frozen and runs without augmentation, so this is exact).
-    About 256 KB per image for EfficientNet-Lite0 (50 tokens x 1280)."""
+    About 256 KB per image for EfficientNet-Lite0 (50 tokens x 1280). ``capacity``: keep at most
+    this many images, the least recently used leave first (None: all)."""
 
-    def __init__(self, model: MaemiModel, images: ImageStore, batch: int = 16):
-        self.model, self.images, self.batch = model, images, batch
-        self._tokens: dict[str, torch.Tensor] = {}
+    def __init__(self, model: MaemiModel, images: ImageStore, batch: int = 16, capacity: Optional[int] = None):
+        self.model, self.images, self.batch, self.capacity = model, images, batch, capacity
+        self._tokens: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.encoded = 0            # images the encoder has run on (a memo hit costs nothing)
 
     def ensure(self, image_ids) -> None:
-        todo = [i for i in dict.fromkeys(image_ids) if i not in self._tokens]
+        wanted = list(dict.fromkeys(image_ids))
+        if self.capacity is not None and len(wanted) > self.capacity:
+            raise ValueError(f"{len(wanted)} images at once exceed the visual-token cache's capacity {self.capacity}")
+        for i in wanted:
+            if i in self._tokens:
+                self._tokens.move_to_end(i)
+        todo = [i for i in wanted if i not in self._tokens]
         for s in range(0, len(todo), self.batch):
             chunk = todo[s: s + self.batch]
             imgs = torch.from_numpy(np.stack([self.images.get(i) for i in chunk]))[:, None]   # (n, 1, 3, S, S)
             imgs = imgs.to(self.model.new_token_embeddings.device)
             for iid, tok in zip(chunk, self.model.encode_images(imgs)[:, 0]):
                 self._tokens[iid] = tok
+            self.encoded += len(chunk)
+        while self.capacity is not None and len(self._tokens) > self.capacity:
+            self._tokens.popitem(last=False)
 
     def tokens(self, image_ids: list[str]) -> torch.Tensor:
         """(n, N, V) visual tokens of these images, in this order."""
         self.ensure(image_ids)
         return torch.stack([self._tokens[i] for i in image_ids])
 
-    def media(self, batch: list["Example"]) -> Optional[torch.Tensor]:
-        m = max(len(e.image_ids) for e in batch)
+    def stacked(self, image_ids: list[list[str]]) -> Optional[torch.Tensor]:
+        """(B, M, N, V) visual tokens of B prompts' images, zero-padded to the most images any
+        prompt has (M); None when no prompt has an image."""
+        m = max((len(ids) for ids in image_ids), default=0)
         if m == 0:
             return None
-        self.ensure(i for e in batch for i in e.image_ids)
+        self.ensure(i for ids in image_ids for i in ids)
         n, v = next(iter(self._tokens.values())).shape
-        out = torch.zeros((len(batch), m, n, v))
-        for i, e in enumerate(batch):
-            for j, iid in enumerate(e.image_ids):
+        out = torch.zeros((len(image_ids), m, n, v))
+        for i, ids in enumerate(image_ids):
+            for j, iid in enumerate(ids):
                 out[i, j] = self._tokens[iid]
         return out
+
+    def media(self, batch: list["Example"]) -> Optional[torch.Tensor]:
+        return self.stacked([e.image_ids for e in batch])
 
 
 def fit_media_statistics(model: MaemiModel, train: list["Example"], media: MediaCache, max_images: int = 512) -> int:
