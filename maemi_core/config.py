@@ -133,9 +133,15 @@ class VisionConfig(_Strict):
     # Rows beside the ViT. efficientnet_lite0: frozen encoder + logistic-regression probe on the
     # whole image at 224 px; efficientnet_lite0_tiles: the same plus the mean feature of 224-px
     # tiles at each of tile_scales (for micrographs much larger than 224 px); efficientnet_lite0_tta:
-    # the first probe with its scores averaged over the 8 rotations/flips; classical: texture SVM.
-    baselines: list[Literal["efficientnet_lite0", "efficientnet_lite0_tiles", "efficientnet_lite0_tta", "classical"]] = Field(
+    # the first probe with its scores averaged over the 8 rotations/flips; efficientnet_lite0_finetune:
+    # the last finetune_blocks blocks + head conv + a linear classifier trained (finetune_train) on
+    # cached trunk maps; classical: texture SVM.
+    baselines: list[Literal["efficientnet_lite0", "efficientnet_lite0_tiles", "efficientnet_lite0_tta",
+                            "efficientnet_lite0_finetune", "classical"]] = Field(
         default_factory=lambda: ["efficientnet_lite0", "classical"])
+    finetune_blocks: int = Field(3, ge=1, le=16)
+    finetune_train: ClassifierTrainingConfig = Field(default_factory=lambda: ClassifierTrainingConfig(
+        lr=3e-4, max_epochs=30, early_stopping_patience=6, lr_patience=3))
     tile_scales: list[int] = Field(default_factory=lambda: [2])   # short side = s x image_size
     embed_batch_size: int = 64
     # Probe / SVM C: chosen by cross-validation over train+val with folds that never split a

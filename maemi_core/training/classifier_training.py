@@ -45,11 +45,16 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def image_inputs(batch: np.ndarray) -> torch.Tensor:
+    """uint8 images (B, 3, S, S) -> the standardised float batch the classifiers read."""
+    return standardize(torch.from_numpy(np.asarray(batch)))
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, images_u8: np.ndarray, batch_size: int = 64) -> torch.Tensor:
+def predict_logits(model: nn.Module, images_u8: np.ndarray, batch_size: int = 64,
+                   inputs: Callable[[np.ndarray], torch.Tensor] = image_inputs) -> torch.Tensor:
     model.eval()
-    out = [model(standardize(torch.from_numpy(images_u8[i: i + batch_size])))
-           for i in range(0, len(images_u8), batch_size)]
+    out = [model(inputs(images_u8[i: i + batch_size])) for i in range(0, len(images_u8), batch_size)]
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -62,11 +67,16 @@ def train_classifier(
     fingerprint: str,
     on_epoch: Callable[[EpochRecord], None] = lambda rec: None,
     stop_after_epoch: Optional[int] = None,
+    inputs: Callable[[np.ndarray], torch.Tensor] = image_inputs,
+    augment_batch: Callable[[torch.Tensor, torch.Generator], torch.Tensor] = augment,
 ) -> TrainingResult:
     """Train ``model`` in place; on return it holds the best-validation weights.
 
     ``stop_after_epoch`` ends the process-equivalent of a kill after that epoch's
-    checkpoint (used by tests of resume).
+    checkpoint (used by tests of resume). ``inputs`` turns a slice of the training arrays into
+    the model's input batch (default: uint8 images, standardised) and ``augment_batch`` augments
+    it when ``cfg.augment`` (default: the orientation-free image augmentation); a model trained
+    on cached features passes its own.
     """
     num_classes = int(model.head.out_features)
     torch.manual_seed(cfg.seed)
@@ -95,9 +105,9 @@ def train_classifier(
                    leave=False, mininterval=2)
         for start in bar:
             idx = order[start: start + cfg.batch_size]
-            x = standardize(torch.from_numpy(train_images[idx.numpy()]))
+            x = inputs(train_images[idx.numpy()])
             if cfg.augment:
-                x = augment(x, gen)
+                x = augment_batch(x, gen)
             loss = F.cross_entropy(model(x), y_train[idx], weight=weights, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -107,7 +117,7 @@ def train_classifier(
             bar.set_postfix(loss=f"{total / seen:.4f}")
         ips = seen / max(time.perf_counter() - t0, 1e-9)
 
-        logits = predict_logits(model, val_images)
+        logits = predict_logits(model, val_images, inputs=inputs)
         val_loss = float(F.cross_entropy(logits, y_val, weight=weights)) if len(y_val) else total / seen
         val_acc = float((logits.argmax(1) == y_val).float().mean()) if len(y_val) else float("nan")
         sched.step(val_loss)

@@ -5,6 +5,7 @@ Models (names used in reports and MLflow):
 - ``vit``: :mod:`maemi_core.vision.vit`, trained by :mod:`maemi_core.training.classifier_training`;
 - ``efficientnet_lite0``: the pretrained ImageNet EfficientNet-Lite0 from PyPI, frozen, with a
   logistic-regression probe (C chosen on validation);
+- ``efficientnet_lite0_finetune``: its last blocks fine-tuned (:mod:`maemi_core.vision.efficientnet_finetune`);
 - ``classical``: LBP/GLCM/HOG texture features + RBF SVM (C chosen on validation).
 
 Besides top-1 on validation, each encoder is scored by cosine k-NN on its embeddings
@@ -206,6 +207,54 @@ def train_efficientnet_probe(cfg: MaemiConfig, data: VisionData, variant: str = 
     return report
 
 
+def train_efficientnet_finetune(cfg: MaemiConfig, data: VisionData,
+                                on_epoch: Callable[[EpochRecord], None] = lambda rec: None,
+                                stop_after_epoch: Optional[int] = None) -> ModelReport:
+    """The last ``vision.finetune_blocks`` blocks of EfficientNet-Lite0 + head + linear classifier,
+    trained on the cached trunk maps with early stopping on the validation split."""
+    from maemi_core.vision.efficientnet_finetune import (
+        TunedTop, cached_trunk_features, dihedral_maps, first_tuned_block, map_inputs, pooled,
+    )
+
+    name, t = "efficientnet_lite0_finetune", cfg.vision.finetune_train
+    encoder = EfficientNetLite0Encoder()
+    first = first_tuned_block(encoder, cfg.vision.finetune_blocks)
+    maps = cached_trunk_features(data.images, cfg.workdir_path / "cache", manifest_hash(data.manifest), first,
+                                 cfg.vision.embed_batch_size)
+    split = data.manifest["split"].to_numpy()
+    x = {s: maps[np.flatnonzero(split == s)] for s in ("train", "val", "test")}
+    y = {s: data.split(s)[1] for s in ("train", "val", "test")}
+    torch.manual_seed(t.seed)
+    model = TunedTop(encoder, first, len(data.class_names))
+    del encoder
+    fingerprint = json.dumps({"data": manifest_hash(data.manifest), "blocks": cfg.vision.finetune_blocks,
+                              "train": t.model_dump(), "size": cfg.vision.image_size}, sort_keys=True)
+    out = vision_dir(cfg) / name
+    result = train_classifier(model, x["train"], y["train"], x["val"], y["val"], t, out / "checkpoint.pt", fingerprint,
+                              on_epoch=on_epoch, stop_after_epoch=stop_after_epoch, inputs=map_inputs,
+                              augment_batch=dihedral_maps)
+    torch.save({"state_dict": model.state_dict(), "first_block": first, "class_names": data.class_names},
+               out / "model.pt")
+    test_scores = torch.softmax(predict_logits(model, x["test"], inputs=map_inputs), dim=1).numpy()
+    val_scores = predict_logits(model, x["val"], inputs=map_inputs).numpy()
+    emb = {s: l2_normalize(pooled(model, x[s])) for s in ("train", "val")}
+    history = pd.DataFrame([r.__dict__ for r in result.history])
+    history.to_csv(out / "history.csv", index=False)
+    report = _finish(name, data, test_scores, vision_dir(cfg) / "figures", {
+        "val_top1": float((val_scores.argmax(1) == y["val"]).mean()) if len(y["val"]) else float("nan"),
+        "val_knn_top1": knn_top1(emb["train"], y["train"], emb["val"], y["val"]),
+        "epochs": len(result.history), "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
+        "resumed_from_epoch": result.resumed_from_epoch})
+    report.figures["loss_curve"] = loss_curve_figure(history, "EfficientNet-Lite0 fine-tuning",
+                                                     vision_dir(cfg) / "figures" / f"loss_{name}.png")
+    report.params = {"mode": "fine-tune last blocks", "finetune_blocks": cfg.vision.finetune_blocks,
+                     "first_tuned_block": first, "augmentation": "dihedral transforms of the cached trunk maps",
+                     "n_trained_params": sum(p.numel() for p in model.parameters())} | {
+        "finetune." + k: v for k, v in t.model_dump().items()}
+    report.artifacts = [out / "model.pt", out / "history.csv"]
+    return report
+
+
 def _cached_tile_features(cfg: MaemiConfig, data: VisionData, whole: np.ndarray) -> np.ndarray:
     """:func:`tile_features` of every image, memoised under the data version and the scales."""
     from maemi_core.data.transforms import save_cache_npy
@@ -297,6 +346,16 @@ def train_classifiers(cfg: MaemiConfig, manifest: pd.DataFrame, tracker: Optiona
     for variant in ("efficientnet_lite0", "efficientnet_lite0_tiles", "efficientnet_lite0_tta"):
         if variant in cfg.vision.baselines:
             steps.append((variant, lambda variant=variant: train_efficientnet_probe(cfg, data, variant)))
+    if "efficientnet_lite0_finetune" in cfg.vision.baselines:
+        def finetune_step() -> ModelReport:
+            def on_epoch(rec: EpochRecord) -> None:
+                log(f"efficientnet fine-tuning epoch {rec.epoch}: train_loss={rec.train_loss:.4f} "
+                    f"val_loss={rec.val_loss:.4f} val_acc={rec.val_acc:.4f} lr={rec.lr:g}")
+                if tracker is not None:
+                    mlflow.log_metrics({k: getattr(rec, k) for k in ("train_loss", "val_loss", "val_acc", "lr")},
+                                       step=rec.epoch)
+            return train_efficientnet_finetune(cfg, data, on_epoch)
+        steps.append(("efficientnet_lite0_finetune", finetune_step))
     if "classical" in cfg.vision.baselines:
         steps.append(("classical", lambda: train_classical(cfg, data)))
 
