@@ -31,12 +31,12 @@ def main() -> None:
 
     from maemi_core.config import load_config
     from maemi_core.data.manifest import load_manifest
-    from maemi_core.evaluation.answering import Answerer, reference
+    from maemi_core.evaluation.answering import Answerer, benchmark_records, reference
     from maemi_core.evaluation.benchmark_tables import bootstrap_ci
     from maemi_core.evaluation.text_metrics import score_pairs
     from maemi_core.model.generation import DecodingConfig
     from maemi_core.model.maemi_model import load_package
-    from maemi_core.teacher.instruction_set import load_instruction_set, stable_slice
+    from maemi_core.teacher.instruction_set import load_instruction_set
 
     cfg = load_config(args.config)
     manifest = load_manifest(cfg)
@@ -45,8 +45,7 @@ def main() -> None:
     model = load_package(package, cfg.model.lm_cache and str(cfg.resolve(cfg.model.lm_cache)))
     val = []
     for task in args.tasks.split(","):
-        val += stable_slice([r for r in records if r["split"] == "val" and r["task"] == task], args.records,
-                            lambda r: f"{r.get('family') or ''}/{r.get('length') or ''}")
+        val += benchmark_records(records, task, args.records, split="val")
     refs = [reference(r) for r in val]
     rows, off = [], None
     for penalty, ngram in GRID:

@@ -42,13 +42,13 @@ def main() -> None:
 
     from maemi_core.config import load_config
     from maemi_core.data.manifest import load_manifest
-    from maemi_core.evaluation.answering import BASE_LM, MAEMI, Answerer, reference
+    from maemi_core.evaluation.answering import BASE_LM, MAEMI, Answerer, benchmark_records, reference
     from maemi_core.evaluation.benchmark_tables import bootstrap_ci
     from maemi_core.evaluation.text_metrics import score_pairs
     from maemi_core.model.generation import DecodingConfig
     from maemi_core.model.maemi_model import load_package
     from maemi_core.run_isolation import scoped
-    from maemi_core.teacher.instruction_set import load_instruction_set, stable_slice
+    from maemi_core.teacher.instruction_set import load_instruction_set
     from maemi_core.training.instruction_tuning import select_records, tune_and_register
 
     base_cfg = load_config(args.config)
@@ -56,8 +56,7 @@ def main() -> None:
     records = load_instruction_set(base_cfg)
     ev = base_cfg.evaluation
     decoding = DecodingConfig(ev.repetition_penalty, ev.no_repeat_ngram_size)
-    val = {t: stable_slice([r for r in records if r["split"] == "val" and r["task"] == t], args.records,
-                           lambda r: f"{r.get('family') or ''}/{r.get('length') or ''}") for t in args.tasks.split(",")}
+    val = {t: benchmark_records(records, t, args.records, split="val") for t in args.tasks.split(",")}
     rows, first, base = [], {}, {}
     for i, variant in enumerate(args.variants.split(";")):
         cfg = scoped(base_cfg, f"bench-training-slice-{i}", writes="model")

@@ -29,10 +29,11 @@ MAEMI, GATES_CLOSED, BASE_LM = "maemi", "maemi_gates_closed", "base_lm"
 IMAGE_FREE = (GATES_CLOSED, BASE_LM)
 
 
-def benchmark_records(records: list[dict], task: str, limit: Optional[int]) -> list[dict]:
-    """The test records of ``task`` that every method answers: a stable slice by id hash,
-    round-robin over question families and answer lengths so each is represented."""
-    return stable_slice([r for r in records if r["split"] == "test" and r["task"] == task], limit,
+def benchmark_records(records: list[dict], task: str, limit: Optional[int], split: str = "test") -> list[dict]:
+    """The ``split`` records of ``task`` that every method answers: a stable slice by id hash,
+    round-robin over question families and answer lengths so each is represented (``split``
+    "val" for choices that must not look at the test set)."""
+    return stable_slice([r for r in records if r["split"] == split and r["task"] == task], limit,
                         lambda r: f"{r.get('family') or ''}/{r.get('length') or ''}")
 
 

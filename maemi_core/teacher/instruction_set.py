@@ -240,7 +240,6 @@ def generate_instruction_set(cfg: MaemiConfig, manifest: pd.DataFrame, few_shot:
     pack = load_prompt_pack(cfg.dataset.prompt_pack, Path(cfg.project_root))
     teacher = teacher if teacher is not None else make_teacher(cfg, api_key)
     identity = teacher.identity()
-    out = instructions_dir(cfg)
     cache = open_teacher_cache(cfg, teacher_cache_path(cfg))
     plan = plan_records(cfg, manifest, few_shot, groups, pack)
     log(f"{len(plan)} records planned with pack {pack.name} v{pack.version}, teacher {identity}")
