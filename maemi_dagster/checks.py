@@ -13,6 +13,7 @@ from maemi_core.threads import fit_threads
 from maemi_dagster.assets.data import raw_images
 from maemi_dagster.assets.evaluation import benchmark_tables
 from maemi_dagster.assets.teacher import instruction_set
+from maemi_dagster.assets.vision import vit_classifier
 from maemi_dagster.executor import TORCH_POOL, TORCH_STEP
 from maemi_dagster.metadata import table_md
 from maemi_dagster.resources import MaemiConfigResource, MLflowResource
@@ -96,6 +97,31 @@ def raw_images_sample_groups(context: dg.AssetCheckExecutionContext, maemi_confi
 
 RAW_IMAGES_CHECKS = [raw_images_no_split_leakage, raw_images_class_balance, raw_images_rejected_fraction,
                      raw_images_sample_groups]
+
+
+@dg.asset_check(asset=vit_classifier,
+                description="Warns when the encoder MAEMI reads (vision.encoder) is not the one that did better on "
+                            "validation (cosine k-NN, then top-1). The choice stays the profile's: switching the "
+                            "encoder retrains MAEMI from scratch (adapters of one encoder do not fit another).")
+def vit_classifier_encoder_is_validation_winner(context: dg.AssetCheckExecutionContext,
+                                                maemi_config: MaemiConfigResource) -> dg.AssetCheckResult:
+    from maemi_core.vision.classifiers import vision_dir
+
+    cfg = maemi_config.load(context)
+    summary = json.loads((vision_dir(cfg) / "summary.json").read_text())
+    best, used = summary["best_encoder_on_val"], cfg.vision.encoder
+    rows = pd.DataFrame([{k: m.get(k) for k in ("model", "val_knn_top1", "val_top1", "top1")} for m in summary["models"]
+                         if m["model"] in ("vit", "efficientnet_lite0")])
+    return dg.AssetCheckResult(
+        passed=best == used, severity=dg.AssetCheckSeverity.WARN,
+        description=(f"vision.encoder {used} is the validation winner" if best == used else
+                     f"vision.encoder is {used}, but {best} did better on validation: set vision.encoder: {best} "
+                     "in the profile to have MAEMI read it (the next maemi_model run then trains from scratch)"),
+        metadata={"encoder_in_use": used, "best_encoder_on_val": best,
+                  "encoders": table_md(rows.round(4), index=False)})
+
+
+VISION_CHECKS = [vit_classifier_encoder_is_validation_winner]
 
 
 @dg.asset_check(asset=instruction_set, blocking=True,

@@ -4,6 +4,7 @@ registered model answering in a fresh process, and the benchmark tables."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from maemi_dagster.assets.model import maemi_model
 from maemi_dagster.assets.teacher import instruction_set
 from maemi_dagster.assets.vision import demonstration_sets, image_embeddings, vit_classifier
 from maemi_dagster.assets.operations import model_promotion
-from maemi_dagster.checks import EVALUATION_CHECKS, INSTRUCTION_SET_CHECKS
+from maemi_dagster.checks import EVALUATION_CHECKS, INSTRUCTION_SET_CHECKS, VISION_CHECKS
 from maemi_dagster.resources import MaemiConfigResource, MLflowResource, TeacherResource
 from tests.conftest import REPO
 
@@ -52,7 +53,8 @@ def pipeline(tmp_path_factory):
                      "teacher": TeacherResource()}
         instance = dg.DagsterInstance.ephemeral()
         result = dg.materialize(
-            [raw_images, vit_classifier, image_embeddings, demonstration_sets, instruction_set, *INSTRUCTION_SET_CHECKS,
+            [raw_images, vit_classifier, *VISION_CHECKS, image_embeddings, demonstration_sets, instruction_set,
+             *INSTRUCTION_SET_CHECKS,
              maemi_model, benchmark_tables, *EVALUATION_CHECKS, model_promotion],
             resources=resources, instance=instance,
         )
@@ -112,7 +114,15 @@ def test_pipeline_on_the_tiny_profile(pipeline):
     n_records = mat.metadata["dagster/row_count"].value
     assert n_records > 64 * 4
     assert mat.metadata["teacher_calls"].value == n_records and mat.metadata["cache_hits"].value == 0
-    assert all(e.passed for e in result.get_asset_check_evaluations())
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    # The encoder check warns (never blocks) unless the profile's encoder won on validation.
+    enc = evaluations.pop("vit_classifier_encoder_is_validation_winner")
+    summary = json.loads((vision / "summary.json").read_text())
+    assert enc.metadata["encoder_in_use"].value == cfg.vision.encoder == "vit"
+    assert enc.metadata["best_encoder_on_val"].value == summary["best_encoder_on_val"]
+    assert enc.passed == (summary["best_encoder_on_val"] == "vit")
+    assert enc.severity == dg.AssetCheckSeverity.WARN
+    assert all(e.passed for e in evaluations.values())
     lines = (cfg.workdir_path / "instructions" / "instructions.jsonl").read_text().splitlines()
     assert len(lines) == n_records
 

@@ -5,7 +5,7 @@ import mlflow
 import pandas as pd
 
 from maemi_core.code_version import code_version
-from maemi_core.data.manifest import load_manifest, manifest_hash
+from maemi_core.data.manifest import load_manifest
 from maemi_core.vision.classifiers import train_classifiers
 from maemi_core.vision.embeddings import compute_embeddings, save_embeddings
 from maemi_core.vision.similarity_sampling import build_demonstration_sets
@@ -63,8 +63,10 @@ def vit_classifier(context: dg.AssetExecutionContext, config: Recompute, maemi_c
     for report in result.reports:
         metadata[f"{report.name}_top1"] = float(report.summary["top1"])
         metadata[f"confusion_{report.name}"] = image_md(report.figures["confusion_matrix"], f"{report.name} confusion")
-    vit = result.report("vit")
-    metadata["vit_loss_curve"] = image_md(vit.figures["loss_curve"], "ViT loss")
+    for report in result.reports:           # the trained models' loss curves (ViT, fine-tuned EfficientNet)
+        if "loss_curve" in report.figures:
+            key = "vit_loss_curve" if report.name == "vit" else f"{report.name}_loss_curve"
+            metadata[key] = image_md(report.figures["loss_curve"], f"{report.name} loss")
     publish(cfg, inputs=inputs, data_version=inputs)
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(inputs))
 
