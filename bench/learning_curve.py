@@ -223,23 +223,26 @@ def _fingerprint(args, cfg, train_ex, cls_recs, text_recs) -> str:
 
 def probe_reference(cfg, image_ids: list[str], y: np.ndarray, class_names: list[str]):
     """The same scores for the frozen EfficientNet-Lite0 linear probe (``vit_classifier``'s
-    baseline) on the same images, from the ``image_embeddings`` it reads: how much of the class
-    the visual tokens MAEMI attends to carry. None when the probe or embeddings are missing."""
+    baseline) on the same images, from the raw pooled features it was trained on (the workdir's
+    feature cache; the L2-normalised ``image_embeddings`` are not its input): how much of the
+    class the visual tokens MAEMI attends to carry. None when the probe or the cache is missing."""
     import joblib
 
+    from maemi_core.data.manifest import load_manifest, manifest_hash
     from maemi_core.run_isolation import stage_dir
-    from maemi_core.vision.embeddings import load_embeddings
 
     path = stage_dir(cfg, "vision") / "efficientnet_lite0" / "probe.joblib"
-    try:
-        index, emb = load_embeddings(cfg)
-    except FileNotFoundError:
+    manifest = load_manifest(cfg)
+    key = manifest_hash(manifest)
+    feats_path = cfg.workdir_path / "cache" / f"efficientnet_lite0_{key}.npy"
+    if not (path.is_file() and feats_path.is_file()):
         return None
-    if not path.is_file() or set(index["encoder"]) != {"efficientnet_lite0"}:
+    feats = np.load(feats_path)
+    if len(feats) != len(manifest):
         return None
     saved = joblib.load(path)
-    row_of = {iid: k for k, iid in enumerate(index["image_id"])}
-    proba = saved["probe"].predict_log_proba(emb[[row_of[i] for i in image_ids]])
+    row_of = {iid: k for k, iid in enumerate(manifest["image_id"])}
+    proba = saved["probe"].predict_log_proba(feats[[row_of[i] for i in image_ids]])
     sc = np.full((len(image_ids), len(class_names)), -np.inf)
     for j, name in enumerate(saved["class_names"]):
         sc[:, class_names.index(name)] = proba[:, j]
