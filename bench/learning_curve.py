@@ -166,12 +166,13 @@ def main() -> None:
                                                    state["rows"])
             print(f"continuing from {state_path}: {trained / 60:.1f} min trained, {tokens} tokens, epoch {epoch}",
                   flush=True)
+            rows = [r for r in rows if r["method"] != "efficientnet_probe"]     # recomputed below (cheap)
         else:
             rows += evaluate(0, 0.0, [BASE_LM, MAEMI, GATES_CLOSED])
-            probe = probe_reference(cfg, image_ids, y, class_names)
-            if probe is not None:
-                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in probe.items()}, flush=True)
-                rows.append(probe)
+        probe = probe_reference(cfg, image_ids, y, class_names)
+        if probe is not None:
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in probe.items()}, flush=True)
+            rows.append(probe)
         for budget in budgets:
             if trained >= budget * 60:
                 continue            # reached by the run this one continues
