@@ -203,7 +203,7 @@ def main() -> None:
         csv = Path(args.figure).with_suffix(".csv")
         csv.parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(csv, index=False)
-        fig = figure(df, Path(args.figure), cfg.dataset.name)
+        fig = figure(df, Path(args.figure), cfg.dataset.name, majority)
         mlflow.log_artifact(str(csv))
         mlflow.log_artifact(str(fig), artifact_path="figures")
     print(df.round(4).to_string(index=False))
@@ -275,7 +275,7 @@ def _macro_auc(y: np.ndarray, scores: np.ndarray, n_classes: int) -> float:
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
-def figure(df: pd.DataFrame, path: Path, dataset: str) -> Path:
+def figure(df: pd.DataFrame, path: Path, dataset: str, majority: float | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,11 +292,14 @@ def figure(df: pd.DataFrame, path: Path, dataset: str) -> Path:
             if not len(g):
                 continue
             x = g["train_tokens"] / 1e3
-            if len(g) == 1:   # a fixed reference (base_lm): a horizontal line
-                ax.axhline(g[metric].iloc[0], ls="--", color="grey", label=method)
+            if len(g) == 1:   # a fixed reference (base_lm, the probe): a horizontal line
+                style = {"base_lm": ("--", "grey")}.get(method, (":", "green"))
+                ax.axhline(g[metric].iloc[0], ls=style[0], color=style[1], label=method)
                 continue
             ax.plot(x, g[metric], marker="o", label=method)
             ax.fill_between(x, g[f"{metric}_ci_low"], g[f"{metric}_ci_high"], alpha=0.2)
+        if metric == "zero_shot_top1" and majority is not None:
+            ax.axhline(majority, ls="-.", color="black", lw=0.8, label="always the majority class")
         ax.set_xlabel("training tokens (thousands)")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
