@@ -169,7 +169,7 @@ def main() -> None:
             rows = [r for r in rows if r["method"] != "efficientnet_probe"]     # recomputed below (cheap)
         else:
             rows += evaluate(0, 0.0, [BASE_LM, MAEMI, GATES_CLOSED])
-        probe = probe_reference(cfg, image_ids, y, class_names)
+        probe = probe_reference(cfg, manifest, image_ids, y, class_names)
         if probe is not None:
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in probe.items()}, flush=True)
             rows.append(probe)
@@ -222,18 +222,17 @@ def _fingerprint(args, cfg, train_ex, cls_recs, text_recs) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def probe_reference(cfg, image_ids: list[str], y: np.ndarray, class_names: list[str]):
+def probe_reference(cfg, manifest: pd.DataFrame, image_ids: list[str], y: np.ndarray, class_names: list[str]):
     """The same scores for the frozen EfficientNet-Lite0 linear probe (``vit_classifier``'s
     baseline) on the same images, from the raw pooled features it was trained on (the workdir's
     feature cache; the L2-normalised ``image_embeddings`` are not its input): how much of the
     class the visual tokens MAEMI attends to carry. None when the probe or the cache is missing."""
     import joblib
 
-    from maemi_core.data.manifest import load_manifest, manifest_hash
+    from maemi_core.data.manifest import manifest_hash
     from maemi_core.run_isolation import stage_dir
 
     path = stage_dir(cfg, "vision") / "efficientnet_lite0" / "probe.joblib"
-    manifest = load_manifest(cfg)
     key = manifest_hash(manifest)
     feats_path = cfg.workdir_path / "cache" / f"efficientnet_lite0_{key}.npy"
     if not (path.is_file() and feats_path.is_file()):

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from maemi_core.data.transforms import standardize
 from maemi_core.vision.efficientnet_lite0 import FEATURE_DIM, EfficientNetLite0Encoder
+from maemi_core.vision.multiscale_views import DIHEDRAL, dihedral
 
 
 def first_tuned_block(encoder: EfficientNetLite0Encoder, blocks: int) -> int:
@@ -98,14 +99,10 @@ def map_inputs(batch: np.ndarray) -> torch.Tensor:
 
 
 def dihedral_maps(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Each (C, H, W) map rotated by a random multiple of 90 degrees and flipped with p = 0.5."""
-    out = torch.empty_like(batch)
-    for i in range(len(batch)):
-        m = torch.rot90(batch[i], int(torch.randint(0, 4, (1,), generator=generator)), dims=(1, 2))
-        if bool(torch.randint(0, 2, (1,), generator=generator)):
-            m = torch.flip(m, dims=(2,))
-        out[i] = m
-    return out
+    """Each (C, H, W) map under a random one of the 8 dihedral transforms (rotations by multiples
+    of 90 degrees, with and without a flip): :func:`multiscale_views.dihedral` per map."""
+    ks = torch.randint(0, DIHEDRAL, (len(batch),), generator=generator).tolist()
+    return torch.cat([dihedral(batch[i: i + 1], k) for i, k in enumerate(ks)]) if ks else batch.clone()
 
 
 @torch.no_grad()
