@@ -23,7 +23,8 @@ After every budget the whole training state (trained tensors, Adam moments, data
 random state, the rows so far) is written atomically to ``--state`` (default: beside the
 figure, ``.state.pt``). Run the script again with larger ``--budgets`` and the same settings and
 it continues from the last budget it finished instead of starting over (``--fresh`` ignores
-the state); a state written for other settings or data is not used.
+the state); a state written for other settings or data is not used. ``--replot`` only redraws
+the figure from that CSV (no model is loaded).
 """
 
 from __future__ import annotations
@@ -49,15 +50,17 @@ def main() -> None:
     ap.add_argument("--figure", default="docs/learning_curve.png")
     ap.add_argument("--state", default=None, help="resumable training state (default: <figure>.state.pt)")
     ap.add_argument("--fresh", action="store_true", help="start from 0 tokens even if a state exists")
+    ap.add_argument("--replot", action="store_true", help="only redraw --figure from the CSV beside it")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.replot:
+        return replot(args)
 
     import mlflow
 
     from maemi_core.config import load_config
     from maemi_core.data.manifest import load_manifest
     from maemi_core.evaluation.answering import BASE_LM, GATES_CLOSED, MAEMI, Answerer, benchmark_records, reference
-    from maemi_core.evaluation.benchmark_run import classification_images
     from maemi_core.evaluation.benchmark_tables import bootstrap_ci
     from maemi_core.evaluation.text_metrics import score_pairs
     from maemi_core.model.maemi_model import build_model
@@ -91,16 +94,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(tcfg.seed)
     torch.manual_seed(tcfg.seed)
 
-    class_names = sorted(manifest["label"].unique())
-    if args.eval_split == "test":
-        image_ids = classification_images(records, None, args.eval_images or None)
-    else:
-        image_ids = sorted({r["image_ids"][-1] for r in records if r["split"] == "val"
-                            and r["task"] == "classify_zero_shot"})[: args.eval_images or None]
-    zs = {r["image_ids"][-1]: r for r in records if r["split"] == args.eval_split and r["task"] == "classify_zero_shot"}
-    cls_recs = [zs[i] for i in image_ids]
-    y = np.array([class_names.index(r["label"]) for r in cls_recs])
-    majority = float(np.bincount(y, minlength=len(class_names)).max() / max(len(y), 1))
+    class_names, image_ids, cls_recs, y, majority = classification_targets(manifest, records, args)
     text_tasks = ("vqa", "caption") if args.eval_records else ()
     text_recs = {t: benchmark_records(records, t, args.eval_records) for t in text_tasks}
     answerer = Answerer(model, manifest, cfg.evaluation.batch_size)
@@ -209,6 +203,38 @@ def main() -> None:
     print(df.round(4).to_string(index=False))
 
 
+def classification_targets(manifest: pd.DataFrame, records: list[dict], args):
+    """The fixed zero-shot evaluation: class names, image ids, their records, labels (indices)
+    and the score of always answering the majority class."""
+    from maemi_core.evaluation.benchmark_run import classification_images
+
+    class_names = sorted(manifest["label"].unique())
+    if args.eval_split == "test":
+        image_ids = classification_images(records, None, args.eval_images or None)
+    else:
+        image_ids = sorted({r["image_ids"][-1] for r in records if r["split"] == "val"
+                            and r["task"] == "classify_zero_shot"})[: args.eval_images or None]
+    zs = {r["image_ids"][-1]: r for r in records if r["split"] == args.eval_split and r["task"] == "classify_zero_shot"}
+    cls_recs = [zs[i] for i in image_ids]
+    y = np.array([class_names.index(r["label"]) for r in cls_recs])
+    majority = float(np.bincount(y, minlength=len(class_names)).max() / max(len(y), 1))
+    return class_names, image_ids, cls_recs, y, majority
+
+
+def replot(args) -> None:
+    """Redraw ``--figure`` from the CSV beside it (e.g. after a change to the figure)."""
+    from maemi_core.config import load_config
+    from maemi_core.data.manifest import load_manifest
+    from maemi_core.teacher.instruction_set import load_instruction_set
+
+    csv = Path(args.figure).with_suffix(".csv")
+    if not csv.exists():
+        raise SystemExit(f"{csv} does not exist: run the learning curve first (without --replot)")
+    cfg = load_config(args.config)
+    majority = classification_targets(load_manifest(cfg), load_instruction_set(cfg), args)[-1]
+    print(figure(pd.read_csv(csv), Path(args.figure), cfg.dataset.name, majority))
+
+
 def _fingerprint(args, cfg, train_ex, cls_recs, text_recs) -> str:
     """What a saved state must share with this run to be continued: the profile's model and
     training settings, the train examples and the evaluation records."""
@@ -280,10 +306,11 @@ def figure(df: pd.DataFrame, path: Path, dataset: str, majority: float | None = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("zero_shot_top1", "zero-shot top-1 (likelihood, test images)"), ("vqa_meteor", "VQA METEOR"),
+    panels = [("zero_shot_top1", "zero-shot top-1 (likelihood, test images)"),
+              ("zero_shot_macro_auc", "zero-shot macro AUC (category scores)"), ("vqa_meteor", "VQA METEOR"),
               ("caption_meteor", "caption METEOR")]
     panels = [p for p in panels if p[0] in df.columns]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
     axes = axes[0]
     for ax, (metric, title) in zip(axes, panels):
         for method, g in df.groupby("method", sort=False):
