@@ -39,7 +39,7 @@ demo: venv $(DAGSTER_HOME)/dagster.yaml
 	@echo "Outputs under .maemi/, runs in the MLflow store (make mlflow-ui), history in the Dagster UI (make dagster)."
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # The multi-host path on real servers (PostgreSQL, Redis, MLflow server, Dagster daemon, two Celery
 # workers), installed and started by deploy/ on loopback; CI runs it after `make test`.
