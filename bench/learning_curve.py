@@ -50,7 +50,9 @@ def main() -> None:
     ap.add_argument("--figure", default="docs/learning_curve.png")
     ap.add_argument("--state", default=None, help="resumable training state (default: <figure>.state.pt)")
     ap.add_argument("--fresh", action="store_true", help="start from 0 tokens even if a state exists")
-    ap.add_argument("--replot", action="store_true", help="only redraw --figure from the CSV beside it")
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw --figure from the CSV beside it (give the run's --eval-split / --eval-images: "
+                         "they set the majority-class line)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.replot:
@@ -197,7 +199,7 @@ def main() -> None:
         csv = Path(args.figure).with_suffix(".csv")
         csv.parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(csv, index=False)
-        fig = figure(df, Path(args.figure), cfg.dataset.name, majority)
+        fig = figure(df, Path(args.figure), cfg.dataset.name, majority, args.eval_split)
         mlflow.log_artifact(str(csv))
         mlflow.log_artifact(str(fig), artifact_path="figures")
     print(df.round(4).to_string(index=False))
@@ -222,7 +224,9 @@ def classification_targets(manifest: pd.DataFrame, records: list[dict], args):
 
 
 def replot(args) -> None:
-    """Redraw ``--figure`` from the CSV beside it (e.g. after a change to the figure)."""
+    """Redraw ``--figure`` from the CSV beside it (e.g. after a change to the figure). The CSV does
+    not hold the majority class's score: it is recomputed from the instruction set for the same
+    ``--eval-split`` / ``--eval-images`` as the run that wrote the CSV."""
     from maemi_core.config import load_config
     from maemi_core.data.manifest import load_manifest
     from maemi_core.teacher.instruction_set import load_instruction_set
@@ -232,7 +236,7 @@ def replot(args) -> None:
         raise SystemExit(f"{csv} does not exist: run the learning curve first (without --replot)")
     cfg = load_config(args.config)
     majority = classification_targets(load_manifest(cfg), load_instruction_set(cfg), args)[-1]
-    print(figure(pd.read_csv(csv), Path(args.figure), cfg.dataset.name, majority))
+    print(figure(pd.read_csv(csv), Path(args.figure), cfg.dataset.name, majority, args.eval_split))
 
 
 def _fingerprint(args, cfg, train_ex, cls_recs, text_recs) -> str:
@@ -300,13 +304,13 @@ def _macro_auc(y: np.ndarray, scores: np.ndarray, n_classes: int) -> float:
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
-def figure(df: pd.DataFrame, path: Path, dataset: str, majority: float | None = None) -> Path:
+def figure(df: pd.DataFrame, path: Path, dataset: str, majority: float | None = None, split: str = "test") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("zero_shot_top1", "zero-shot top-1 (likelihood, test images)"),
+    panels = [("zero_shot_top1", f"zero-shot top-1 (likelihood, {split} images)"),
               ("zero_shot_macro_auc", "zero-shot macro AUC (category scores)"), ("vqa_meteor", "VQA METEOR"),
               ("caption_meteor", "caption METEOR")]
     panels = [p for p in panels if p[0] in df.columns]
