@@ -50,6 +50,9 @@ def main() -> None:
     ap.add_argument("--figure", default="docs/learning_curve.png")
     ap.add_argument("--state", default=None, help="resumable training state (default: <figure>.state.pt)")
     ap.add_argument("--fresh", action="store_true", help="start from 0 tokens even if a state exists")
+    ap.add_argument("--decay-minutes", type=float, default=0.0,
+                    help="anneal the learning rate linearly to 0 over the last this many minutes before the last "
+                         "budget (0: constant, as the curve in the README)")
     ap.add_argument("--replot", action="store_true",
                     help="only redraw --figure from the CSV beside it (give the run's --eval-split / --eval-images: "
                          "they set the majority-class line)")
@@ -149,7 +152,8 @@ def main() -> None:
                            "effective_batch": tcfg.effective_batch, "gate_lr_multiplier": tcfg.gate_lr_multiplier,
                            "xattn_heads": m.xattn_heads, "xattn_head_dim": m.xattn_head_dim,
                            "media_norm": m.media_norm, "media_standardize": m.media_standardize,
-                           "eval_split": args.eval_split, "majority_top1": majority})
+                           "eval_split": args.eval_split, "majority_top1": majority,
+                           "decay_minutes": args.decay_minutes})
         accum = max(1, tcfg.effective_batch // tcfg.micro_batch)
         lengths = [len(e.input_ids) for e in train_ex]
         trained, tokens, epoch, queue = 0.0, 0, 0, []
@@ -169,6 +173,8 @@ def main() -> None:
         if probe is not None:
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in probe.items()}, flush=True)
             rows.append(probe)
+        for g in opt.param_groups:      # the schedule's reference (a state from a constant-rate run has none)
+            g.setdefault("initial_lr", g["lr"])
         for budget in budgets:
             if trained >= budget * 60:
                 continue            # reached by the run this one continues
@@ -181,6 +187,8 @@ def main() -> None:
                     micro = length_buckets(order, lengths, tcfg.micro_batch, gen)
                     queue = [micro[s: s + accum] for s in range(0, len(micro), accum)]
                 group = queue.pop(0)
+                for g in opt.param_groups:
+                    g["lr"] = g["initial_lr"] * lr_factor(trained / 60, budgets[-1], args.decay_minutes)
                 t0 = time.perf_counter()
                 _, n = optimizer_step(model, opt, [[train_ex[i] for i in mb] for mb in group], pad_id, images, media, gen)
                 trained += time.perf_counter() - t0
@@ -203,6 +211,15 @@ def main() -> None:
         mlflow.log_artifact(str(csv))
         mlflow.log_artifact(str(fig), artifact_path="figures")
     print(df.round(4).to_string(index=False))
+
+
+def lr_factor(minutes: float, end: float, decay: float) -> float:
+    """Stable, then decay (warmup-stable-decay without the warmup): 1 until ``end - decay`` minutes of training, then linear
+    to 0 at ``end`` (``decay`` 0: always 1). A state saved at a constant rate can be continued
+    with a decay (the cooldown branch of that run)."""
+    if decay <= 0 or minutes <= end - decay:
+        return 1.0
+    return max(0.0, (end - minutes) / decay)
 
 
 def classification_targets(manifest: pd.DataFrame, records: list[dict], args):
