@@ -5,7 +5,10 @@
 Uses a trained MAEMI package (``make demo`` writes one; with none, the untrained default model
 is built) and real ELPV instruction records of the workdir: decoding tokens/s of the model's
 batched generator at batch 1 and at the evaluation batch size, for single-image VQA and
-5-image few-shot prompts, and the text-metric scorers' throughput (pairs/s).
+5-image few-shot prompts; seconds per test image of the classification table's category-name
+likelihoods (zero-shot and few-shot prompts, ``--classification-records`` each, at the
+evaluation batch size, visual tokens computed beforehand as the benchmark's memo has them);
+and the text-metric scorers' throughput (pairs/s).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ def main() -> None:
     ap.add_argument("--config", default="configs/default.yaml")
     ap.add_argument("--package", default=None)
     ap.add_argument("--records", type=int, default=16)
+    ap.add_argument("--classification-records", type=int, default=64)
+    ap.add_argument("--parts", default="decoding,likelihoods,metrics", help="which of the three measurements to run")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -41,16 +46,33 @@ def main() -> None:
         print(f"no package at {package}: timing the untrained model")
         model = build_model(cfg).eval()
     records = load_instruction_set(cfg)
-    answerer = Answerer(model, load_manifest(cfg), cfg.evaluation.batch_size)
+    manifest = load_manifest(cfg)
+    answerer = Answerer(model, manifest, cfg.evaluation.batch_size)
     print(f"torch {torch.__version__}, {args.threads} threads, max_new_tokens {cfg.model.max_new_tokens}")
-    print(f"{'prompts':<22}{'batch':>6}{'records':>9}{'tokens':>8}{'tokens/s':>10}{'s/record':>10}")
-    for task in ("vqa", "classify_few_shot"):
+    parts = set(args.parts.split(","))
+    if "decoding" in parts:
+        print(f"{'prompts':<22}{'batch':>6}{'records':>9}{'tokens':>8}{'tokens/s':>10}{'s/record':>10}")
+    for task in ("vqa", "classify_few_shot") if "decoding" in parts else ():
         recs = benchmark_records(records, task, args.records)
         for batch in (1, cfg.evaluation.batch_size):
             answerer.batch_size = batch
             st = DecodeStats()
             answerer.answer(recs, cfg.model.max_new_tokens, stats=st, desc=f"{task} b{batch}")
             print(f"{task:<22}{batch:>6}{len(recs):>9}{st.tokens:>8}{st.tokens_per_s:>10.1f}{st.seconds / len(recs):>10.2f}")
+    class_names = sorted(manifest["label"].unique())
+    for task in ("classify_zero_shot", "classify_few_shot") if "likelihoods" in parts else ():
+        recs = [r for r in records if r["split"] == "test" and r["task"] == task
+                and r.get("length") != "concise"][: args.classification_records]
+        answerer.batch_size = cfg.evaluation.batch_size
+        answerer.media.ensure(i for r in recs for i in r["image_ids"])
+        answerer.category_scores(recs[:1], class_names)                  # one-time costs (merged weights)
+        t0 = time.perf_counter()
+        answerer.category_scores(recs, class_names)
+        dt = time.perf_counter() - t0
+        print(f"category likelihoods, {task}: {len(recs)} images at batch {answerer.batch_size}, "
+              f"{dt / max(len(recs), 1):.3f} s/image")
+    if "metrics" not in parts:
+        return
     recs = [r for r in records if r["split"] == "test"][:200]
     preds = [r["conversations"][-1]["value"][::-1] for r in recs]      # a deterministic, partly overlapping text
     score_pairs(preds[:2], preds[:2])                                   # load the metric modules once

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/learning_curve.py [--budgets 10,30,60,120] [--eval-images 0]
         [--eval-records 64] [--threads 2] [--config configs/default.yaml] [--figure docs/learning_curve.png]
+        [--decay-minutes 0]
 
 Needs the profile's ``instruction_set`` (and so ``raw_images``) materialized (``make demo`` does).
 Trains the profile's model on **all** train records of ``model.train_tasks`` (not the demo's
@@ -25,6 +26,11 @@ figure, ``.state.pt``). Run the script again with larger ``--budgets`` and the s
 it continues from the last budget it finished instead of starting over (``--fresh`` ignores
 the state); a state written for other settings or data is not used. ``--replot`` only redraws
 the figure from that CSV (no model is loaded).
+
+The learning rate is constant (the profile's ``model.lr``) unless ``--decay-minutes D``: then it
+falls linearly to 0 over the last D minutes before the last budget (a cooldown; a state saved
+by a constant-rate run can be continued this way, e.g. ``--budgets 90,120 --decay-minutes 30``
+from the 90-minute state).
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ def main() -> None:
                          "budget (0: constant, as the curve in the README)")
     ap.add_argument("--replot", action="store_true",
                     help="only redraw --figure from the CSV beside it (give the run's --eval-split / --eval-images: "
-                         "they set the majority-class line)")
+                         "they set the majority-class line; and its --decay-minutes, named in the title)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.replot:
@@ -207,16 +213,17 @@ def main() -> None:
         csv = Path(args.figure).with_suffix(".csv")
         csv.parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(csv, index=False)
-        fig = figure(df, Path(args.figure), cfg.dataset.name, majority, args.eval_split)
+        fig = figure(df, Path(args.figure), cfg.dataset.name, majority, args.eval_split, args.decay_minutes)
         mlflow.log_artifact(str(csv))
         mlflow.log_artifact(str(fig), artifact_path="figures")
     print(df.round(4).to_string(index=False))
 
 
 def lr_factor(minutes: float, end: float, decay: float) -> float:
-    """Stable, then decay (warmup-stable-decay without the warmup): 1 until ``end - decay`` minutes of training, then linear
-    to 0 at ``end`` (``decay`` 0: always 1). A state saved at a constant rate can be continued
-    with a decay (the cooldown branch of that run)."""
+    """Stable, then decay (warmup-stable-decay without the warmup): the learning-rate factor is 1
+    until ``end - decay`` minutes of training, then falls linearly to 0 at ``end`` (``decay`` 0:
+    always 1). A state saved at a constant rate can be continued with a decay: the cooldown
+    branch of that run."""
     if decay <= 0 or minutes <= end - decay:
         return 1.0
     return max(0.0, (end - minutes) / decay)
@@ -253,7 +260,8 @@ def replot(args) -> None:
         raise SystemExit(f"{csv} does not exist: run the learning curve first (without --replot)")
     cfg = load_config(args.config)
     majority = classification_targets(load_manifest(cfg), load_instruction_set(cfg), args)[-1]
-    print(figure(pd.read_csv(csv), Path(args.figure), cfg.dataset.name, majority, args.eval_split))
+    print(figure(pd.read_csv(csv), Path(args.figure), cfg.dataset.name, majority, args.eval_split,
+                 args.decay_minutes))
 
 
 def _fingerprint(args, cfg, train_ex, cls_recs, text_recs) -> str:
@@ -321,7 +329,8 @@ def _macro_auc(y: np.ndarray, scores: np.ndarray, n_classes: int) -> float:
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
-def figure(df: pd.DataFrame, path: Path, dataset: str, majority: float | None = None, split: str = "test") -> Path:
+def figure(df: pd.DataFrame, path: Path, dataset: str, majority: float | None = None, split: str = "test",
+           decay_minutes: float = 0.0) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -350,7 +359,9 @@ def figure(df: pd.DataFrame, path: Path, dataset: str, majority: float | None = 
         ax.set_xlabel("training tokens (thousands)")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
-    fig.suptitle(f"MAEMI learning curve ({dataset}; bands: 95% bootstrap intervals)")
+    decay = (f"; learning rate decayed linearly to 0 over the last {decay_minutes:g} min before the last point"
+             if decay_minutes > 0 else "")
+    fig.suptitle(f"MAEMI learning curve ({dataset}; bands: 95% bootstrap intervals{decay})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
