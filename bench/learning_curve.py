@@ -18,7 +18,9 @@ wall time; each budget continues the last) evaluates on the same fixed test reco
 
 ``base_lm`` (the LM as it ships) is evaluated once, at 0 tokens. Every point is logged to the
 MLflow experiment ``maemi-learning-curve-<dataset>`` (step = training tokens) and written to
-the CSV beside ``--figure`` (same name, ``.csv``).
+the CSV beside ``--figure`` (same name, ``.csv``); every evaluation's category log-likelihoods
+per image go to ``.scores.parquet`` beside it (method, train_tokens, image_id, label,
+``loglik_<class>``), so two runs can be compared image by image.
 
 After every budget the whole training state (trained tensors, Adam moments, data order and
 random state, the rows so far) is written atomically to ``--state`` (default: beside the
@@ -121,6 +123,9 @@ def main() -> None:
             row = {"method": method, "train_tokens": tokens, "train_minutes": seconds / 60}
             sc = answerer.category_scores(cls_recs, class_names, method)
             hit = (sc.argmax(1) == y).astype(float)
+            per_image.append({"method": method, "train_tokens": tokens, "image_id": list(image_ids),
+                              "label": [class_names[i] for i in y],
+                              **{f"loglik_{c}": sc[:, j].tolist() for j, c in enumerate(class_names)}})
             lo, hi = bootstrap_ci(hit)
             row |= {"zero_shot_top1": hit.mean(), "zero_shot_top1_ci_low": lo, "zero_shot_top1_ci_high": hi,
                     # how often it names a class other than the majority's: 0 means the image is ignored
@@ -151,6 +156,7 @@ def main() -> None:
     fingerprint = _fingerprint(args, cfg, train_ex, cls_recs, text_recs)
     state = None if args.fresh else load_checkpoint(state_path, fingerprint)
     rows: list[dict] = []
+    per_image: list[dict] = []      # every evaluation's category scores per image (paired comparisons)
     with tracked_run(uri, f"maemi-learning-curve-{cfg.dataset.name}", "learning_curve", time.strftime("%Y%m%dT%H%M%S"),
                      Path(args.config).name, artifact_root):
         mlflow.log_params({"budgets_min": args.budgets, "train_examples": len(train_ex), "eval_images": len(cls_recs),
@@ -170,6 +176,7 @@ def main() -> None:
             torch.set_rng_state(state["torch_rng"])
             trained, tokens, epoch, queue, rows = (state["trained_s"], state["tokens"], state["epoch"], state["queue"],
                                                    state["rows"])
+            per_image += state.get("per_image", [])
             print(f"continuing from {state_path}: {trained / 60:.1f} min trained, {tokens} tokens, epoch {epoch}",
                   flush=True)
             rows = [r for r in rows if r["method"] != "efficientnet_probe"]     # recomputed below (cheap)
@@ -208,11 +215,14 @@ def main() -> None:
             save_checkpoint({"fingerprint": fingerprint, "weights": model.trainable_state_dict(),
                              "optimizer": opt.state_dict(), "generator": gen.get_state(),
                              "torch_rng": torch.get_rng_state(), "trained_s": trained, "tokens": tokens,
-                             "epoch": epoch, "queue": queue, "rows": rows}, state_path)
+                             "epoch": epoch, "queue": queue, "rows": rows, "per_image": per_image}, state_path)
         df = pd.DataFrame(rows)
         csv = Path(args.figure).with_suffix(".csv")
         csv.parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(csv, index=False)
+        if per_image:
+            pd.concat([pd.DataFrame(p) for p in per_image], ignore_index=True).to_parquet(
+                Path(args.figure).with_suffix(".scores.parquet"), index=False)
         fig = figure(df, Path(args.figure), cfg.dataset.name, majority, args.eval_split, args.decay_minutes)
         mlflow.log_artifact(str(csv))
         mlflow.log_artifact(str(fig), artifact_path="figures")
