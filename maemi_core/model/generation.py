@@ -156,8 +156,8 @@ def candidate_log_likelihoods(model: MaemiModel, questions: list[str], images: l
                     model.repeat_condition(n_c, mask.repeat_interleave(n_c, 0))
                 hid = model.lm.model(inputs_embeds=model.embed(cand), attention_mask=full_attn, position_ids=cand_pos,
                                      cache=cache, use_cache=True).last_hidden_state     # (b*C, L, D)
-                # One (b*C*(L-1), D) x (D, V) product: the strided 3-D slice would make torch copy
-                # the vocabulary matrix once per row of the batch (a bmm 15x slower).
+                # One (b*C*(L-1), D) x (D, V) product: on the strided 3-D slice torch ran a batched
+                # product that copies the vocabulary matrix once per row of the batch.
                 hid = hid[:, :-1].reshape(-1, hid.shape[-1])
                 rest = torch.log_softmax(model.lm.lm_head(hid).float()[:, : model.base_vocab], dim=-1)
                 rest = rest.view(b * n_c, l_c - 1, rest.shape[-1])
