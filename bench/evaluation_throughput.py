@@ -35,6 +35,9 @@ def main() -> None:
     ap.add_argument("--parts", default="decoding,likelihoods,metrics", help="which of the three measurements to run")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    if not parts <= {"decoding", "likelihoods", "metrics"}:
+        raise SystemExit(f"--parts {args.parts}: choose from decoding, likelihoods, metrics")
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     package = Path(args.package) if args.package else cfg.workdir_path / "model" / "package"
@@ -49,7 +52,6 @@ def main() -> None:
     manifest = load_manifest(cfg)
     answerer = Answerer(model, manifest, cfg.evaluation.batch_size)
     print(f"torch {torch.__version__}, {args.threads} threads, max_new_tokens {cfg.model.max_new_tokens}")
-    parts = set(args.parts.split(","))
     if "decoding" in parts:
         print(f"{'prompts':<22}{'batch':>6}{'records':>9}{'tokens':>8}{'tokens/s':>10}{'s/record':>10}")
     for task in ("vqa", "classify_few_shot") if "decoding" in parts else ():

@@ -65,6 +65,9 @@ def main() -> None:
                     help="only redraw --figure from the CSV beside it (give the run's --eval-split / --eval-images: "
                          "they set the majority-class line; and its --decay-minutes, named in the title)")
     args = ap.parse_args()
+    last = max(float(b) for b in args.budgets.split(","))
+    if not 0 <= args.decay_minutes <= last:
+        raise SystemExit(f"--decay-minutes {args.decay_minutes:g}: give 0 (constant rate) up to the last budget ({last:g})")
     torch.set_num_threads(args.threads)
     if args.replot:
         return replot(args)
