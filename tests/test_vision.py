@@ -131,6 +131,26 @@ def test_efficientnet_encoder_loads_from_the_package(tiny_images):
     assert torch.softmax(logits, 1).max() > 0.01
 
 
+def test_efficientnet_inference_copy_matches_the_network(tiny_images):
+    """Without autograd the encoder runs a copy with batch norms folded, channels-last, in chunks of
+    16: the same tokens as the plain network (float rounding only), on a batch crossing a chunk."""
+    from maemi_core.vision.efficientnet_lite0 import INFERENCE_CHUNK, EfficientNetLite0Encoder
+
+    enc = EfficientNetLite0Encoder()
+    x = standardize(torch.from_numpy(np.concatenate([tiny_images[0]] * 2)[: INFERENCE_CHUNK + 3]))
+    assert len(x) == INFERENCE_CHUNK + 3
+    with torch.no_grad():
+        fast_tokens, fast_h = enc.encode(x)
+        plain = enc.net.extract_features(x).flatten(2).transpose(1, 2)
+    scale = plain.abs().max().item()
+    assert fast_tokens.shape == plain.shape
+    assert (fast_tokens - plain).abs().max().item() <= 1e-4 * scale
+    assert torch.allclose(fast_h, plain.mean(1), atol=1e-4 * scale)
+    # The copy is not part of the module: nothing about it is saved or packaged.
+    assert all(k.startswith("net.") for k in enc.state_dict())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in enc.net.modules())
+
+
 def test_topk_is_capped_at_the_class_count():
     y = np.array([0, 1, 2])
     scores = np.array([[0.9, 0.05, 0.05], [0.1, 0.2, 0.7], [0.5, 0.4, 0.1]])

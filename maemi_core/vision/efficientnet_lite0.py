@@ -10,16 +10,37 @@ two ways: a linear-probe baseline (logistic regression on pooled features) and, 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm.auto import tqdm
 
 from maemi_core.data.transforms import standardize
 
 FEATURE_DIM = 1280
+# Images per pass of the inference copy: on a 2-core CPU 16 keeps a block's activations in cache
+# (bench/vision_throughput.py: about 2x the images/s of batches of 64).
+INFERENCE_CHUNK = 16
+
+
+def _fold_batch_norms(net: nn.Module) -> nn.Module:
+    """``net`` (a copy, eval mode) with every conv -> BatchNorm pair folded into the conv and the
+    BatchNorm replaced by identity: the same function up to float rounding, one pass less over
+    each activation."""
+    pairs = [("_conv_stem", "_bn0"), ("_conv_head", "_bn1")]
+    for conv, bn in pairs:
+        setattr(net, conv, fuse_conv_bn_eval(getattr(net, conv), getattr(net, bn)))
+        setattr(net, bn, nn.Identity())
+    for block in net._blocks:
+        for conv, bn in (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")):
+            if hasattr(block, conv) and hasattr(block, bn):
+                setattr(block, conv, fuse_conv_bn_eval(getattr(block, conv), getattr(block, bn)))
+                setattr(block, bn, nn.Identity())
+    return net
 
 
 class EfficientNetLite0Encoder(nn.Module):
@@ -40,10 +61,30 @@ class EfficientNetLite0Encoder(nn.Module):
         for p in self.net.parameters():
             p.requires_grad_(False)
 
+    def _inference_net(self) -> nn.Module:
+        """A frozen copy for no-grad passes: batch norms folded into the convolutions, weights
+        in channels-last layout (PyTorch's CPU depthwise convolutions are several times faster
+        there). Built on first use and kept out of the module tree, so state dicts and packages
+        hold the original network only."""
+        fast = self.__dict__.get("_fast")
+        if fast is None:
+            fast = _fold_batch_norms(copy.deepcopy(self.net).eval()).to(memory_format=torch.channels_last)
+            self.__dict__["_fast"] = fast
+        return fast
+
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(patch_tokens (B, 49, 1280), h_cls (B, 1280))`` for standardised 224x224 images."""
-        fmap = self.net.extract_features(images)                 # (B, 1280, 7, 7)
-        tokens = fmap.flatten(2).transpose(1, 2)                 # (B, 49, 1280)
+        """``(patch_tokens (B, 49, 1280), h_cls (B, 1280))`` for standardised 224x224 images.
+        Without autograd (every use of the frozen encoder) it runs the folded channels-last copy in
+        chunks of :data:`INFERENCE_CHUNK`: about 4x the images/s of the plain network on 2 cores,
+        equal to it up to float rounding (a test bounds the difference)."""
+        if torch.is_grad_enabled() or self.net.training:
+            fmap = self.net.extract_features(images)                                  # (B, 1280, 7, 7)
+        else:
+            fast = self._inference_net()
+            fmap = torch.cat([fast.extract_features(images[i: i + INFERENCE_CHUNK].contiguous(
+                memory_format=torch.channels_last)) for i in range(0, len(images), INFERENCE_CHUNK)]) \
+                if len(images) else self.net.extract_features(images)
+        tokens = fmap.flatten(2).transpose(1, 2).contiguous()                         # (B, 49, 1280)
         return tokens, tokens.mean(dim=1)
 
 
