@@ -76,11 +76,12 @@ def _small_cfg(**kw) -> ClassifierTrainingConfig:
 
 def test_training_lowers_the_loss_on_real_images(tmp_path, tiny_images):
     images, labels = tiny_images
+    torch.manual_seed(0)   # the initialisation; 10 epochs lower the loss to 0.55-0.77x over init seeds 0-7
     model = PaperViT(PaperViTConfig(num_classes=2, dropout=0.0))
-    result = train_classifier(model, images, labels, images[:8], labels[:8], _small_cfg(),
+    result = train_classifier(model, images, labels, images[:8], labels[:8], _small_cfg(max_epochs=10),
                               tmp_path / "ckpt.pt", fingerprint="f")
     losses = [r.train_loss for r in result.history]
-    assert len(losses) == 6
+    assert len(losses) == 10
     assert losses[-1] < 0.8 * losses[0], losses
     assert result.best_epoch >= 1
 
