@@ -219,8 +219,7 @@ def train_efficientnet_finetune(cfg: MaemiConfig, data: VisionData,
     name, t = "efficientnet_lite0_finetune", cfg.vision.finetune_train
     encoder = EfficientNetLite0Encoder()
     first = first_tuned_block(encoder, cfg.vision.finetune_blocks)
-    maps = cached_trunk_features(data.images, cfg.workdir_path / "cache", manifest_hash(data.manifest), first,
-                                 cfg.vision.embed_batch_size)
+    maps = cached_trunk_features(data.images, cfg.workdir_path / "cache", manifest_hash(data.manifest), first)
     split = data.manifest["split"].to_numpy()
     x = {s: maps[np.flatnonzero(split == s)] for s in ("train", "val", "test")}
     y = {s: data.split(s)[1] for s in ("train", "val", "test")}

@@ -28,7 +28,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from maemi_core.data.transforms import standardize
-from maemi_core.vision.efficientnet_lite0 import FEATURE_DIM, EfficientNetLite0Encoder
+from maemi_core.vision.efficientnet_lite0 import FEATURE_DIM, INFERENCE_CHUNK, EfficientNetLite0Encoder
 from maemi_core.vision.multiscale_views import DIHEDRAL, dihedral
 
 
@@ -46,17 +46,16 @@ def _drop_connect_rate(net, idx: int):
 
 
 @torch.no_grad()
-def trunk_features(encoder: EfficientNetLite0Encoder, images_u8: np.ndarray, first_block: int,
-                   batch_size: int = 64) -> np.ndarray:
+def trunk_features(encoder: EfficientNetLite0Encoder, images_u8: np.ndarray, first_block: int) -> np.ndarray:
     """(N, C, H, W) float16 output of the frozen stem and blocks ``[0, first_block)``."""
-    net = encoder.net.eval()
+    net = encoder._inference_net()   # the frozen copy: batch norms folded, channels-last (same function)
     out = []
-    for i in tqdm(range(0, len(images_u8), batch_size), desc="efficientnet trunk", unit="batch", mininterval=2):
-        x = standardize(torch.from_numpy(np.asarray(images_u8[i: i + batch_size])))
-        x = net._swish(net._bn0(net._conv_stem(x)))
+    for i in tqdm(range(0, len(images_u8), INFERENCE_CHUNK), desc="efficientnet trunk", unit="chunk", mininterval=2):
+        x = standardize(torch.from_numpy(np.asarray(images_u8[i: i + INFERENCE_CHUNK])))
+        x = net._swish(net._bn0(net._conv_stem(x.contiguous(memory_format=torch.channels_last))))
         for idx, block in enumerate(net._blocks[:first_block]):
             x = block(x, drop_connect_rate=_drop_connect_rate(net, idx))
-        out.append(x.to(torch.float16).numpy())
+        out.append(x.contiguous().to(torch.float16).numpy())
     return np.concatenate(out) if out else np.empty((0,), np.float16)
 
 
@@ -112,8 +111,7 @@ def pooled(model: TunedTop, maps: np.ndarray, batch_size: int = 128) -> np.ndarr
     return np.concatenate(out) if out else np.empty((0, FEATURE_DIM), np.float32)
 
 
-def cached_trunk_features(images_u8: np.ndarray, cache_dir, key: str, first_block: int,
-                          batch_size: int = 64) -> np.ndarray:
+def cached_trunk_features(images_u8: np.ndarray, cache_dir, key: str, first_block: int) -> np.ndarray:
     """:func:`trunk_features` of every image, memoised on disk per data version and split point."""
     from maemi_core.data.transforms import save_cache_npy
 
@@ -122,6 +120,6 @@ def cached_trunk_features(images_u8: np.ndarray, cache_dir, key: str, first_bloc
         maps = np.load(path, mmap_mode="r")
         if len(maps) == len(images_u8):
             return maps
-    maps = trunk_features(EfficientNetLite0Encoder(), images_u8, first_block, batch_size)
+    maps = trunk_features(EfficientNetLite0Encoder(), images_u8, first_block)
     save_cache_npy(path, maps, "efficientnet_trunk_*.npy")
     return maps
