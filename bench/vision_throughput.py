@@ -95,6 +95,13 @@ def main() -> None:
         ("vit embedding (no grad)", timed(lambda: embed_images(model.eval(), images, 64), n)),
     ]
     enc = EfficientNetLite0Encoder()
+
+    @torch.no_grad()
+    def plain_network():   # the network as loaded: batch norms unfolded, NCHW, batches of 64
+        for i in range(0, n, 64):
+            enc.net.extract_features(standardize(torch.from_numpy(images[i: i + 64])))
+
+    rows.append(("efficientnet_lite0 embedding, plain network", timed(plain_network, n)))
     rows.append(("efficientnet_lite0 embedding (no grad)", timed(lambda: embed_images(enc, images, 64), n)))
     rows.append(("texture features (LBP/GLCM/HOG, 2 jobs)", timed(lambda: texture_feature_matrix(images[:128]), 128)))
     rows.append(("efficientnet_lite0 8 dihedral views (tta)", timed(lambda: dihedral_features(enc, images[:64]), 64)))
