@@ -101,7 +101,7 @@ def pooled_features(encoder: EfficientNetLite0Encoder, images_u8: np.ndarray, ba
 def cached_pooled_features(images_u8: np.ndarray, cache_dir, key: str, batch_size: int = 64) -> np.ndarray:
     """:func:`pooled_features` of every image, memoised on disk under ``key`` (the manifest's
     data version): the probe and the embeddings step share one pass over the images, which is
-    the slow part on a CPU (about 15 images/s on two cores)."""
+    the slow part on a CPU (about 64 images/s on two cores, bench/vision_throughput.py)."""
     from pathlib import Path
 
     path = Path(cache_dir) / f"efficientnet_lite0_{key}.npy"
