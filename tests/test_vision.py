@@ -150,6 +150,12 @@ def test_efficientnet_inference_copy_matches_the_network(tiny_images):
     # The copy is not part of the module: nothing about it is saved or packaged.
     assert all(k.startswith("net.") for k in enc.state_dict())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in enc.net.modules())
+    # It follows the network to another dtype (or device) instead of serving a stale copy.
+    enc.to(torch.float64)
+    with torch.no_grad():
+        tokens64, _ = enc.encode(x[:2].double())
+    assert tokens64.dtype == torch.float64
+    assert (tokens64.float() - plain[:2]).abs().max().item() <= 1e-4 * scale
 
 
 def test_topk_is_capped_at_the_class_count():

@@ -65,12 +65,15 @@ class EfficientNetLite0Encoder(nn.Module):
         """A frozen copy for no-grad passes: batch norms folded into the convolutions, weights
         in channels-last layout (PyTorch's CPU depthwise convolutions are several times faster
         there). Built on first use and kept out of the module tree, so state dicts and packages
-        hold the original network only."""
-        fast = self.__dict__.get("_fast")
-        if fast is None:
+        hold the original network only; rebuilt when the network moves to another device or
+        dtype (``model.to("cuda")`` does not see the copy)."""
+        ref = next(self.net.parameters())
+        key = (ref.device, ref.dtype)
+        built = self.__dict__.get("_fast")
+        if built is None or built[0] != key:
             fast = _fold_batch_norms(copy.deepcopy(self.net).eval()).to(memory_format=torch.channels_last)
-            self.__dict__["_fast"] = fast
-        return fast
+            built = self.__dict__["_fast"] = (key, fast)
+        return built[1]
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(patch_tokens (B, 49, 1280), h_cls (B, 1280))`` for standardised 224x224 images.
