@@ -48,7 +48,7 @@ def _drop_connect_rate(net, idx: int):
 @torch.no_grad()
 def trunk_features(encoder: EfficientNetLite0Encoder, images_u8: np.ndarray, first_block: int) -> np.ndarray:
     """(N, C, H, W) float16 output of the frozen stem and blocks ``[0, first_block)``."""
-    net = encoder._inference_net()   # the frozen copy: batch norms folded, channels-last (same function)
+    net = encoder.inference_net()   # the frozen copy: batch norms folded, channels-last (same function)
     out = []
     for i in tqdm(range(0, len(images_u8), INFERENCE_CHUNK), desc="efficientnet trunk", unit="chunk", mininterval=2):
         x = standardize(torch.from_numpy(np.asarray(images_u8[i: i + INFERENCE_CHUNK])))

@@ -61,7 +61,7 @@ class EfficientNetLite0Encoder(nn.Module):
         for p in self.net.parameters():
             p.requires_grad_(False)
 
-    def _inference_net(self) -> nn.Module:
+    def inference_net(self) -> nn.Module:
         """A frozen copy for no-grad passes: batch norms folded into the convolutions, weights
         in channels-last layout (PyTorch's CPU depthwise convolutions are several times faster
         there). Built on first use and kept out of the module tree, so state dicts and packages
@@ -83,7 +83,7 @@ class EfficientNetLite0Encoder(nn.Module):
         if torch.is_grad_enabled() or self.net.training:
             fmap = self.net.extract_features(images)                                  # (B, 1280, 7, 7)
         else:
-            fast = self._inference_net()
+            fast = self.inference_net()
             fmap = torch.cat([fast.extract_features(images[i: i + INFERENCE_CHUNK].contiguous(
                 memory_format=torch.channels_last)) for i in range(0, len(images), INFERENCE_CHUNK)]) \
                 if len(images) else self.net.extract_features(images)
