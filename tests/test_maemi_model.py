@@ -173,6 +173,20 @@ def test_cached_candidate_likelihoods_equal_one_full_forward_per_candidate():
                 logp = torch.log_softmax(logits.float(), -1)
                 ref = sum(float(logp[len(p) - 1 + k, t]) for k, t in enumerate(cid))
                 assert abs(got[i, j] - ref) < 1e-3, (i, j, got[i, j], ref)
+    # Plain prompts (base_lm): no image, so the batch shares everything up to where the questions
+    # differ; the scores are still those of one full forward per candidate.
+    same_start = ["<image>\nWhich class is this?", "<image>\nWhich class is it, please?"]
+    with model.base_lm_only():
+        got = candidate_log_likelihoods(model, same_start, imgs[:2], cands, plain=True, batch_size=2)
+        for i, q in enumerate(same_start):
+            p = prompt_ids(tok, q, plain=True)
+            for j, c in enumerate(cands):
+                cid = tok(c, add_special_tokens=False)["input_ids"]
+                ids = torch.tensor([p + cid])
+                with torch.no_grad():
+                    logp = torch.log_softmax(model.lm(input_ids=ids).logits[0, :, : model.base_vocab].float(), -1)
+                ref = sum(float(logp[len(p) - 1 + k, t]) for k, t in enumerate(cid))
+                assert abs(got[i, j] - ref) < 1e-3, (i, j, got[i, j], ref)
 
 
 def test_plain_prompt_is_the_shipped_lm_and_a_call_rank_does_not_persist():
@@ -282,3 +296,15 @@ def test_visual_token_memo_keeps_the_most_recent_images_within_capacity():
     torch.testing.assert_close(again[0], first[1])
     with pytest.raises(ValueError, match="capacity"):
         memo.tokens(["i0", "i1", "i2"])
+
+
+def test_shared_prefix_stops_before_the_first_image_and_leaves_a_token_per_row():
+    from maemi_core.model.generation import shared_prefix_length
+
+    img = 9
+    assert shared_prefix_length([[1, 2, 3, img, 4], [1, 2, 3, img, 5]], img) == 3
+    assert shared_prefix_length([[1, 2, img, 3], [1, 2, 3, img]], img) == 2
+    assert shared_prefix_length([[1, 2], [1, 2]], img) == 1
+    assert shared_prefix_length([[1, 2, 3], [1, 5]], img) == 1
+    assert shared_prefix_length([[img, 1], [img, 1]], img) == 0
+    assert shared_prefix_length([], img) == 0
