@@ -23,7 +23,7 @@ from maemi_core.data.transforms import standardize
 
 FEATURE_DIM = 1280
 # Images per pass of the inference copy: on a 2-core CPU 16 keeps a block's activations in cache
-# (bench/vision_throughput.py: about 2x the images/s of batches of 64).
+# (faster there than one pass over batches of 64).
 INFERENCE_CHUNK = 16
 
 
@@ -78,7 +78,8 @@ class EfficientNetLite0Encoder(nn.Module):
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(patch_tokens (B, 49, 1280), h_cls (B, 1280))`` for standardised 224x224 images.
         Without autograd (every use of the frozen encoder) it runs the folded channels-last copy in
-        chunks of :data:`INFERENCE_CHUNK`: about 4x the images/s of the plain network on 2 cores,
+        chunks of :data:`INFERENCE_CHUNK`: about 3x the images/s of the plain network on 2 cores
+        (bench/vision_throughput.py),
         equal to it up to float rounding (a test bounds the difference)."""
         if torch.is_grad_enabled() or self.net.training:
             fmap = self.net.extract_features(images)                                  # (B, 1280, 7, 7)
