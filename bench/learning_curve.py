@@ -46,6 +46,19 @@ import pandas as pd
 import torch
 
 
+def _replace_atomically(path: Path, write) -> None:
+    """``write(tmp)`` to a unique file beside ``path``, then rename it over ``path``: a run killed
+    while writing, or two runs with the same ``--figure``, never leave a half-written file."""
+    import uuid
+
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/default.yaml")
@@ -222,10 +235,11 @@ def main() -> None:
         df = pd.DataFrame(rows)
         csv = Path(args.figure).with_suffix(".csv")
         csv.parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(csv, index=False)
+        _replace_atomically(csv, lambda tmp: df.to_csv(tmp, index=False))
         if per_image:
-            pd.concat([pd.DataFrame(p) for p in per_image], ignore_index=True).to_parquet(
-                Path(args.figure).with_suffix(".scores.parquet"), index=False)
+            scores = pd.concat([pd.DataFrame(p) for p in per_image], ignore_index=True)
+            _replace_atomically(Path(args.figure).with_suffix(".scores.parquet"),
+                                lambda tmp: scores.to_parquet(tmp, index=False))
         fig = figure(df, Path(args.figure), cfg.dataset.name, majority, args.eval_split, args.decay_minutes)
         mlflow.log_artifact(str(csv))
         mlflow.log_artifact(str(fig), artifact_path="figures")

@@ -56,15 +56,21 @@ def _left_padded(model: MaemiModel, questions: list[str], images: list[list[np.n
         return input_ids, attn, None, pad_id
     if media is not None:                          # visual tokens computed by the caller (a memo)
         return input_ids, attn, media, pad_id
+    return input_ids, attn, _encode_prompt_images(model, images), pad_id
+
+
+def _encode_prompt_images(model: MaemiModel, images: list[list[np.ndarray]]) -> Optional[torch.Tensor]:
+    """(B, M, N, V) visual tokens of each prompt's images, zero-padded to the most images of any
+    prompt; None when no prompt has an image. Once per prompt, not per decoding step."""
     m = max((len(x) for x in images), default=0)
-    if m:
-        size = model.cfg.image_size
-        imgs = torch.zeros((len(ids), m, 3, size, size), dtype=torch.uint8)
-        for i, arrs in enumerate(images):
-            for j, a in enumerate(arrs):
-                imgs[i, j] = torch.from_numpy(np.asarray(a))
-        media = model.encode_images(imgs)                                          # once per prompt
-    return input_ids, attn, media, pad_id
+    if not m:
+        return None
+    size = model.cfg.image_size
+    imgs = torch.zeros((len(images), m, 3, size, size), dtype=torch.uint8)
+    for i, arrs in enumerate(images):
+        for j, a in enumerate(arrs):
+            imgs[i, j] = torch.from_numpy(np.asarray(a))
+    return model.encode_images(imgs)
 
 
 @torch.no_grad()
@@ -154,7 +160,7 @@ def candidate_log_likelihoods(model: MaemiModel, questions: list[str], images: l
             if not plain:
                 media = media_of(start, start + len(qs)) if media_of is not None else None
                 if media is None:
-                    media = _left_padded(model, qs, ims, plain)[2]
+                    media = _encode_prompt_images(model, ims)
             b = len(rows)
             t = max(len(r) for r in rows) - n_pre
             ids = torch.full((b, t), pad_id, dtype=torch.long)          # the rows after the prefix, left-padded
