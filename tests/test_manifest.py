@@ -173,7 +173,7 @@ def test_frames_of_one_sample_share_a_group_and_a_split(tmp_path, elpv_paths, pr
     assert grouped.groupby("sample")["split"].nunique().max() == 1          # a sample never spans splits
     assert grouped.groupby("sample")["group_id"].nunique().max() == 1 and grouped["group_id"].nunique() == 24
     assert set(grouped["split"]) == {"train", "val", "test"}
-    # The group's split is the hash of its id (the smallest image id): stable as frames are added.
+    # The group's split is the hash of its id (the hash of the sample name): stable as frames are added.
     _frames(elpv_paths[0], root / "b", "s00", 6)                              # two more frames of s00
     again = build_manifest(profile_factory(group_by=r"/(s\d+)_frame")).manifest
     before = grouped.set_index("image_id")["split"]
@@ -182,6 +182,36 @@ def test_frames_of_one_sample_share_a_group_and_a_split(tmp_path, elpv_paths, pr
     plain = build_manifest(profile_factory()).manifest
     assert (plain["group_id"] == plain["image_id"]).all()
     assert plain.assign(sample=plain["path"].str.extract(r"/(s\d+)_frame")[0]).groupby("sample")["split"].nunique().max() > 1
+
+
+def test_a_new_frame_whose_image_id_sorts_first_moves_no_image(tmp_path, elpv_paths, profile_factory):
+    """A later frame of a sample may hash below every earlier one: the group keeps its id and no
+    image changes split, so a model warm-started on the earlier train images never finds them
+    in val or test."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for i, src in enumerate(elpv_paths[:12]):
+        _frames(src, root / ("a" if i % 2 else "b"), f"s{i:02d}", 3)
+    kw = {"group_by": r"/(s\d+)_frame"}
+    before = build_manifest(profile_factory(**kw)).manifest.set_index("image_id")
+    s00 = before[before["sample"] == "s00"]
+    assert len(s00) == 3 and s00["group_id"].nunique() == 1
+    # Another frame of s00 (one pixel differs) whose image id sorts before all of s00's.
+    with Image.open(sorted((root / "b").glob("s00_frame*.png"))[0]) as im:
+        frame = im.copy()
+    for k in range(1, 256):
+        frame.putpixel((0, 0), k)
+        new = root / "b" / "s00_frame9.png"
+        frame.save(new)
+        if sha256_file(new) < s00.index.min():
+            break
+    else:
+        pytest.fail("no frame with a smaller image id")
+    after = build_manifest(profile_factory(**kw)).manifest.set_index("image_id")
+    assert len(after) == len(before) + 1 and after.loc[sha256_file(new), "sample"] == "s00"
+    pd.testing.assert_frame_equal(after.loc[before.index, ["group_id", "split"]], before[["group_id", "split"]])
+    assert after.loc[sha256_file(new), "split"] == s00["split"].iloc[0]
 
 
 def test_samples_of_the_official_test_set_in_root_are_reported_or_removed(tmp_path, elpv_paths, profile_factory):

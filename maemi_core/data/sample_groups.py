@@ -4,17 +4,32 @@
 A fab names its files after the sample (``waferA12_frame03.tif``, ``lot7/s0042/tile_5.png``):
 ``dataset.group_by`` is a regular expression matched against the path below the dataset root
 (``<class>/<file>`` for an image folder, the file name otherwise); its first group (or the whole
-match) names the sample. Files it does not match stay groups of their own. The group's id is the
-smallest image id in it, so an image without siblings keeps the id, and the split, it always had.
+match) names the sample. Files it does not match stay groups of their own.
+
+Group ids, and with them the splits (``assign_split`` hashes the group id), must not move when
+data is added: a model warm-started from the champion has trained on the train images of every
+earlier manifest, and any of them that moved to val or test would be scored as unseen.
+
+- A named group's id is a hash of the sample name (:func:`sample_group_id`), never of its
+  members: new frames of a sample join its group and leave the id, and the split of every
+  earlier frame, as they were, whatever their image ids.
+- A file without a name (no ``group_by``, or no match) is a group of its own whose id is its
+  image id: the only member it will ever have, so no later file can change it.
 
 Not done here: finding near copies by their pixels (shifted, cropped, flipped copies with no
 shared name). Perceptual hashes and thumbnail correlation were measured on ELPV
 (bench/near_copy_detection.py) and cannot tell distinct cells from copies there, so grouping
-is by name only.
+is by name only, and every group without a name has exactly one member. A detector added
+later must not take the smallest member id as a group's id (a new copy whose hash sorts first
+would rename the group and re-draw the split of all its members): a detected group keeps the
+id an earlier manifest gave any of its members (when it merges several earlier groups, the id
+of the one with the most images, ties to the smallest id, so that most earlier images stay
+put), and only a group none of whose members was seen before takes the smallest member id.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Optional
@@ -51,13 +66,15 @@ def sample_names(rel_paths: list[str], pattern: Optional[str]) -> list[Optional[
     return out
 
 
+def sample_group_id(sample: str) -> str:
+    """The group id of a named sample: a hash of its name (salted, so it can never equal an
+    image id, the sha256 of some file's bytes), independent of which frames it has."""
+    return hashlib.sha256(f"maemi-sample:{sample}".encode()).hexdigest()
+
+
 def group_ids(image_ids: list[str], samples: list[Optional[str]]) -> list[str]:
-    """One id per image: the smallest image id among the images of the same sample."""
-    smallest: dict[str, str] = {}
-    for iid, s in zip(image_ids, samples):
-        if s is not None:
-            smallest[s] = min(smallest.get(s, iid), iid)
-    return [smallest[s] if s is not None else iid for iid, s in zip(image_ids, samples)]
+    """One id per image: the hash of its sample's name, or its own image id when it has none."""
+    return [sample_group_id(s) if s is not None else iid for iid, s in zip(image_ids, samples)]
 
 
 def group_table(manifest: pd.DataFrame, top: int = 20) -> pd.DataFrame:
