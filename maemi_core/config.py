@@ -197,6 +197,11 @@ class TeacherConfig(_Strict):
     concise_tasks: list[Literal["caption", "vqa", "classify_zero_shot", "classify_few_shot"]] = Field(
         default_factory=lambda: ["caption", "vqa", "classify_zero_shot", "classify_few_shot"])
     splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train", "val", "test"])
+    # The manifest columns the teacher states as recorded metadata (fact key `metadata`), to either
+    # teacher: only what the acquisition recorded about an image. Label and pixel size are stated by
+    # their own facts; ids, hashes, paths, splits and sample groups never are. Absent columns are skipped.
+    acquisition_metadata: list[str] = Field(default_factory=lambda: [
+        "cell_type", "instrument", "detector", "magnification", "accelerating_voltage", "working_distance"])
 
     @model_validator(mode="after")
     def _openai_needs_endpoint(self) -> "TeacherConfig":

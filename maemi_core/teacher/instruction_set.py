@@ -12,18 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from maemi_core.config import MaemiConfig
-from maemi_core.data.manifest import MANIFEST_COLUMNS
+from maemi_core.config import ConfigError, MaemiConfig
 from maemi_core.teacher.cache import cache_key, open_teacher_cache
 from maemi_core.teacher.openai_teacher import TeacherFailed, is_refusal
 from maemi_core.teacher.privacy import check_teacher_privacy
@@ -78,12 +78,35 @@ def _rank(*parts: str) -> str:
     return hashlib.sha256(":".join(parts).encode()).hexdigest()
 
 
-def image_refs(manifest: pd.DataFrame) -> dict[str, ImageRef]:
-    extra = [c for c in manifest.columns if c not in MANIFEST_COLUMNS]
+# Manifest columns the teacher states through their own facts (`label`, `scale`), and those that
+# are the manifest's bookkeeping: nothing the image shows or the acquisition recorded, never stated.
+STATED_BY_FACTS = frozenset({"label", "pixel_size_nm"})
+BOOKKEEPING_COLUMNS = frozenset({"image_id", "path", "split", "source", "crop_bottom", "forced_split",
+                                 "sample", "group_id", "test_sample_in_training"})
+_HEX_RUN = re.compile(r"[0-9a-fA-F]{16,}")
+
+
+def acquisition_columns(cfg: MaemiConfig, manifest: pd.DataFrame) -> list[str]:
+    """The manifest columns that ``teacher.acquisition_metadata`` lets the teacher state, in the
+    profile's order; a bookkeeping column in that list is a configuration error."""
+    listed = list(cfg.teacher.acquisition_metadata)
+    bad = [c for c in listed if c in BOOKKEEPING_COLUMNS]
+    if bad:
+        raise ConfigError(
+            f"teacher.acquisition_metadata in {cfg.config_path} lists {', '.join(bad)}: manifest bookkeeping, "
+            f"not something the acquisition recorded; the teacher never states it. Remove it from the list.")
+    return [c for c in dict.fromkeys(listed) if c in manifest.columns and c not in STATED_BY_FACTS]
+
+
+def image_refs(manifest: pd.DataFrame, metadata_columns: Sequence[str] = ()) -> dict[str, ImageRef]:
+    """One :class:`ImageRef` per manifest row. Its ``metadata`` holds only ``metadata_columns``
+    (see :func:`acquisition_columns`), never an identifier: a value with a run of 16 or more hex
+    digits (a hash) is left out."""
     refs = {}
     for row in manifest.itertuples(index=False):
         r = row._asdict()
-        meta = tuple((c.replace("_", " "), str(r[c])) for c in extra if pd.notna(r[c]))
+        meta = tuple((c.replace("_", " "), str(r[c])) for c in metadata_columns
+                     if pd.notna(r[c]) and not _HEX_RUN.search(str(r[c])))
         ps = r.get("pixel_size_nm")
         refs[r["image_id"]] = ImageRef(image_id=r["image_id"], path=r["path"], label=r["label"],
                                        crop_bottom=int(r.get("crop_bottom") or 0),
@@ -96,7 +119,7 @@ def plan_records(cfg: MaemiConfig, manifest: pd.DataFrame, few_shot: pd.DataFram
                  pack: PromptPack) -> list[PlannedRecord]:
     """Every record the configured tasks call for, in a deterministic order."""
     t = cfg.teacher
-    refs = image_refs(manifest)
+    refs = image_refs(manifest, acquisition_columns(cfg, manifest))
     categories = sorted(manifest["label"].unique())
     cats = ", ".join(categories)
     common = dict(system=pack.system, technique=pack.technique, subject=pack.subject)

@@ -3,8 +3,10 @@
 It needs no model and no network. For each prompt it measures the image(s)
 (:mod:`maemi_core.teacher.measurements`) and writes one or two sentences for every fact key
 the prompt pack lists for that prompt, from the numbers it measured plus what the dataset
-states (label, metadata, pixel size). It never claims what it did not measure: a fact it
-cannot establish (``unmeasurable``, or a scale without calibration) is said to be unknown.
+states (label, pixel size and the acquisition metadata the profile lists in
+``teacher.acquisition_metadata``; never manifest bookkeeping such as ids, hashes or splits).
+It never claims what it did not measure: a fact it cannot establish (``unmeasurable``, or a
+scale without calibration) is said to be unknown.
 Deterministic: the same image and prompt always give the same answer.
 """
 
@@ -20,6 +22,10 @@ import numpy as np
 from maemi_core.data.image_io import load_gray_array
 from maemi_core.teacher.measurements import MEASUREMENT_VERSION, measure_image
 from maemi_core.teacher.requests import ImageRef, TeacherAnswer, TeacherRequest
+
+# Part of the teacher's identity (and so of every cache key): bumped when the text changes for
+# the same measurements. 2: recorded metadata is the acquisition metadata only.
+TEXT_VERSION = "2"
 
 
 def _fmt_len(px: float, pixel_size_nm: Optional[float]) -> str:
@@ -130,7 +136,7 @@ class MeasurementTeacher:
         self._cache_size = cache_size
 
     def identity(self) -> dict:
-        return {"teacher": self.name, "version": MEASUREMENT_VERSION}
+        return {"teacher": self.name, "version": MEASUREMENT_VERSION, "text_version": TEXT_VERSION}
 
     def measure(self, ref: ImageRef, gray: Optional[np.ndarray] = None) -> dict:
         key = (ref.image_id, ref.crop_bottom, ref.pixel_size_nm)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from maemi_core.config import TeacherConfig
 from maemi_core.data.image_io import load_rgb_uint8
-from maemi_core.teacher.requests import TeacherAnswer, TeacherRequest, render_teacher_prompt
+from maemi_core.teacher.requests import PROMPT_FORMAT, TeacherAnswer, TeacherRequest, render_teacher_prompt
 
 _REFUSAL = re.compile(r"^\s*(i'?m sorry|i am sorry|i can(?:'|no)t (help|assist|provide)|i am unable|i'm unable|as an ai)",
                       re.IGNORECASE)
@@ -68,7 +68,7 @@ class OpenAITeacher:
     def identity(self) -> dict:
         c = self.cfg
         return {"teacher": self.name, "base_url": c.base_url, "model": c.model, "max_tokens": c.max_tokens,
-                "temperature": c.temperature, "detail": c.detail}
+                "temperature": c.temperature, "detail": c.detail, "prompt_format": PROMPT_FORMAT}
 
     def messages(self, request: TeacherRequest) -> list[dict]:
         content: list[dict] = [

@@ -2,10 +2,11 @@
 
 A :class:`TeacherRequest` has two audiences. The *student prompt* (``question``) is what the
 small model will later see in the instruction record: just the images and the question.
-The *teacher prompt* adds what the dataset already knows (category, metadata, pixel size)
-and which aspects the answer should ground itself in, so that a large vision-language
-model answers consistently with the labels, and the on-prem measurement teacher knows
-what to measure. Both teachers receive the same teacher prompt; :func:`parse_teacher_prompt`
+The *teacher prompt* adds what the dataset already knows (category, pixel size and the
+acquisition metadata of ``teacher.acquisition_metadata``; never manifest bookkeeping such as
+ids, hashes or splits) and which aspects the answer should ground itself in, so that a large
+vision-language model answers consistently with the labels, and the on-prem measurement
+teacher knows what to measure. Both teachers receive the same teacher prompt; :func:`parse_teacher_prompt`
 reads it back (the teacher server uses it).
 """
 
@@ -14,6 +15,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
+
+# Part of an external teacher's identity (and so of every cache key): bumped when what the teacher
+# prompt states changes. 2: each image's line carries only its acquisition metadata.
+PROMPT_FORMAT = "2"
 
 TASKS = ("caption", "vqa", "classify_zero_shot", "classify_few_shot", "intra_dissimilar", "inter_similar",
          "heterogeneity")
