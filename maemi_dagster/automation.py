@@ -98,10 +98,10 @@ FINGERPRINT_TAG = "maemi/retune_fingerprint"
 
 def retune_fingerprint(cfg) -> dict:
     """What a re-tuning depends on: the dataset's files (path, size, modification time, fab
-    batches included), the code (every maemi_core source file) and the profile."""
+    batches included), the code (every core module an asset runs) and the profile."""
     import hashlib
 
-    from maemi_core.code_version import code_version
+    from maemi_core.code_version import ASSET_ENTRIES, code_version
     from maemi_core.data.sources import list_candidates
 
     data = hashlib.sha256()
@@ -109,7 +109,7 @@ def retune_fingerprint(cfg) -> dict:
         st = c.path.stat()
         data.update(f"{c.path}|{st.st_size}|{st.st_mtime_ns}|{c.label}\n".encode())
     profile = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
-    return {"data": data.hexdigest()[:12], "code": code_version("."), "profile": profile.hexdigest()[:12]}
+    return {"data": data.hexdigest()[:12], "code": code_version(*ASSET_ENTRIES), "profile": profile.hexdigest()[:12]}
 
 
 def _last_retune(instance) -> dg.DagsterRun | None:

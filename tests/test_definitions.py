@@ -72,8 +72,30 @@ def test_lineage_and_one_torch_step_at_a_time():
     assert executor.name == "maemi_multiprocess"
 
 
-def test_code_versions_follow_the_code():
-    from maemi_core.code_version import code_version
+def test_code_versions_follow_the_modules_each_asset_imports(tmp_path):
+    """An asset's code version hashes the core modules it can import (lazy imports included):
+    a line added to the EfficientNet-Lite0 encoder or to the image transforms makes maemi_model
+    and benchmark_tables stale, and leaves raw_images, which never runs them, as it was."""
+    import shutil
 
-    assert code_version("data") == code_version("data") != code_version("teacher")
-    assert code_version("data", "config.py") != code_version("data")
+    from maemi_core.code_version import CORE, code_version
+
+    root = tmp_path / "maemi_core"
+    shutil.copytree(CORE, root, ignore=shutil.ignore_patterns("__pycache__"))
+    assets = ("raw_images", "maemi_model", "benchmark_tables")
+    before = {a: code_version(a, root=root) for a in assets}
+    assert len(set(before.values())) == 3
+    for rel in ("vision/efficientnet_lite0.py", "data/transforms.py"):
+        source = root / rel
+        original = source.read_text()
+        source.write_text(original + "\nUNUSED = 1\n")
+        changed = {a: code_version(a, root=root) for a in assets}
+        assert changed["maemi_model"] != before["maemi_model"], rel
+        assert changed["benchmark_tables"] != before["benchmark_tables"], rel
+        assert changed["raw_images"] == before["raw_images"], rel
+        source.write_text(original)
+        assert {a: code_version(a, root=root) for a in assets} == before
+    # The Dagster assets carry exactly these versions.
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        assert graph.get(key).code_version == code_version(key.to_user_string())

@@ -207,7 +207,7 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
         name = registered_model_name(cfg.dataset.name)
         uri, version = log_and_register(summary["package"], name, {
             "data_hash": data_hash, "manifest_version": manifest_hash(manifest),
-            "code_version": code_version("model", "training", "registry", "config.py"),
+            "code_version": code_version("maemi_model"),
             "dagster_run_id": tracker.dagster_run_id, "lm_profile": m.lm_profile, "prompt_pack_version": pack_version,
             "training_numerics": "int8 weight-only" if m.quantize_8bit else "fp32",
             "inference_numerics": summary["inference_kernel"]})

@@ -18,7 +18,7 @@ OWNERS = ["team:maemi-ml"]
 
 @dg.asset(
     group_name="data",
-    code_version=code_version("data", "config.py"),
+    code_version=code_version("raw_images"),
     owners=OWNERS,
     kinds={"pandas", "parquet", "mlflow"},
     description=(

@@ -17,7 +17,7 @@ from maemi_dagster.metadata import image_md, table_md
 from maemi_dagster.resources import MaemiConfigResource, MLflowResource
 from maemi_dagster.reuse import Recompute, reuse_unchanged
 
-BENCH_CODE = code_version("evaluation", "model", "config.py")
+BENCH_CODE = code_version("benchmark_tables")
 SHOWN = ["method", "n", "bleu2", "bleu4", "rouge1", "rouge2", "rougeL", "meteor", "status"]
 
 

@@ -10,13 +10,13 @@ from maemi_core.run_isolation import data_version, fingerprint, publish
 from maemi_core.threads import fit_threads
 from maemi_dagster.assets.data import OWNERS
 from maemi_dagster.assets.teacher import instruction_set
-from maemi_dagster.assets.vision import vit_classifier
+from maemi_dagster.assets.vision import visual_token_inputs, vit_classifier
 from maemi_dagster.executor import TORCH_POOL, TORCH_STEP
 from maemi_dagster.metadata import image_md
 from maemi_dagster.resources import MaemiConfigResource, MLflowResource
 from maemi_dagster.reuse import Recompute, reuse_unchanged
 
-MODEL_CODE = code_version("model", "training", "registry", "config.py")
+MODEL_CODE = code_version("maemi_model")
 
 
 @dg.asset(
@@ -39,10 +39,9 @@ def maemi_model(context: dg.AssetExecutionContext, config: Recompute, maemi_conf
     # Inputs: records, images, the frozen encoder, the profile and the code. A new champion alone
     # is not a reason to train again (promoting this very model would otherwise make the next
     # "materialize all" re-train); new data is, and that training continues from the champion.
-    inputs = fingerprint(MODEL_CODE, cfg.model.model_dump(mode="json"), cfg.vision.encoder, cfg.vision.image_size,
+    inputs = fingerprint(MODEL_CODE, cfg.model.model_dump(mode="json"), visual_token_inputs(cfg), cfg.vision.image_size,
                          cfg.operations.warm_start_from_champion, data_version(cfg, "raw_images"),
-                         data_version(cfg, "instructions"),
-                         data_version(cfg, "vision") if cfg.vision.encoder == "vit" else "")
+                         data_version(cfg, "instructions"))
     if (reused := reuse_unchanged(context, cfg, inputs, config)) is not None:
         return reused
     fit_threads(cfg)

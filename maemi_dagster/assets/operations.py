@@ -15,7 +15,7 @@ fab_batches = dg.DynamicPartitionsDefinition(name="fab_batches")
 
 @dg.asset(
     group_name="data",
-    code_version=code_version("data", "config.py"),
+    code_version=code_version("fab_batch"),
     owners=OWNERS,
     kinds={"python"},
     partitions_def=fab_batches,
@@ -42,7 +42,7 @@ def fab_batch(context: dg.AssetExecutionContext, maemi_config: MaemiConfigResour
 
 @dg.asset(
     group_name="registry",
-    code_version=code_version("registry", "config.py"),
+    code_version=code_version("model_promotion"),
     owners=OWNERS,
     kinds={"mlflow"},
     deps=[benchmark_tables],

