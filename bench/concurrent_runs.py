@@ -34,7 +34,7 @@ def project(root: Path, no_pool: bool) -> dict:
     profile["vision"]["encoder"] = "efficientnet_lite0"
     profile["teacher"]["tasks"] = ["vqa", "classify_zero_shot"]
     profile["teacher"]["concise_tasks"] = ["vqa"]
-    profile["model"] |= {"max_epochs": 1, "train_tasks": ["vqa", "classify_zero_shot"]}
+    profile["model"] |= {"train_budget": {"epochs": 1, "eval_points": 1}, "train_tasks": ["vqa", "classify_zero_shot"]}
     profile["evaluation"] |= {"baselines": [], "rank_sweep": [8], "qualitative_samples": 0}
     (root / "configs" / "tiny.yaml").write_text(yaml.safe_dump(profile))
     home = root / "dagster_home"

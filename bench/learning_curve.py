@@ -2,12 +2,13 @@
 
     .venv/bin/python bench/learning_curve.py [--budgets 10,30,60,120] [--eval-images 0]
         [--eval-records 64] [--threads 2] [--config configs/default.yaml] [--figure docs/learning_curve.png]
-        [--decay-minutes 0]
+        [--unit minutes|tokens|epochs] [--decay 0]
 
 Needs the profile's ``instruction_set`` (and so ``raw_images``) materialized (``make demo`` does).
-Trains the profile's model on **all** train records of ``model.train_tasks`` (not the demo's
-slice), optimizer step by optimizer step, and at each cumulative budget (minutes of training
-wall time; each budget continues the last) evaluates on the same fixed test records:
+Trains the profile's model with the pipeline's own trainer and recipe (``train_maemi``: the
+profile's train records, streamed; warmup-stable-decay), the budget replaced by the curve's last
+budget (``--unit``: minutes of training wall time, tokens or epochs), and at each cumulative
+budget evaluates on the same fixed test records:
 
 - zero-shot classification top-1 by category-name likelihood on the test images
   (``--eval-images 0``: every test image), for MAEMI and for the tuned LM with its
@@ -22,16 +23,16 @@ the CSV beside ``--figure`` (same name, ``.csv``); every evaluation's category l
 per image go to ``.scores.parquet`` beside it (method, train_tokens, image_id, label,
 ``loglik_<class>``), so two runs can be compared image by image.
 
-After every budget the whole training state (trained tensors, Adam moments, data order and
-random state, the rows so far) is written atomically to ``--state`` (default: beside the
-figure, ``.state.pt``). Run the script again with larger ``--budgets`` and the same settings and
-it continues from the last budget it finished instead of starting over (``--fresh`` ignores
-the state); a state written for other settings or data is not used. ``--replot`` only redraws
-the figure from that CSV (no model is loaded).
+The trainer checkpoints its whole state (trained tensors, Adam moments, data order and random
+state) atomically to ``--state`` (default: beside the figure, ``.state.pt``) at every budget and
+every few minutes, the evaluated rows go beside it (``.state.rows.pt``). Run the script again
+with larger ``--budgets`` and the same settings and it continues from where it stopped instead
+of starting over (``--fresh`` ignores the state); a state written for other settings or data is
+not used. ``--replot`` only redraws the figure from that CSV (no model is loaded).
 
-The learning rate is constant (the profile's ``model.lr``) unless ``--decay-minutes D``: then it
-falls linearly to 0 over the last D minutes before the last budget (a cooldown; a state saved
-by a constant-rate run can be continued this way, e.g. ``--budgets 90,120 --decay-minutes 30``
+The learning rate is constant (the profile's ``model.lr``) unless ``--decay D`` (in the budgets'
+unit): then it falls linearly to 0 over the last D before the last budget (a cooldown; a state
+saved by a constant-rate run can be continued this way, e.g. ``--budgets 90,120 --decay 30``
 from the 90-minute state).
 """
 
@@ -62,7 +63,8 @@ def _replace_atomically(path: Path, write) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/default.yaml")
-    ap.add_argument("--budgets", default="10,30,60,120", help="cumulative minutes of training")
+    ap.add_argument("--budgets", default="10,30,60,120", help="cumulative budgets of training, in --unit")
+    ap.add_argument("--unit", default="minutes", choices=["minutes", "tokens", "epochs"])
     ap.add_argument("--eval-images", type=int, default=0, help="0: every test image")
     ap.add_argument("--eval-records", type=int, default=64, help="0: no text tasks (classification only)")
     ap.add_argument("--eval-split", default="test", choices=["test", "val"],
@@ -71,16 +73,16 @@ def main() -> None:
     ap.add_argument("--figure", default="docs/learning_curve.png")
     ap.add_argument("--state", default=None, help="resumable training state (default: <figure>.state.pt)")
     ap.add_argument("--fresh", action="store_true", help="start from 0 tokens even if a state exists")
-    ap.add_argument("--decay-minutes", type=float, default=0.0,
+    ap.add_argument("--decay", "--decay-minutes", dest="decay", type=float, default=0.0,
                     help="anneal the learning rate linearly to 0 over the last this many minutes before the last "
                          "budget (0: constant, as the curve in the README)")
     ap.add_argument("--replot", action="store_true",
                     help="only redraw --figure from the CSV beside it (give the run's --eval-split / --eval-images: "
-                         "they set the majority-class line; and its --decay-minutes, named in the title)")
+                         "they set the majority-class line; and its --decay and --unit, named in the title)")
     args = ap.parse_args()
     last = max(float(b) for b in args.budgets.split(","))
-    if not 0 <= args.decay_minutes <= last:
-        raise SystemExit(f"--decay-minutes {args.decay_minutes:g}: give 0 (constant rate) up to the last budget ({last:g})")
+    if not 0 <= args.decay <= last:
+        raise SystemExit(f"--decay {args.decay:g}: give 0 (constant rate) up to the last budget ({last:g} {args.unit})")
     torch.set_num_threads(args.threads)
     if args.replot:
         return replot(args)
@@ -96,32 +98,21 @@ def main() -> None:
     from maemi_core.registry.tracking import resolve_tracking_uri, tracked_run
     from maemi_core.teacher.instruction_set import load_instruction_set
     from maemi_core.training.checkpoints import load_checkpoint, save_checkpoint
-    from maemi_core.training.instruction_tuning import select_records, training_config
-    from maemi_core.training.maemi_training import (
-        ImageStore, MediaCache, build_examples, evaluate_loss, fit_media_statistics, length_buckets, make_optimizer,
-        optimizer_step,
-    )
+    from maemi_core.training.instruction_tuning import tuning_data
+    from maemi_core.training.maemi_training import MediaCache, evaluate_loss
 
     cfg = load_config(args.config)
     m = cfg.model
     manifest = load_manifest(cfg)
     records = load_instruction_set(cfg)
     budgets = [float(b) for b in args.budgets.split(",")]
-    train_recs = select_records(records, "train", m.train_tasks, None)
-    val_recs = select_records(records, "val", m.train_tasks, m.max_val_records)
     model = build_model(cfg)
-    train_ex, _ = build_examples(train_recs, model.tokenizer, m.max_len)
-    val_ex, _ = build_examples(val_recs, model.tokenizer, m.max_len)
-    images = ImageStore.from_manifest(manifest, cfg.vision.image_size)
+    data = tuning_data(cfg, manifest, records, model.tokenizer)
+    train_ex, val_ex, images = data.train, data.val, data.images
     media = MediaCache(model, images)
-    if m.media_standardize:
-        fit_media_statistics(model, train_ex, media)
     tok = model.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    tcfg = training_config(cfg)
-    opt = make_optimizer(model, tcfg)
-    gen = torch.Generator().manual_seed(tcfg.seed)
-    torch.manual_seed(tcfg.seed)
+    tcfg = curve_config(cfg, budgets, args.unit, args.decay)
 
     class_names, image_ids, cls_recs, y, majority = classification_targets(manifest, records, args)
     text_tasks = ("vqa", "caption") if args.eval_records else ()
@@ -169,69 +160,44 @@ def main() -> None:
 
     uri, artifact_root = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.project_root)
     state_path = Path(args.state) if args.state else Path(args.figure).with_suffix(".state.pt")
+    rows_path = state_path.with_suffix(".rows.pt")
     fingerprint = _fingerprint(args, cfg, train_ex, cls_recs, text_recs)
-    state = None if args.fresh else load_checkpoint(state_path, fingerprint)
-    rows: list[dict] = []
-    per_image: list[dict] = []      # every evaluation's category scores per image (paired comparisons)
+    if args.fresh:
+        state_path.unlink(missing_ok=True)
+    saved = load_checkpoint(rows_path, fingerprint) if not args.fresh else None
+    rows: list[dict] = saved["rows"] if saved else []
+    per_image: list[dict] = saved["per_image"] if saved else []     # every evaluation's category scores per image
     with tracked_run(uri, f"maemi-learning-curve-{cfg.dataset.name}", "learning_curve", time.strftime("%Y%m%dT%H%M%S"),
                      Path(args.config).name, artifact_root):
-        mlflow.log_params({"budgets_min": args.budgets, "train_examples": len(train_ex), "eval_images": len(cls_recs),
-                           "eval_records": args.eval_records, "threads": args.threads, "lr": tcfg.lr,
-                           "effective_batch": tcfg.effective_batch, "gate_lr_multiplier": tcfg.gate_lr_multiplier,
-                           "xattn_heads": m.xattn_heads, "xattn_head_dim": m.xattn_head_dim,
-                           "media_norm": m.media_norm, "media_standardize": m.media_standardize,
-                           "eval_split": args.eval_split, "majority_top1": majority,
-                           "decay_minutes": args.decay_minutes})
-        accum = max(1, tcfg.effective_batch // tcfg.micro_batch)
-        lengths = [len(e.input_ids) for e in train_ex]
-        trained, tokens, epoch, queue = 0.0, 0, 0, []
-        if state is not None:
-            model.load_state_dict(state["weights"], strict=False)
-            opt.load_state_dict(state["optimizer"])
-            gen.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
-            trained, tokens, epoch, queue, rows = (state["trained_s"], state["tokens"], state["epoch"], state["queue"],
-                                                   state["rows"])
-            per_image += state.get("per_image", [])
-            print(f"continuing from {state_path}: {trained / 60:.1f} min trained, {tokens} tokens, epoch {epoch}",
-                  flush=True)
-            rows = [r for r in rows if r["method"] != "efficientnet_probe"]     # recomputed below (cheap)
-        else:
+        mlflow.log_params({"budgets": args.budgets, "budget_unit": args.unit, "train_examples": len(train_ex),
+                           "eval_images": len(cls_recs), "eval_records": args.eval_records, "threads": args.threads,
+                           "lr": tcfg.lr, "effective_batch": tcfg.effective_batch,
+                           "gate_lr_multiplier": tcfg.gate_lr_multiplier, "xattn_heads": m.xattn_heads,
+                           "xattn_head_dim": m.xattn_head_dim, "media_norm": m.media_norm,
+                           "media_standardize": m.media_standardize, "eval_split": args.eval_split,
+                           "majority_top1": majority, "decay": args.decay})
+        if not rows:
             rows += evaluate(0, 0.0, [BASE_LM, MAEMI, GATES_CLOSED])
+        rows = [r for r in rows if r["method"] != "efficientnet_probe"]     # recomputed below (cheap)
         probe = probe_reference(cfg, manifest, image_ids, y, class_names)
         if probe is not None:
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in probe.items()}, flush=True)
             rows.append(probe)
-        for g in opt.param_groups:      # the schedule's reference (a state from a constant-rate run has none)
-            g.setdefault("initial_lr", g["lr"])
-        for budget in budgets:
-            if trained >= budget * 60:
-                continue            # reached by the run this one continues
-            model.train()
-            model.vision.eval()
-            while trained < budget * 60:
-                if not queue:
-                    epoch += 1
-                    order = torch.randperm(len(train_ex), generator=gen).tolist()
-                    micro = length_buckets(order, lengths, tcfg.micro_batch, gen)
-                    queue = [micro[s: s + accum] for s in range(0, len(micro), accum)]
-                group = queue.pop(0)
-                for g in opt.param_groups:
-                    g["lr"] = g["initial_lr"] * lr_factor(trained / 60, budgets[-1], args.decay_minutes)
-                t0 = time.perf_counter()
-                _, n = optimizer_step(model, opt, [[train_ex[i] for i in mb] for mb in group], pad_id, images, media, gen)
-                trained += time.perf_counter() - t0
-                tokens += sum(len(train_ex[i].input_ids) for mb in group for i in mb)
-            print(f"budget {budget:g} min: epoch {epoch}, {tokens} training tokens", flush=True)
-            rows += evaluate(tokens, trained, [MAEMI, GATES_CLOSED])
-            for r in rows[-2:]:
+
+        def on_point(p) -> None:
+            # A point evaluated before a kill and trained again after it replaces its earlier rows.
+            rows[:] = [r for r in rows if r["train_tokens"] != p.tokens or r["method"] == "efficientnet_probe"]
+            per_image[:] = [q for q in per_image if q["train_tokens"] != p.tokens]
+            print(f"{p.minutes:.1f} min: epoch {p.epoch}, {p.tokens} training tokens", flush=True)
+            new = evaluate(p.tokens, p.minutes * 60, [MAEMI, GATES_CLOSED])
+            rows.extend(new)
+            for r in new:
                 mlflow.log_metrics({f"{r['method']}.{k}": float(v) for k, v in r.items()
                                     if k not in ("method",) and isinstance(v, (int, float)) and np.isfinite(v)},
-                                   step=tokens)
-            save_checkpoint({"fingerprint": fingerprint, "weights": model.trainable_state_dict(),
-                             "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                             "torch_rng": torch.get_rng_state(), "trained_s": trained, "tokens": tokens,
-                             "epoch": epoch, "queue": queue, "rows": rows, "per_image": per_image}, state_path)
+                                   step=p.tokens)
+            save_checkpoint({"fingerprint": fingerprint, "rows": rows, "per_image": per_image}, rows_path)
+
+        train_to_budgets(model, data, tcfg, budgets, state_path, fingerprint, on_point)
         df = pd.DataFrame(rows)
         csv = Path(args.figure).with_suffix(".csv")
         csv.parent.mkdir(parents=True, exist_ok=True)
@@ -240,20 +206,33 @@ def main() -> None:
             scores = pd.concat([pd.DataFrame(p) for p in per_image], ignore_index=True)
             _replace_atomically(Path(args.figure).with_suffix(".scores.parquet"),
                                 lambda tmp: scores.to_parquet(tmp, index=False))
-        fig = figure(df, Path(args.figure), cfg.dataset.name, majority, args.eval_split, args.decay_minutes)
+        fig = figure(df, Path(args.figure), cfg.dataset.name, majority, args.eval_split, args.decay, args.unit)
         mlflow.log_artifact(str(csv))
         mlflow.log_artifact(str(fig), artifact_path="figures")
     print(df.round(4).to_string(index=False))
 
 
-def lr_factor(minutes: float, end: float, decay: float) -> float:
-    """Stable, then decay (warmup-stable-decay without the warmup): the learning-rate factor is 1
-    until ``end - decay`` minutes of training, then falls linearly to 0 at ``end`` (``decay`` 0:
-    always 1). A state saved at a constant rate can be continued with a decay: the cooldown
-    branch of that run."""
-    if decay <= 0 or minutes <= end - decay:
-        return 1.0
-    return max(0.0, (end - minutes) / decay)
+def curve_config(cfg, budgets: list[float], unit: str, decay: float):
+    """The profile's training recipe (``maemi_core.training.instruction_tuning.training_config``)
+    with the curve's last budget, in ``unit``, and a cooldown over its last ``decay``."""
+    from dataclasses import replace
+
+    from maemi_core.training.instruction_tuning import training_config
+
+    last = max(budgets)
+    amount = int(last) if unit == "tokens" else float(last)
+    return replace(training_config(cfg), budget_tokens=None, budget_minutes=None, budget_epochs=None,
+                   **{f"budget_{unit}": amount}, decay_fraction=decay / last if last else 0.0)
+
+
+def train_to_budgets(model, data, tcfg, budgets: list[float], state_path: Path, fingerprint: str, on_point):
+    """Train with the pipeline's own trainer (``train_maemi``) and evaluate at each budget:
+    no loop of the bench's own. The trainer's checkpoint at ``state_path`` makes the curve
+    resumable, and a later run with larger budgets continues it."""
+    from maemi_core.training.maemi_training import train_maemi
+
+    return train_maemi(model, data.train, data.val, data.images, tcfg, state_path, fingerprint, on_point=on_point,
+                       points=budgets)
 
 
 def classification_targets(manifest: pd.DataFrame, records: list[dict], args):
@@ -288,7 +267,7 @@ def replot(args) -> None:
     cfg = load_config(args.config)
     majority = classification_targets(load_manifest(cfg), load_instruction_set(cfg), args)[-1]
     print(figure(pd.read_csv(csv), Path(args.figure), cfg.dataset.name, majority, args.eval_split,
-                 args.decay_minutes))
+                 args.decay, args.unit))
 
 
 def _fingerprint(args, cfg, train_ex, cls_recs, text_recs) -> str:
@@ -357,7 +336,7 @@ def _macro_auc(y: np.ndarray, scores: np.ndarray, n_classes: int) -> float:
 
 
 def figure(df: pd.DataFrame, path: Path, dataset: str, majority: float | None = None, split: str = "test",
-           decay_minutes: float = 0.0) -> Path:
+           decay: float = 0.0, unit: str = "minutes") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -386,8 +365,8 @@ def figure(df: pd.DataFrame, path: Path, dataset: str, majority: float | None = 
         ax.set_xlabel("training tokens (thousands)")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
-    decay = (f"; learning rate decayed linearly to 0 over the last {decay_minutes:g} min before the last point"
-             if decay_minutes > 0 else "")
+    decay = (f"; learning rate decayed linearly to 0 over the last {decay:g} {unit} before the last point"
+             if decay > 0 else "")
     fig.suptitle(f"MAEMI learning curve ({dataset}; bands: 95% bootstrap intervals{decay})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@
 Needs the profile's ``instruction_set`` materialized. For each variant (``even``: one record of
 each task per round, else ``task=weight,...`` for ``model.train_task_weights``; ``package:DIR``:
 a model already trained, e.g. the profile's own ``<workdir>/model/package``) it runs the
-profile's own recipe (``model.max_train_records`` records, ``model.max_epochs``, ...) with
+profile's own recipe (``model.max_train_records`` records, ``model.train_budget``, ...) with
 ``tune_and_register`` in ``<workdir>/runs/bench-training-slice-<i>/`` (never over the published
 model, nothing registered), then answers ``--records`` validation records of each task (greedy,
 the profile's decoding) and prints METEOR per task with a 95% bootstrap interval, the paired

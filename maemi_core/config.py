@@ -210,6 +210,37 @@ class TeacherConfig(_Strict):
         return self
 
 
+class TrainBudget(_Strict):
+    """How much the MAEMI model trains: exactly one of ``tokens`` (prompt + answer tokens of the
+    examples stepped through: the same on every machine), ``minutes`` (optimizer-step wall time)
+    or ``epochs`` (passes over the train examples, fractions allowed). The learning rate follows
+    warmup-stable-decay: linear warmup over ``warmup_steps``, constant, then linear to 0 over the
+    last ``decay_fraction`` of the budget; the final weights are the model."""
+    tokens: Optional[int] = Field(None, gt=0)
+    minutes: Optional[float] = Field(None, gt=0)
+    epochs: Optional[float] = Field(None, gt=0)
+    decay_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    warmup_steps: int = Field(0, ge=0)
+    eval_points: int = Field(4, ge=1)              # validation loss (and a checkpoint) at this many even points
+    checkpoint_minutes: float = Field(5.0, ge=0.0)  # also a checkpoint after this much training time (0: every step)
+
+    @model_validator(mode="after")
+    def _one_unit(self) -> "TrainBudget":
+        given = [k for k in ("tokens", "minutes", "epochs") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a training budget names exactly one of tokens, minutes or epochs, e.g. "
+                             f"{{tokens: 800000, decay_fraction: 0.25}}; got {given or 'none'}")
+        return self
+
+    @property
+    def unit(self) -> str:
+        return next(k for k in ("tokens", "minutes", "epochs") if getattr(self, k) is not None)
+
+    @property
+    def amount(self) -> float:
+        return float(getattr(self, self.unit))
+
+
 class ModelConfig(_Strict):
     """The vision-language model (paper Figure 2, A.1, A.8) and its instruction tuning."""
     lm_profile: Literal["default", "tiny", "paper"] = "default"
@@ -233,12 +264,16 @@ class ModelConfig(_Strict):
     gate_lr_multiplier: float = 1.0       # the cross-attention gates learn this many times faster
     micro_batch: int = 4
     effective_batch: int = 32
-    max_epochs: int = 50
-    early_stopping_patience: int = 10
-    lr_patience: int = 5
+    # How long ``maemi_model`` trains (tokens, minutes or epochs) and the warmup-stable-decay
+    # schedule; ``retune_budget``: the same for a re-tune that warm-starts from the champion
+    # (null: train_budget).
+    train_budget: TrainBudget = Field(default_factory=lambda: TrainBudget(epochs=50))
+    retune_budget: Optional[TrainBudget] = None
     max_len: int = 256
     train_tasks: list[str] = Field(default_factory=lambda: list(TEACHER_TASKS))
-    max_train_records: Optional[int] = None   # a stable hash-chosen slice, to fit a CPU budget
+    # null: every train record of train_tasks, streamed epoch after epoch until the budget is spent;
+    # a number: a stable hash-chosen slice of that many records
+    max_train_records: Optional[int] = None
     # How the slice is shared between tasks: records of a task per round-robin round (default 1).
     # Only shapes the slice: with max_train_records null every record is used once per epoch.
     train_task_weights: dict[str, int] = Field(default_factory=dict)
@@ -255,6 +290,17 @@ class ModelConfig(_Strict):
     # auto: serve with the dynamic int8 kernel only if, on the validation records, it gives the
     # same greedy answers and loss as the training numerics (maemi_core/model/inference_kernel.py)
     inference_kernel: Literal["auto", "dynamic_int8", "weight_only_int8"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epoch_keys_replaced(cls, data):
+        if isinstance(data, dict):
+            old = [k for k in ("max_epochs", "early_stopping_patience", "lr_patience") if k in data]
+            if old:
+                raise ValueError(f"model.{old[0]} is no longer read: the MAEMI model trains for model.train_budget "
+                                 "(e.g. {epochs: 2}, {tokens: 800000} or {minutes: 120}) with a warmup-stable-decay "
+                                 "schedule and keeps its final weights; replace " + ", ".join(f"model.{k}" for k in old))
+        return data
 
     @model_validator(mode="after")
     def _task_weights_name_tasks(self) -> "ModelConfig":

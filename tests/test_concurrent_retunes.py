@@ -36,7 +36,7 @@ def test_two_retunes_at_once_each_register_benchmark_and_judge_their_own_version
     profile["vision"]["encoder"] = "efficientnet_lite0"
     profile["teacher"]["tasks"] = ["vqa", "classify_zero_shot"]
     profile["teacher"]["concise_tasks"] = ["vqa"]
-    profile["model"] |= {"max_epochs": 1, "train_tasks": ["vqa", "classify_zero_shot"]}
+    profile["model"] |= {"train_budget": {"epochs": 1, "eval_points": 1}, "train_tasks": ["vqa", "classify_zero_shot"]}
     profile["evaluation"] |= {"baselines": [], "rank_sweep": [8], "qualitative_samples": 0}
     (tmp_path / "configs" / "tiny.yaml").write_text(yaml.safe_dump(profile))
     cfg = load_config(tmp_path / "configs" / "tiny.yaml")

@@ -39,7 +39,7 @@ def setup(tmp_path):
     assert all(torch.equal(v, ref[k]) for k, v in twin.state_dict().items())
     train, _ = build_examples(records[:16], model.tokenizer, 64)
     val, _ = build_examples(records[16:], model.tokenizer, 64)
-    tcfg = MaemiTrainingConfig(lr=3e-3, micro_batch=4, effective_batch=8, max_epochs=3, early_stopping_patience=5,
+    tcfg = MaemiTrainingConfig(lr=3e-3, micro_batch=4, effective_batch=8, budget_epochs=3, eval_points=3,
                                gate_lr_multiplier=10, seed=0)
     return cfg, model, twin, images, train, val, tcfg, tmp_path
 
@@ -59,7 +59,7 @@ def test_two_processes_match_one_with_the_same_effective_batch(setup):
     h1, h2 = pd.DataFrame([h.__dict__ for h in one.history]), pd.DataFrame([h.__dict__ for h in two.history])
     print(pd.concat({"1 process": h1[["train_loss", "val_loss"]], "2 processes": h2[["train_loss", "val_loss"]]},
                     axis=1).to_string())
-    assert len(h1) == len(h2) == 3 and (h1["steps"] == h2["steps"]).all()
+    assert len(h1) == len(h2) == 3 and (h1["step"] == h2["step"]).all() and (h1["tokens"] == h2["tokens"]).all()
     assert h1["train_loss"].iloc[-1] < h1["train_loss"].iloc[0]            # it learns at all
     # With the same threads per process, the same arithmetic: the gradient of a step is g1 + g2
     # either way (accumulated in one process, all-reduced across two), the rank and the dropout

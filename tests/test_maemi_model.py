@@ -72,28 +72,65 @@ def test_prompt_tokens_are_masked():
     assert ex.input_ids.count(model.image_token_id) == 1 and model.encode_token_id in ex.input_ids
 
 
-def test_training_resumes_from_the_same_epoch(tmp_path):
-    cfg = MaemiTrainingConfig(lr=1e-2, micro_batch=4, effective_batch=8, max_epochs=3, seed=0)
+def test_a_run_killed_mid_budget_resumes_and_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    # 12 examples, 3 micro-batches of 4, 2 per optimizer step: 2 steps per epoch. A budget of 900
+    # tokens crosses epochs and ends mid-epoch; the kill falls mid-epoch, between evaluation points.
+    cfg = MaemiTrainingConfig(lr=1e-2, micro_batch=4, effective_batch=8, budget_tokens=900, decay_fraction=0.5,
+                              eval_points=2, checkpoint_minutes=60, seed=0)
 
     straight = tiny_model()
     examples, store = _toy_data(straight)
     full = train_maemi(straight, examples, examples[:4], store, cfg, tmp_path / "a.pt", "f")
+    assert full.tokens >= 900 and full.steps >= 4 and full.history[-1].epoch >= 2
     assert full.history[-1].val_loss < full.history[0].val_loss
+    assert full.history[-1].lr < 0.5e-2                       # the cooldown ran: the last step's rate is decayed
 
     killed = tiny_model()
-    part = train_maemi(killed, examples, examples[:4], store, cfg, tmp_path / "b.pt", "f", stop_after_epoch=1)
-    assert len(part.history) == 1
+    part = train_maemi(killed, examples, examples[:4], store, cfg, tmp_path / "b.pt", "f", stop_after_steps=3)
+    assert part.steps == 3 and part.tokens < 900
     resumed_model = tiny_model()
     resumed = train_maemi(resumed_model, examples, examples[:4], store, cfg, tmp_path / "b.pt", "f")
-    assert resumed.resumed_from_epoch == 1
-    assert [round(h.train_loss, 4) for h in resumed.history] == [round(h.train_loss, 4) for h in full.history]
+    assert resumed.resumed_from_step == 3 and resumed.steps == full.steps and resumed.tokens == full.tokens
+    assert [round(h.train_loss, 5) for h in resumed.history] == [round(h.train_loss, 5) for h in full.history]
     a, b = straight.trainable_state_dict(), resumed_model.trainable_state_dict()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        assert torch.equal(a[k], b[k]), k                     # same threads, same arithmetic: the same bits
+    # A finished run is not trained again: the same checkpoint gives the same weights at once.
+    again = tiny_model()
+    done = train_maemi(again, examples, examples[:4], store, cfg, tmp_path / "b.pt", "f")
+    assert done.resumed_from_step == full.steps and all(torch.equal(a[k], again.trainable_state_dict()[k]) for k in a)
+    # Another fingerprint (other data or settings) never resumes that checkpoint.
+    other = train_maemi(tiny_model(), examples, examples[:4], store, cfg, tmp_path / "b.pt", "g", stop_after_steps=1)
+    assert other.resumed_from_step == 0 and other.steps == 1
+
+
+@pytest.mark.parametrize("budget", [{"budget_tokens": 1000}, {"budget_epochs": 1.5}, {"budget_minutes": 0.02}])
+def test_each_budget_unit_stops_where_it_says(tmp_path, budget):
+    model = tiny_model()
+    examples, store = _toy_data(model)
+    cfg = MaemiTrainingConfig(lr=1e-2, micro_batch=4, effective_batch=8, seed=0, eval_points=1, **budget)
+    res = train_maemi(model, examples, [], store, cfg, tmp_path / "c.pt", "f")
+    if "budget_tokens" in budget:
+        assert res.tokens >= 1000 and res.tokens - max(len(e.input_ids) for e in examples) * 8 < 1000
+    elif "budget_epochs" in budget:
+        assert res.steps == 3                                  # 2 steps per epoch: 1.5 epochs
+    else:
+        assert res.minutes >= 0.02 and res.steps >= 1
+
+
+def test_warmup_stable_decay_schedule():
+    from maemi_core.training.maemi_training import lr_factor
+
+    assert [lr_factor(p, 0.25) for p in (0.0, 0.5, 0.75)] == [1.0, 1.0, 1.0]
+    assert lr_factor(0.875, 0.25) == pytest.approx(0.5) and lr_factor(1.0, 0.25) == 0.0
+    assert lr_factor(0.9, 0.0) == 1.0                                    # no decay: constant
+    assert lr_factor(0.1, 0.25, step=0, warmup_steps=4) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="exactly one positive budget"):
+        MaemiTrainingConfig(budget_tokens=10, budget_minutes=1)
 
 
 def test_visual_token_standardisation_is_fitted_once_on_train_images_and_travels_with_the_weights(tmp_path):
-    cfg = MaemiTrainingConfig(lr=1e-2, micro_batch=4, effective_batch=8, max_epochs=2, seed=0)
+    cfg = MaemiTrainingConfig(lr=1e-2, micro_batch=4, effective_batch=8, budget_epochs=2, seed=0)
     model = tiny_model(media_standardize=True)
     examples, store = _toy_data(model)
     assert not model.media_statistics_fitted
@@ -118,7 +155,7 @@ def test_visual_token_standardisation_is_fitted_once_on_train_images_and_travels
     assert fresh.media_statistics_fitted
     before = fresh.media_mean.clone()
     train_maemi(fresh, examples[:4], [], store, MaemiTrainingConfig(lr=1e-2, micro_batch=4, effective_batch=4,
-                                                                   max_epochs=1, seed=0), tmp_path / "b.pt", "g")
+                                                                   budget_epochs=1, seed=0), tmp_path / "b.pt", "g")
     torch.testing.assert_close(fresh.media_mean, before)
     with pytest.raises(ValueError, match="at least one image"):
         fresh.fit_media_statistics(torch.zeros(0, 5, 64))

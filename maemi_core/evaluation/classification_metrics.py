@@ -56,14 +56,15 @@ def confusion_matrix_figure(y_true: np.ndarray, y_pred: np.ndarray, class_names:
     return _save(fig, path)
 
 
-def loss_curve_figure(history: pd.DataFrame, title: str, path: str | Path) -> Path:
-    """Train/val loss per epoch, and validation accuracy when the history has it."""
+def loss_curve_figure(history: pd.DataFrame, title: str, path: str | Path, x: str = "epoch") -> Path:
+    """Train/val loss per epoch (or along another ``x`` column, e.g. training tokens), and
+    validation accuracy when the history has it."""
     with_acc = "val_acc" in history and history["val_acc"].notna().any()
     fig, axes = plt.subplots(1, 2 if with_acc else 1, figsize=(10 if with_acc else 5.5, 3.6), squeeze=False)
     ax = axes[0]
-    ax[0].plot(history["epoch"], history["train_loss"], label="train")
-    ax[0].plot(history["epoch"], history["val_loss"], label="val")
-    ax[0].set_xlabel("epoch"); ax[0].set_ylabel("cross-entropy"); ax[0].legend()
+    ax[0].plot(history[x], history["train_loss"], marker="o", label="train")
+    ax[0].plot(history[x], history["val_loss"], marker="o", label="val")
+    ax[0].set_xlabel(x); ax[0].set_ylabel("cross-entropy"); ax[0].legend()
     if with_acc:
         ax[1].plot(history["epoch"], history["val_acc"], color="tab:green")
         ax[1].set_xlabel("epoch"); ax[1].set_ylabel("val top-1")

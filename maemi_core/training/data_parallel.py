@@ -116,10 +116,10 @@ def _die_with_parent() -> None:
 
 
 def train_in_processes(model, cfg, train, val, images, tcfg, checkpoint_path, fingerprint: str, processes: int,
-                       on_epoch: Callable = lambda e: None, stop_after_epoch: Optional[int] = None,
+                       on_point: Callable = lambda p: None, stop_after_steps: Optional[int] = None,
                        log: Callable[[str], None] = lambda m: None, threads: Optional[int] = None):
     """:func:`~maemi_core.training.maemi_training.train_maemi` on ``processes`` processes; on
-    return ``model`` holds the trained (best-validation) tensors, as after a single-process run."""
+    return ``model`` holds the trained tensors, as after a single-process run."""
     from maemi_core.model.maemi_model import save_package
     from maemi_core.threads import available_cores
 
@@ -128,7 +128,7 @@ def train_in_processes(model, cfg, train, val, images, tcfg, checkpoint_path, fi
     # The package carries the trainable tensors as they are now (warm start included), the frozen A.
     torch.save({"train": train, "val": val, "image_paths": images.paths, "image_size": images.size,
                 "training": asdict(tcfg), "checkpoint": str(checkpoint_path), "fingerprint": fingerprint,
-                "stop_after_epoch": stop_after_epoch,
+                "stop_after_steps": stop_after_steps,
                 "lm_cache": str(cfg.resolve(cfg.model.lm_cache)) if cfg.model.lm_cache else None}, job / "data.pt")
     (job / "result.pt").unlink(missing_ok=True)
     n_threads = threads or max(1, available_cores() // processes)
@@ -141,14 +141,14 @@ def train_in_processes(model, cfg, train, val, images, tcfg, checkpoint_path, fi
     for line in proc.stdout:
         line = line.rstrip()
         tail = (tail + [line])[-40:]
-        if line.startswith("maemi epoch") or "Error" in line:
+        if line.startswith("maemi step") or "Error" in line:
             log(line)
     if proc.wait() != 0:
         raise RuntimeError(f"data-parallel tuning failed (exit {proc.returncode}); its last lines:\n" + "\n".join(tail))
     result = torch.load(job / "result.pt", weights_only=False)
     model.load_state_dict(result["weights"], strict=False)
-    for rec in result["progress"].history[result["progress"].resumed_from_epoch:]:
-        on_epoch(rec)
+    for point in result["progress"].history[result["points_before"]:]:
+        on_point(point)
     return result["progress"]
 
 
@@ -167,18 +167,21 @@ def main(job_dir: str) -> None:
         model.to(world.device)
     images = ImageStore(data["image_paths"], data["image_size"])
 
-    def on_epoch(e) -> None:
+    points = []
+
+    def on_point(p) -> None:
+        points.append(p)
         if world.main:
-            print(f"maemi epoch {e.epoch}: train_loss={e.train_loss:.4f} val_loss={e.val_loss:.4f} lr={e.lr:g} "
-                  f"({e.tokens_per_s:.0f} tok/s, {e.steps} steps)", flush=True)
+            print(f"maemi step {p.step} (epoch {p.epoch}, {p.tokens} tokens): train_loss={p.train_loss:.4f} "
+                  f"val_loss={p.val_loss:.4f} lr={p.lr:g} ({p.tokens_per_s:.0f} tok/s)", flush=True)
 
     progress = train_maemi(model, data["train"], data["val"], images, MaemiTrainingConfig(**data["training"]),
-                           data["checkpoint"], data["fingerprint"], on_epoch=on_epoch,
-                           stop_after_epoch=data["stop_after_epoch"], world=world)
+                           data["checkpoint"], data["fingerprint"], on_point=on_point,
+                           stop_after_steps=data["stop_after_steps"], world=world)
     if world.main:
         tmp = job / "result.pt.tmp"
         torch.save({"weights": {k: v.cpu() for k, v in model.trainable_state_dict().items()},
-                    "progress": progress}, tmp)
+                    "progress": progress, "points_before": len(progress.history) - len(points)}, tmp)
         os.replace(tmp, job / "result.pt")
     import torch.distributed as dist
 

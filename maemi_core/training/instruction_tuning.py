@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -17,7 +17,7 @@ from maemi_core.model.maemi_model import build_model, save_package
 from maemi_core.registry.tracking import TrackingContext
 from maemi_core.teacher.instruction_set import stable_slice
 from maemi_core.training.maemi_training import (
-    ImageStore, MaemiEpoch, MaemiTrainingConfig, build_examples, train_maemi,
+    Example, ImageStore, MaemiTrainingConfig, TrainingPoint, build_examples, train_maemi,
 )
 from maemi_core.run_isolation import stage_dir
 
@@ -108,49 +108,71 @@ def encoder_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def training_config(cfg: MaemiConfig) -> MaemiTrainingConfig:
+def training_config(cfg: MaemiConfig, warm_start: bool = False) -> MaemiTrainingConfig:
+    """The profile's recipe; a re-tune that warm-starts from the champion trains for
+    ``model.retune_budget`` (when the profile sets one) instead of ``model.train_budget``."""
     m = cfg.model
-    return MaemiTrainingConfig(lr=m.lr, micro_batch=m.micro_batch, effective_batch=m.effective_batch,
-                               max_epochs=m.max_epochs, early_stopping_patience=m.early_stopping_patience,
-                               lr_patience=m.lr_patience, seed=m.seed, low_memory_allocator=m.low_memory_allocator,
-                               gate_lr_multiplier=m.gate_lr_multiplier)
+    budget = (m.retune_budget or m.train_budget) if warm_start else m.train_budget
+    return MaemiTrainingConfig.from_budget(budget, lr=m.lr, micro_batch=m.micro_batch, effective_batch=m.effective_batch,
+                                           seed=m.seed, low_memory_allocator=m.low_memory_allocator,
+                                           gate_lr_multiplier=m.gate_lr_multiplier)
+
+
+@dataclass
+class TuningData:
+    """What the trainer reads, built the same way for the pipeline and the learning-curve bench."""
+    train_recs: list[dict]
+    val_recs: list[dict]
+    train: list[Example]
+    val: list[Example]
+    dropped_too_long: int
+    images: ImageStore
+
+
+def tuning_data(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict], tokenizer) -> TuningData:
+    """Every train record of ``model.train_tasks`` (or the profile's stable slice of them), the
+    validation slice, tokenised, and the manifest's images."""
+    m = cfg.model
+    train_recs = select_records(records, "train", m.train_tasks, m.max_train_records, m.train_task_weights)
+    val_recs = select_records(records, "val", m.train_tasks, m.max_val_records)
+    if not train_recs:
+        raise ValueError("no train records for model.train_tasks: materialize instruction_set first")
+    train_ex, dropped_tr = build_examples(train_recs, tokenizer, m.max_len)
+    val_ex, dropped_va = build_examples(val_recs, tokenizer, m.max_len)
+    return TuningData(train_recs, val_recs, train_ex, val_ex, dropped_tr + dropped_va,
+                      ImageStore.from_manifest(manifest, cfg.vision.image_size))
 
 
 def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
                       tracker: Optional[TrackingContext] = None, log: Callable[[str], None] = lambda m: None,
-                      stop_after_epoch: Optional[int] = None) -> dict:
+                      stop_after_steps: Optional[int] = None) -> dict:
     import mlflow
 
     from maemi_core.data.manifest import manifest_hash
     from maemi_core.registry.model_registry import log_and_register, registered_model_name
 
     m = cfg.model
-    train_recs = select_records(records, "train", m.train_tasks, m.max_train_records, m.train_task_weights)
-    val_recs = select_records(records, "val", m.train_tasks, m.max_val_records)
-    if not train_recs:
-        raise ValueError("no train records for model.train_tasks: materialize instruction_set first")
     model = build_model(cfg)
+    data = tuning_data(cfg, manifest, records, model.tokenizer)
+    train_recs, val_recs, train_ex, val_ex, images = data.train_recs, data.val_recs, data.train, data.val, data.images
     counts = model.parameter_counts()
     log(f"MAEMI model: {counts['trainable']:,} trainable of {counts['total']:,} parameters; "
         f"{model.n_adapted} DyQLoRA-FA layers; {len(train_recs)} train / {len(val_recs)} val records")
-    train_ex, dropped_tr = build_examples(train_recs, model.tokenizer, m.max_len)
-    val_ex, dropped_va = build_examples(val_recs, model.tokenizer, m.max_len)
-    images = ImageStore.from_manifest(manifest, cfg.vision.image_size)
     data_hash = hashlib.sha256("".join(r["provenance"]["cache_key"] for r in train_recs + val_recs).encode()).hexdigest()[:16]
-    tcfg = training_config(cfg)
     warm: dict = {"version": None}
     out = model_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     pack_version = records[0]["provenance"]["prompt_pack_version"] if records else ""
 
-    def on_epoch(e: MaemiEpoch) -> None:
-        log(f"maemi epoch {e.epoch}: train_loss={e.train_loss:.4f} val_loss={e.val_loss:.4f} lr={e.lr:g} "
-            f"({e.tokens_per_s:.0f} tok/s, {e.steps} steps)")
+    def on_point(p: TrainingPoint) -> None:
+        log(f"maemi step {p.step} (epoch {p.epoch}, {p.tokens} tokens, {p.minutes:.1f} min): "
+            f"train_loss={p.train_loss:.4f} val_loss={p.val_loss:.4f} lr={p.lr:g} ({p.tokens_per_s:.0f} tok/s)")
         if tracker is not None:
-            mlflow.log_metrics({"train_loss": e.train_loss, "val_loss": e.val_loss, "lr": e.lr,
-                                "tokens_per_s": e.tokens_per_s}, step=e.epoch)
+            mlflow.log_metrics({"train_loss": p.train_loss, "val_loss": p.val_loss, "lr": p.lr,
+                                "tokens_per_s": p.tokens_per_s}, step=p.tokens)
 
     def run() -> dict:
+        tcfg = training_config(cfg, warm_start=warm["version"] is not None)
         fingerprint = json.dumps({"data": data_hash, "model": m.model_dump(), "encoder": cfg.vision.encoder,
                                   "encoder_weights": encoder_fingerprint(model),
                                   "train": asdict(tcfg), "warm_start": warm["version"]}, sort_keys=True)
@@ -158,21 +180,23 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
             from maemi_core.training.data_parallel import train_in_processes
 
             result = train_in_processes(model, cfg, train_ex, val_ex, images, tcfg, out / "checkpoint.pt", fingerprint,
-                                        m.processes, on_epoch=on_epoch, stop_after_epoch=stop_after_epoch, log=log)
+                                        m.processes, on_point=on_point, stop_after_steps=stop_after_steps, log=log)
         else:
             result = train_maemi(model, train_ex, val_ex, images, tcfg, out / "checkpoint.pt", fingerprint,
-                                 on_epoch=on_epoch, stop_after_epoch=stop_after_epoch)
+                                 on_point=on_point, stop_after_steps=stop_after_steps)
         kernel = choose_inference_kernel(model, val_recs, val_ex, images, cfg, log)
         package = save_package(model, cfg, out / "package",
                                extra_meta=package_meta(records, manifest) | {"inference_kernel": kernel.chosen,
                                                                              "kernel_agreement": kernel.as_dict()})
         history = pd.DataFrame([h.__dict__ for h in result.history])
         history.to_csv(out / "history.csv", index=False)
-        fig = loss_curve_figure(history, "MAEMI instruction tuning", out / "loss_curve.png")
-        summary = {"best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
-                   "epochs": len(result.history), "stopped_early": result.stopped_early,
-                   "resumed_from_epoch": result.resumed_from_epoch, "train_records": len(train_ex),
-                   "val_records": len(val_ex), "dropped_too_long": dropped_tr + dropped_va, **counts,
+        fig = loss_curve_figure(history, "MAEMI instruction tuning", out / "loss_curve.png", x="tokens")
+        unit, amount = tcfg.budget
+        summary = {"final_val_loss": result.final_val_loss, "steps": result.steps, "train_tokens": result.tokens,
+                   "train_minutes": result.minutes, "epochs": result.history[-1].epoch if result.history else 0,
+                   "budget": f"{amount:g} {unit}", "resumed_from_step": result.resumed_from_step,
+                   "train_records": len(train_ex),
+                   "val_records": len(val_ex), "dropped_too_long": data.dropped_too_long, **counts,
                    "data_hash": data_hash, "package": str(package), "loss_curve": str(fig),
                    "warm_start_version": warm["version"], "inference_kernel": kernel.chosen,
                    "kernel_agreement": kernel.as_dict()}
@@ -192,13 +216,16 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
             "alpha": m.alpha, "lora_dropout": m.lora_dropout, "quantization": "int8 weight-only" if m.quantize_8bit else "fp32",
             "xattn_every": m.xattn_every, "xattn_heads": m.xattn_heads, "xattn_head_dim": m.xattn_head_dim,
             "lr": m.lr, "gate_lr_multiplier": m.gate_lr_multiplier, "micro_batch": m.micro_batch,
-            "effective_batch": m.effective_batch, "max_epochs": m.max_epochs, "max_len": m.max_len,
+            "effective_batch": m.effective_batch, "max_len": m.max_len,
+            "train_budget": json.dumps(training_config(cfg, warm["version"] is not None).budget),
+            "decay_fraction": training_config(cfg, warm["version"] is not None).decay_fraction,
             "train_tasks": ",".join(m.train_tasks), "prompt_pack": cfg.dataset.prompt_pack,
             "prompt_pack_version": pack_version, "data_hash": data_hash, "manifest_version": manifest_hash(manifest),
             "trainable_parameters": counts["trainable"],
         })
         summary = run()
-        mlflow.log_metrics({"best_val_loss": summary["best_val_loss"], "best_epoch": summary["best_epoch"]}
+        mlflow.log_metrics({"final_val_loss": summary["final_val_loss"], "train_tokens": summary["train_tokens"],
+                            "train_minutes": summary["train_minutes"]}
                            | {f"kernel_{k}": float(v) for k, v in summary["kernel_agreement"].items()
                               if isinstance(v, (int, float))})
         mlflow.set_tag("inference_numerics", summary["inference_kernel"])

@@ -2,16 +2,16 @@
 
 Next-token cross-entropy on the answer tokens only (the prompt is masked with -100), Adam at
 1e-3 on the trainable parameters, micro-batches accumulated to the effective batch, one
-DyQLoRA-FA rank sampled per optimizer step, validation at the full rank, the learning rate
-halved after ``lr_patience`` epochs without a better validation loss, early stopping, a
-checkpoint of the trainable tensors + optimizer after every epoch, and resume after a kill.
+DyQLoRA-FA rank sampled per optimizer step, validation at the full rank; a budget of tokens,
+minutes or epochs with a warmup-stable-decay learning rate (the recipe ``bench/learning_curve.py``
+measures), checkpoints of the whole state during the run, and resume mid-budget after a kill.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,7 +23,7 @@ from maemi_core.data.transforms import load_resized
 from maemi_core.model.dyqlora_fa import sample_rank, set_active_rank, step_within_rank, training_numerics
 from maemi_core.model.frozen_activations import use_returning_allocator
 from maemi_core.model.maemi_model import ENCODE_TOKEN, IMAGE_TOKEN, MaemiModel
-from maemi_core.training.checkpoints import TrainingProgress, load_checkpoint
+from maemi_core.training.checkpoints import load_checkpoint, save_checkpoint
 from maemi_core.training.data_parallel import SINGLE, World
 
 
@@ -178,29 +178,74 @@ def collate(batch: list[Example], pad_id: int, images: ImageStore,
 
 @dataclass
 class MaemiTrainingConfig:
+    """The training recipe (paper A.8 with a CPU-sized schedule). The budget is exactly one of
+    ``budget_tokens`` / ``budget_minutes`` / ``budget_epochs`` (see ``maemi_core.config.TrainBudget``)."""
     lr: float = 1e-3
     micro_batch: int = 4
     effective_batch: int = 32
-    max_epochs: int = 50
-    early_stopping_patience: int = 10
-    lr_patience: int = 5
-    lr_factor: float = 0.5
+    budget_tokens: Optional[int] = None
+    budget_minutes: Optional[float] = None
+    budget_epochs: Optional[float] = None
+    decay_fraction: float = 0.25         # linear cooldown to 0 over the last fraction of the budget
+    warmup_steps: int = 0                # linear warmup over the first steps
+    eval_points: int = 4                 # validation loss + checkpoint at this many even points of the budget
+    checkpoint_minutes: float = 5.0      # and a checkpoint after this much training time (0: every step)
     seed: int = 0
     low_memory_allocator: bool = False   # mmap large tensors: peak RSS 0.59x of peft LoRA, ~40% slower steps
     gate_lr_multiplier: float = 1.0      # learning rate of the cross-attention gates / lr
 
+    def __post_init__(self) -> None:
+        given = [v for v in (self.budget_tokens, self.budget_minutes, self.budget_epochs) if v is not None]
+        if len(given) != 1 or given[0] <= 0:
+            raise ValueError("MaemiTrainingConfig needs exactly one positive budget: budget_tokens, budget_minutes "
+                             "or budget_epochs")
+
+    @classmethod
+    def from_budget(cls, budget, **kw) -> "MaemiTrainingConfig":
+        """From a profile's ``TrainBudget``."""
+        return cls(budget_tokens=budget.tokens, budget_minutes=budget.minutes, budget_epochs=budget.epochs,
+                   decay_fraction=budget.decay_fraction, warmup_steps=budget.warmup_steps,
+                   eval_points=budget.eval_points, checkpoint_minutes=budget.checkpoint_minutes, **kw)
+
+    @property
+    def budget(self) -> tuple[str, float]:
+        """(unit, amount) of the budget."""
+        for unit, v in (("tokens", self.budget_tokens), ("minutes", self.budget_minutes), ("epochs", self.budget_epochs)):
+            if v is not None:
+                return unit, float(v)
+        raise AssertionError("no budget")
+
 
 @dataclass
-class MaemiEpoch:
+class TrainingPoint:
+    """One evaluation point of a run: where it stands in the budget and the losses there."""
+    step: int
     epoch: int
-    train_loss: float
+    tokens: int
+    minutes: float
+    train_loss: float        # token-weighted mean answer loss since the previous point
     val_loss: float
     lr: float
     tokens_per_s: float
-    steps: int
 
 
-MaemiTrainingResult = TrainingProgress
+@dataclass
+class MaemiTrainingResult:
+    history: list = field(default_factory=list)      # TrainingPoint per evaluation point
+    steps: int = 0
+    tokens: int = 0
+    minutes: float = 0.0
+    resumed_from_step: int = 0
+    final_val_loss: float = float("nan")
+
+
+def lr_factor(progress: float, decay_fraction: float, step: int = 0, warmup_steps: int = 0) -> float:
+    """Warmup-stable-decay: linear warmup over ``warmup_steps`` optimizer steps, then 1 until
+    ``1 - decay_fraction`` of the budget is spent, then linear to 0 at the end of the budget."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    if decay_fraction <= 0 or progress <= 1 - decay_fraction:
+        return warm
+    return warm * max(0.0, (1 - progress) / decay_fraction)
 
 
 def _to_model(batch: dict, model: MaemiModel) -> dict:
@@ -274,61 +319,159 @@ def optimizer_step(model: MaemiModel, opt: torch.optim.Optimizer, micro_batches:
     return total, int(tokens)
 
 
+class _Run:
+    """The resumable state of a budgeted run: position in the data and in the budget."""
+
+    def __init__(self):
+        self.step = self.tokens = self.epoch = 0
+        self.seconds = 0.0
+        self.queue: list = []              # the current epoch's remaining optimizer-step groups
+        self.epoch_groups = 0              # groups the current epoch started with
+        self.evaluated_at = 0.0            # budget spent (in its unit) at the last evaluation point
+        self.loss_sum, self.loss_tokens, self.seg_tokens, self.seg_seconds = 0.0, 0, 0, 0.0
+        self.history: list[dict] = []
+
+    def spent(self, unit: str) -> float:
+        """How much of a budget in ``unit`` the run has used."""
+        if unit == "tokens":
+            return float(self.tokens)
+        if unit == "minutes":
+            return self.seconds / 60
+        return self.epoch - 1 + (self.epoch_groups - len(self.queue)) / max(self.epoch_groups, 1) if self.epoch else 0.0
+
+    def progress(self, cfg: MaemiTrainingConfig) -> float:
+        """Fraction of the budget spent."""
+        unit, amount = cfg.budget
+        return self.spent(unit) / amount
+
+    def state(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
 def train_maemi(model: MaemiModel, train: list[Example], val: list[Example], images: ImageStore,
                 cfg: MaemiTrainingConfig, checkpoint_path: str | Path, fingerprint: str,
-                on_epoch: Callable[[MaemiEpoch], None] = lambda e: None,
-                stop_after_epoch: Optional[int] = None, world: World = SINGLE) -> MaemiTrainingResult:
-    """Train in place; on return the model holds the best-validation trainable tensors. With
-    ``world`` (one of several data-parallel processes) only process 0 writes the checkpoint."""
+                on_point: Callable[[TrainingPoint], None] = lambda p: None,
+                stop_after_steps: Optional[int] = None, world: World = SINGLE,
+                points: Optional[list[float]] = None) -> MaemiTrainingResult:
+    """The one training recipe of the MAEMI model (the ``maemi_model`` step, ``bench/learning_curve.py``
+    and the data-parallel processes all call it). Trains in place until the budget is spent; on
+    return the model holds the final weights.
+
+    The train examples are streamed: shuffled each epoch (length-bucketed micro-batches, one
+    DyQLoRA-FA rank sampled per optimizer step), as many epochs as the budget takes. The learning
+    rate follows :func:`lr_factor` over the fraction of the budget spent. At ``eval_points`` even
+    points of the budget the validation loss is measured, ``on_point`` is called and the whole
+    state (trained tensors, Adam moments, the data order, random states, position in the budget)
+    is checkpointed atomically, as it is after every ``checkpoint_minutes`` of training: a killed
+    run started again with the same ``fingerprint`` continues from its last checkpoint and ends
+    with the weights of an uninterrupted run (same threads). A finished run is not trained again;
+    given a larger budget (and the same fingerprint) it continues. ``points``: the evaluation
+    points in the budget's unit instead of even ones (the learning curve's budgets).
+    ``stop_after_steps``: return after this many optimizer steps (checkpoint written), as a kill would.
+    With ``world`` (one of several data-parallel processes) only process 0 writes the checkpoint."""
     if cfg.low_memory_allocator:
         use_returning_allocator()   # freed activations go back to the OS between steps
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
+    if not train:
+        raise ValueError("no train examples: nothing to tune on (check model.train_tasks and the instruction set)")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = make_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience)
+    for g in opt.param_groups:
+        g["initial_lr"] = g["lr"]
     accum = max(1, cfg.effective_batch // cfg.micro_batch)
     media = MediaCache(model, images)       # the frozen encoder runs once per image, not per micro-batch
     lengths = [len(e.input_ids) for e in train]
-    result = TrainingProgress()
-    best = model.trainable_state_dict()
-    start = 0
+    run = _Run()
+    result = MaemiTrainingResult()
     state = load_checkpoint(checkpoint_path, fingerprint)
-    if state is not None and not state.get("finished"):
+    if state is not None:
         model.load_state_dict(state["weights"], strict=False)
-        best = state["best"]
-        start = result.restore(state, opt, sched, gen, MaemiEpoch)
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        run.__dict__.update(state["run"])
+        result.resumed_from_step = run.step
     if model.cfg.media_standardize and not model.media_statistics_fitted:
         fit_media_statistics(model, train, media)   # before the first step; a checkpoint carries them
 
-    for epoch in range(start + 1, cfg.max_epochs + 1):
+    def checkpoint(finished: bool = False) -> None:
+        if world.main:
+            save_checkpoint({"fingerprint": fingerprint, "weights": model.trainable_state_dict(),
+                             "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                             "torch_rng": torch.get_rng_state(), "run": run.state(), "finished": finished},
+                            checkpoint_path)
+
+    unit, amount = cfg.budget
+    marks = sorted(points) if points else [amount * k / cfg.eval_points for k in range(1, cfg.eval_points + 1)]
+
+    def due() -> bool:
+        spent = run.spent(unit)
+        return any(run.evaluated_at < p <= spent + 1e-9 for p in marks)
+
+    def evaluation_point() -> None:
+        val_loss = (evaluate_loss(model, val, pad_id, images, cfg.micro_batch, media=media, world=world) if val
+                    else run.loss_sum / max(run.loss_tokens, 1))
+        point = TrainingPoint(run.step, run.epoch, run.tokens, run.seconds / 60, run.loss_sum / max(run.loss_tokens, 1),
+                              val_loss, opt.param_groups[0]["lr"], run.seg_tokens / max(run.seg_seconds, 1e-9))
+        run.history.append(asdict(point))
+        run.loss_sum, run.loss_tokens, run.seg_tokens, run.seg_seconds = 0.0, 0, 0, 0.0
+        run.evaluated_at = run.spent(unit)
+        on_point(point)
+
+    last_save = time.perf_counter()
+    bar = tqdm(total=100, initial=min(100, int(100 * run.progress(cfg))), desc=f"maemi training ({amount:g} {unit})",
+               unit="%", leave=False, mininterval=2, disable=not world.main)
+    steps_here = 0
+    while run.progress(cfg) < 1:
         model.train()
         model.vision.eval()
-        order = torch.randperm(len(train), generator=gen).tolist()
-        micro = length_buckets(order, lengths, cfg.micro_batch, gen)
-        total, tokens, steps, t0 = 0.0, 0, 0, time.perf_counter()
-        bar = tqdm(range(0, len(micro), accum), desc=f"maemi epoch {epoch}/{cfg.max_epochs}", unit="step",
-                   leave=False, mininterval=2, disable=not world.main)
-        for s in bar:
-            loss_sum, n = optimizer_step(model, opt, [[train[i] for i in mb] for mb in micro[s: s + accum]],
-                                         pad_id, images, media, gen, world)
-            total += loss_sum
-            tokens += n
-            steps += 1
-            bar.set_postfix(loss=f"{total / max(tokens, 1):.3f}",
-                            tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
-        tps = tokens / max(time.perf_counter() - t0, 1e-9)
-        val_loss = (evaluate_loss(model, val, pad_id, images, cfg.micro_batch, media=media, world=world) if val
-                    else total / max(tokens, 1))
-        sched.step(val_loss)
-        rec = MaemiEpoch(epoch, total / max(tokens, 1), val_loss, opt.param_groups[0]["lr"], tps, steps)
-        best, stop = result.end_epoch(rec, val_loss, cfg.early_stopping_patience, cfg.max_epochs,
-                                      checkpoint_path if world.main else None, fingerprint, opt, sched, gen, best,
-                                      model.trainable_state_dict)
-        on_epoch(rec)
-        if stop:
+        if not run.queue:
+            run.epoch += 1
+            order = torch.randperm(len(train), generator=gen).tolist()
+            micro = length_buckets(order, lengths, cfg.micro_batch, gen)
+            run.queue = [micro[s: s + accum] for s in range(0, len(micro), accum)]
+            run.epoch_groups = len(run.queue)
+        group = run.queue.pop(0)
+        factor = lr_factor(run.progress(cfg), cfg.decay_fraction, run.step, cfg.warmup_steps)
+        for g in opt.param_groups:
+            g["lr"] = g["initial_lr"] * factor
+        t0 = time.perf_counter()
+        loss_sum, n = optimizer_step(model, opt, [[train[i] for i in mb] for mb in group], pad_id, images, media, gen,
+                                     world)
+        dt = time.perf_counter() - t0
+        if unit == "minutes":       # every process stops at the same step: process 0's clock decides
+            dt = world.broadcast_int(int(dt * 1e6)) / 1e6
+        seq_tokens = sum(len(train[i].input_ids) for mb in group for i in mb)
+        run.step += 1
+        run.tokens += seq_tokens
+        run.seconds += dt
+        run.loss_sum += loss_sum
+        run.loss_tokens += n
+        run.seg_tokens += seq_tokens
+        run.seg_seconds += dt
+        steps_here += 1
+        bar.n = min(100, int(100 * run.progress(cfg)))
+        bar.set_postfix(loss=f"{run.loss_sum / max(run.loss_tokens, 1):.3f}", lr=f"{opt.param_groups[0]['lr']:.2g}",
+                        tok_s=f"{run.seg_tokens / max(run.seg_seconds, 1e-9):.0f}")
+        done = run.progress(cfg) >= 1
+        if due() and not done:
+            evaluation_point()
+            checkpoint()
+            last_save = time.perf_counter()
+        elif time.perf_counter() - last_save >= cfg.checkpoint_minutes * 60 and not done:
+            checkpoint()
+            last_save = time.perf_counter()
+        if stop_after_steps is not None and steps_here >= stop_after_steps and not done:
+            checkpoint()
+            bar.close()
             break
-        if stop_after_epoch is not None and epoch >= stop_after_epoch:
-            break
-    model.load_state_dict(best, strict=False)
+    else:
+        bar.close()
+        if not run.history or run.history[-1]["step"] != run.step:
+            evaluation_point()       # the final point: the model as it is returned
+            checkpoint(finished=True)
+    result.history = [TrainingPoint(**h) for h in run.history]
+    result.steps, result.tokens, result.minutes = run.step, run.tokens, run.seconds / 60
+    result.final_val_loss = result.history[-1].val_loss if result.history else float("nan")
     return result
