@@ -337,6 +337,11 @@ class EvaluationConfig(_Strict):
     rank_sweep_records: Optional[int] = 8      # VQA records per rank in the sweep
     # Classification: every model scores the same test images by likelihood; null: every test image.
     classification_max_images: Optional[int] = None
+    # How category likelihoods are compared (maemi_core/model/category_scoring.py): auto chooses among
+    # raw, mean (length-normalised) and calibrated (content-free image subtracted) on validation
+    # images after training; the choice travels with the model. The benchmark reports all three.
+    category_scoring: Literal["auto", "raw", "mean", "calibrated"] = "auto"
+    scoring_val_images: int = Field(128, ge=2)
     # Decoding controls, the same for every method of a table (greedy decoding repeats sentences).
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
@@ -371,6 +376,12 @@ class PromotionConfig(_Strict):
         "classification.zero_shot_top1": 0.05, "vqa.meteor": 0.04, "vqa.rougeL": 0.04})
     confidence: float = Field(0.95, gt=0.5, lt=1.0)   # two-sided level of the bootstrap interval
     first_must_beat_base_lm: bool = True                # off only for smoke profiles with a random LM
+    # Every promotion, the first included, also needs the challenger to use the image: on its own
+    # benchmark records it beats maemi_gates_closed (the same weights without the image) and
+    # base_lm on every key text metric (interval above 0), and the majority class on zero-shot
+    # balanced accuracy (paired interval above 0) or macro AUC (interval above 0.5). Off only for
+    # smoke profiles with a random LM.
+    require_grounding: bool = True
 
 
 class MaemiConfig(_Strict):

@@ -26,6 +26,7 @@ from maemi_core.model.generation import DecodingConfig
 from maemi_core.teacher.instruction_set import stable_slice
 
 MAEMI, GATES_CLOSED, BASE_LM = "maemi", "maemi_gates_closed", "base_lm"
+CONTENT_FREE = "content-free"       # the image id of the mid-grey image in calibrated category scores
 IMAGE_FREE = (GATES_CLOSED, BASE_LM)
 
 
@@ -118,6 +119,29 @@ class Answerer:
             bar.update(len(idx))
         bar.close()
         return [answers[i] for i in range(len(records))]
+
+    def scorings(self, records: list[dict], class_names: list[str], method: str, raw: np.ndarray,
+                 calibrated: bool = True) -> dict[str, np.ndarray]:
+        """Every category scoring of ``raw`` (:mod:`maemi_core.model.category_scoring`). For a
+        method that does not see the image the content-free prompt is the prompt itself, so its
+        calibrated scores are 0 for every category."""
+        from maemi_core.model.category_scoring import content_free_image, name_lengths, variants
+
+        cf = None
+        if calibrated:
+            if method in IMAGE_FREE:
+                cf = raw
+            else:
+                # The content-free input replaces the image asked about (the last), keeping any
+                # demonstrations before it; each distinct (question, demonstrations) runs once.
+                self.images._cache.setdefault(CONTENT_FREE, content_free_image(self.images.size))
+                keys = [(question(r), tuple(r["image_ids"][:-1])) for r in records]
+                distinct = list(dict.fromkeys(keys))
+                proxies = [{"conversations": [{"value": q}], "image_ids": [*ctx, CONTENT_FREE]} for q, ctx in distinct]
+                got = self.category_scores(proxies, class_names, method)
+                row = {k: got[i] for i, k in enumerate(distinct)}
+                cf = np.stack([row[k] for k in keys]) if keys else np.zeros((0, len(class_names)))
+        return variants(raw, name_lengths(self.model.tokenizer, class_names), cf)
 
     def category_scores(self, records: list[dict], class_names: list[str], method: str = MAEMI) -> np.ndarray:
         """(n, C) log-likelihood of each category name as the answer to each record's question."""

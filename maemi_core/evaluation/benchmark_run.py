@@ -78,6 +78,13 @@ def classification_images(records: list[dict], vision_scores: Optional[pd.DataFr
     return [r["id"] for r in chosen]
 
 
+def _labels_of(records: list[dict], image_ids: list[str]) -> dict[str, str]:
+    """The label of each image, from its zero-shot test record, in ``image_ids`` order."""
+    by_image = {r["image_ids"][-1]: r["label"] for r in records if r["split"] == "test"
+                and r["task"] == "classify_zero_shot" and r.get("label") is not None}
+    return {i: by_image[i] for i in image_ids if i in by_image}
+
+
 def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict], package_dir: str | Path,
                   log: Callable[[str], None] = lambda m: None, model_label: str = "",
                   out_dir: Optional[Path] = None) -> BenchmarkResult:
@@ -160,12 +167,16 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
                                            "(the length is part of the student prompt)."), out / "by_length")
 
     # 4. classification: every model on the same test images ------------------------------------------
+    from maemi_core.model.category_scoring import SCORINGS, balanced_weights, package_scoring
+
     class_names = sorted(manifest["label"].unique())
+    scoring = package_scoring(model)
     scores_path = stage_dir(cfg, "vision") / "test_scores.parquet"
     vs = pd.read_parquet(scores_path) if scores_path.is_file() else None
     image_ids = classification_images(records, vs, ev.classification_max_images)
     cls_rows, per_class_frames, figures = [], [], {}
     hits: dict[str, np.ndarray] = {}
+    weights = np.zeros(0)
     if image_ids:
         wanted = set(image_ids)
         for method, task in CLASSIFICATION_TASKS.items():
@@ -179,7 +190,16 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
             variants = [(method, MAEMI)] + ([(f"{method.removeprefix('maemi_')}:{m}", m) for m in methods[1:]]
                                             if task == "classify_zero_shot" else [])
             for row_name, meth in variants:
-                sc = answerer.category_scores(recs, class_names, meth)
+                raw = answerer.category_scores(recs, class_names, meth)
+                everyway = answerer.scorings(recs, class_names, meth, raw,
+                                             calibrated=scoring == "calibrated" or (meth == MAEMI and
+                                                                                    task == "classify_zero_shot"))
+                sc = everyway[scoring]
+                if meth == MAEMI and task == "classify_zero_shot":     # every scoring, beside the model's own
+                    for name in SCORINGS:
+                        summary, _, _ = likelihood_classification(f"{method}[{name}]", [r["label"] for r in recs],
+                                                                  everyway[name], class_names)
+                        cls_rows.append(summary)
                 generated = gen_recs = None
                 if meth == MAEMI:    # the generated answer's category, on a slice: what `maemi ask` would say
                     gen_recs = benchmark_records(recs, task, ev.max_records_per_task)
@@ -209,10 +229,26 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
                 g = group.set_index("image_id").reindex(image_ids)
                 sc = np.stack(g["scores"].to_numpy())
                 labels = list(g["label"])
-                summary, per_class, y_pred = likelihood_classification(model_name, labels, sc, class_names)
+                summary, per_class, y_pred = likelihood_classification(model_name, labels, sc, class_names,
+                                                                       log_likelihoods=False)
                 cls_rows.append(summary)
                 per_class_frames.append(per_class)
                 hits[model_name] = (y_pred == np.array([class_names.index(x) for x in labels])).astype(float)
+        # Always the most frequent train category: what a model that ignores the image at best scores.
+        train_labels = manifest.loc[manifest["split"] == "train", "label"]
+        if len(train_labels):
+            majority = train_labels.value_counts().sort_index().idxmax()
+            labels = [by_label[i] for i in image_ids] if (by_label := _labels_of(records, image_ids)) else []
+            if labels:
+                onehot = np.zeros((len(labels), len(class_names)))
+                onehot[:, class_names.index(majority)] = 1.0
+                summary, per_class, y_pred = likelihood_classification("majority", labels, onehot, class_names,
+                                                                       log_likelihoods=False)
+                cls_rows.append(summary)
+                per_class_frames.append(per_class)
+                hits["majority"] = (y_pred == np.array([class_names.index(x) for x in labels])).astype(float)
+        y_all = np.array([class_names.index(x) for x in _labels_of(records, image_ids).values()])
+        weights = balanced_weights(y_all) if len(y_all) else np.zeros(0)
     if cls_rows:
         cls = pd.DataFrame(cls_rows)[CLASSIFICATION_COLUMNS]
         tables["classification"] = cls
@@ -221,8 +257,13 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
                  "the prompt; top-k orders all names), with a 95% bootstrap interval for top-1. `generated_top1`: the "
                  "category parsed from the generated answer on a stable slice of `n_generated` of those images (an "
                  "answer without a category counts as wrong, column `unparsed`). `zero_shot:maemi_gates_closed` and "
-                 "`zero_shot:base_lm`: the same scoring without the image / without tuning. Vision rows: "
-                 f"`vit_classifier`'s models on the same images.{source}")
+                 "`zero_shot:base_lm`: the same scoring without the image / without tuning. "
+                 f"Category scores: `{scoring}` (chosen on validation images after training; "
+                 "`maemi_zero_shot[raw|mean|calibrated]`: each scoring of the same likelihoods, see "
+                 "maemi_core/model/category_scoring.py). `majority`: always the most frequent train category. "
+                 "`balanced_accuracy`: mean recall over the categories; `macro_auc`: one-vs-rest ROC AUC of "
+                 "the normalised category scores with a 95% bootstrap interval (0.5: the image is not used). "
+                 f"Vision rows: `vit_classifier`'s models on the same images.{source}")
         paths |= _write(cls, markdown_table(cls, f"Classification ({cfg.dataset.name})", intro), out / "classification")
         pc = pd.concat(per_class_frames, ignore_index=True).rename(columns={"model": "method"})
         tables["per_class"] = pc
@@ -305,6 +346,12 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
                 key[f"classification.{method.removeprefix('maemi_')}_top1"] = float(c.loc[method, "top1"])
         if "zero_shot:base_lm" in c.index:
             key["classification.base_lm_zero_shot_top1"] = float(c.loc["zero_shot:base_lm", "top1"])
+        if "maemi_zero_shot" in c.index:
+            for col in ("balanced_accuracy", "macro_auc", "macro_auc_ci_low", "macro_auc_ci_high"):
+                key[f"classification.zero_shot_{col}"] = float(c.loc["maemi_zero_shot", col])
+        if "majority" in c.index:
+            key["classification.majority_top1"] = float(c.loc["majority", "top1"])
+            key["classification.majority_balanced_accuracy"] = float(c.loc["majority", "balanced_accuracy"])
     if "vqa" in tables and (tables["vqa"]["method"] == BASE_LM).any():
         key["vqa.base_lm_meteor"] = float(tables["vqa"].set_index("method").loc[BASE_LM, "meteor"])
     # Per-record scores of the key metrics, for MAEMI and the untuned LM: what promotion compares
@@ -313,16 +360,21 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
     for name, samples in samples_by_table.items():
         if samples.empty or "record_id" not in samples:
             continue
-        for method in (MAEMI, BASE_LM):
+        for method in (MAEMI, BASE_LM, GATES_CLOSED):
             s = samples[samples["method"] == method]
             for m in METRICS:
                 score_rows.append(pd.DataFrame({"method": method, "metric": f"{name}.{m}",
                                                 "record_id": s["record_id"].astype(str), "score": s[m].astype(float)}))
-    for row_name, method in (("maemi_zero_shot", MAEMI), ("maemi_few_shot", MAEMI), ("zero_shot:base_lm", BASE_LM)):
+    for row_name, method in (("maemi_zero_shot", MAEMI), ("maemi_few_shot", MAEMI), ("zero_shot:base_lm", BASE_LM),
+                             ("zero_shot:maemi_gates_closed", GATES_CLOSED), ("majority", "majority")):
         if row_name in hits:
             metric = "classification.few_shot_top1" if row_name == "maemi_few_shot" else "classification.zero_shot_top1"
             score_rows.append(pd.DataFrame({"method": method, "metric": metric, "record_id": list(image_ids),
                                             "score": hits[row_name]}))
+            if row_name != "maemi_few_shot" and len(weights) == len(hits[row_name]):
+                # per-image hit x weight: its mean over the images is the balanced accuracy (paired comparisons)
+                score_rows.append(pd.DataFrame({"method": method, "metric": "classification.zero_shot_balanced_accuracy",
+                                                "record_id": list(image_ids), "score": hits[row_name] * weights}))
     if score_rows:
         pd.concat(score_rows, ignore_index=True).to_csv(out / "samples" / "key_scores.csv", index=False)
     records_hash = stable_key("\n".join(sorted(f"{r['id']}\t{reference(r)}" for r in used)))
@@ -339,7 +391,8 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
         "key_metrics": key, "model": model_label, "records_hash": records_hash, "unavailable": unavailable_all,
         "evaluation_tokens_per_s": result.evaluation_tokens_per_s, "seconds": result.seconds,
         "records_per_task": ev.max_records_per_task, "classification_images": len(image_ids),
-        "inference_numerics": numerics, "test_records_the_teacher_could_not_answer": unusable}, indent=2, default=float))
+        "inference_numerics": numerics, "category_scoring": scoring,
+        "test_records_the_teacher_could_not_answer": unusable}, indent=2, default=float))
     paths["benchmark_json"] = out / "benchmark.json"
     log(f"benchmark done in {result.seconds:.0f} s; maemi decoding {result.evaluation_tokens_per_s:.1f} tokens/s")
     return result
@@ -392,4 +445,7 @@ def benchmark_registered_model(cfg: MaemiConfig, manifest: pd.DataFrame, records
         client.set_model_version_tag(name, version, "benchmark.mlflow_run_id", active.info.run_id)
         client.set_model_version_tag(name, version, "benchmark.records_hash", result.records_hash)
         client.set_model_version_tag(name, version, "benchmark.records_per_task", str(ev.max_records_per_task))
+        client.set_model_version_tag(name, version, "benchmark.classification_images",
+                                     str(int(bench.get("classification_images", 0))))
+        client.set_model_version_tag(name, version, "benchmark.category_scoring", str(bench.get("category_scoring")))
         return {"result": result, "version": version, "registered_model": name, "mlflow_run_id": active.info.run_id}

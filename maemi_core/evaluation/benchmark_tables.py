@@ -128,14 +128,19 @@ def length_table(table: str, samples: pd.DataFrame) -> pd.DataFrame:
 
 def likelihood_classification(name: str, labels: list[str], scores: np.ndarray, class_names: list[str],
                               generated: Optional[list[Optional[str]]] = None,
-                              generated_labels: Optional[list[str]] = None) -> tuple[dict, pd.DataFrame, np.ndarray]:
+                              generated_labels: Optional[list[str]] = None,
+                              log_likelihoods: bool = True) -> tuple[dict, pd.DataFrame, np.ndarray]:
     """Summary row and per-class table of a model that scores every category (MAEMI: the
     log-likelihood of each category name as the answer; a classifier: its class scores).
     ``generated``: categories parsed from generated answers (None: unparsed) for the records
-    with labels ``generated_labels``, reported as a second accuracy with its ``unparsed`` count."""
+    with labels ``generated_labels``, reported as a second accuracy with its ``unparsed`` count.
+    Balanced accuracy (mean recall) and macro one-vs-rest AUC with a bootstrap interval: the AUC
+    ranks images by each category's normalised score (``log_likelihoods``: log-softmax over the
+    categories first), 0.5 for scores that ignore the image."""
     from sklearn.metrics import f1_score
 
     from maemi_core.evaluation.classification_metrics import top_k
+    from maemi_core.model.category_scoring import balanced_accuracy, macro_auc, macro_auc_interval
 
     index = {c: i for i, c in enumerate(class_names)}
     y = np.array([index[lab] for lab in labels], dtype=int)
@@ -156,6 +161,10 @@ def likelihood_classification(name: str, labels: list[str], scores: np.ndarray, 
         "n_images": int(len(y)),
         "generated_top1": float("nan"), "n_generated": 0, "unparsed": 0,
     }
+    summary["balanced_accuracy"] = balanced_accuracy(y, scores) if len(y) else float("nan")
+    summary["macro_auc"] = macro_auc(y, scores, log_likelihoods) if len(y) else float("nan")
+    summary["macro_auc_ci_low"], summary["macro_auc_ci_high"] = (
+        macro_auc_interval(y, scores, normalise=log_likelihoods) if len(y) else (float("nan"), float("nan")))
     if generated is not None:
         g = np.array([index[p] if p is not None else -1 for p in generated], dtype=int)
         gy = np.array([index[lab] for lab in generated_labels], dtype=int)
@@ -164,7 +173,8 @@ def likelihood_classification(name: str, labels: list[str], scores: np.ndarray, 
     return summary, per_class_table(name, y, y_pred, class_names), y_pred
 
 
-CLASSIFICATION_COLUMNS = ["method", "top1", "top1_ci_low", "top1_ci_high", "top5", "top5_k", "macro_f1", "weighted_f1",
+CLASSIFICATION_COLUMNS = ["method", "top1", "top1_ci_low", "top1_ci_high", "balanced_accuracy", "macro_auc",
+                          "macro_auc_ci_low", "macro_auc_ci_high", "top5", "top5_k", "macro_f1", "weighted_f1",
                           "n_images", "generated_top1", "n_generated", "unparsed"]
 
 

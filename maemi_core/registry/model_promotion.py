@@ -14,7 +14,14 @@ the mean difference challenger - other with a bootstrap interval over records
   reference. The reference moves to a new champion only when that one is better on every key
   metric (mean difference > 0 against the old reference);
 * the first version: better than ``base_lm`` (the LM as it ships) on every key metric (mean
-  difference > 0) and non-inferior with confidence.
+  difference > 0) and non-inferior with confidence;
+* grounded (``promotion.require_grounding``; every promotion, the first included), measured on
+  the challenger's own benchmark records: it beats ``maemi_gates_closed`` (the same weights with
+  every cross-attention gate closed: no image) and ``base_lm`` on every key text metric (paired
+  interval above 0), and beats ``majority`` (always the most frequent train category) on zero-shot
+  balanced accuracy (paired interval above 0) or on macro AUC (interval above 0.5, the AUC of
+  any image-blind scoring). A model whose answers do not depend on the image is never champion;
+  the rejection names the comparison that failed.
 
 A metric missing on either side blocks promotion (nothing is assumed). A version that was rolled
 back is tagged ``promotion.rolled_back`` and automation never promotes it again.
@@ -113,11 +120,61 @@ def _why(rows: list[dict]) -> str:
     return "; ".join(out)
 
 
+BALANCED = "classification.zero_shot_balanced_accuracy"
+AUC = "classification.zero_shot_macro_auc"
+
+
+def grounding_rows(scores: pd.DataFrame, margins: dict[str, float], confidence: float = 0.95,
+                   auc: Optional[tuple[float, float, float, int]] = None) -> tuple[list[dict], list[str]]:
+    """The grounding comparisons of one benchmarked version (its per-record key scores of every
+    method): rows, and the failures in words (empty: grounded). ``auc``: (macro AUC, interval low,
+    high, images) of its zero-shot category scores."""
+    maemi = scores[scores["method"] == "maemi"]
+    rows: list[dict] = []
+    failed: list[str] = []
+    text = {m: 0.0 for m in margins if not m.startswith("classification.")}
+    for other in ("maemi_gates_closed", "base_lm"):
+        theirs = scores[scores["method"] == other]
+        if theirs.empty:
+            failed.append(f"no {other} scores to compare with (evaluation.no_vision_baseline is off: turn it on, "
+                          "or set promotion.require_grounding: false for a profile whose model cannot see)")
+            continue
+        got = paired_rows(maemi, theirs, text, other, confidence=confidence)
+        for r in got:
+            r["ok"] = bool(r["n"] and r["ci_low"] > 0)
+        rows += got
+        failed += [f"does not beat {other} on {r['metric']}: " + _why([r]) for r in got if not r["ok"]]
+    majority = scores[scores["method"] == "majority"]
+    got = paired_rows(maemi, majority, {BALANCED: 0.0}, "majority", confidence=confidence) if not majority.empty else []
+    for r in got:
+        r["ok"] = bool(r["n"] and r["ci_low"] > 0)
+    if auc is not None and all(np.isfinite(auc[:3])):
+        value, lo, hi, n = auc
+        got.append({"against": "majority", "metric": AUC, "challenger": value, "other": 0.5, "diff": value - 0.5,
+                    "ci_low": lo - 0.5, "ci_high": hi - 0.5, "n": int(n), "margin": 0.0, "detectable": None,
+                    "ok": bool(lo > 0.5)})
+    rows += got
+    if not got:
+        failed.append("no majority-class or macro-AUC scores (re-run benchmark_tables)")
+    elif not any(r["ok"] for r in got):
+        failed.append("does not beat majority on zero-shot balanced accuracy or macro AUC: " + _why(got))
+    return rows, failed
+
+
 def decide(mine: pd.DataFrame, champion: Optional[pd.DataFrame], margins: dict[str, float],
            reference: Optional[pd.DataFrame] = None, base_lm: Optional[pd.DataFrame] = None,
-           confidence: float = 0.95, labels: tuple[str, str] = ("champion", "reference")) -> Decision:
+           confidence: float = 0.95, labels: tuple[str, str] = ("champion", "reference"),
+           grounding: Optional[tuple[pd.DataFrame, Optional[tuple]]] = None) -> Decision:
     """The promotion rule on per-record key scores (see the module docstring). ``champion``
-    None: there is none yet, and the challenger must beat ``base_lm``."""
+    None: there is none yet, and the challenger must beat ``base_lm``. ``grounding``: (the
+    challenger's key scores of every method, its macro-AUC tuple) when the grounding gate applies."""
+    if grounding is not None:
+        rows, failed = grounding_rows(grounding[0], margins, confidence, grounding[1])
+        if failed:
+            return Decision(False, "not grounded: " + "; ".join(failed), rows)
+        inner = decide(mine, champion, margins, reference, base_lm, confidence, labels)
+        return Decision(inner.promote, inner.reason + ("; grounded (beats maemi_gates_closed, base_lm and majority)"
+                                                       if inner.promote else ""), inner.rows + rows)
     if champion is None:
         if base_lm is None or base_lm.empty:
             return Decision(False, "first model: no base_lm scores to beat (re-run benchmark_tables)")
@@ -224,8 +281,16 @@ def _stale(client: MlflowClient, name: str, version: str, records_hash: str) -> 
             or not has_key_scores(client, name, version))
 
 
+def _auc(tags: dict) -> Optional[tuple[float, float, float, int]]:
+    try:
+        return (float(tags[f"benchmark.{AUC}"]), float(tags[f"benchmark.{AUC}_ci_low"]),
+                float(tags[f"benchmark.{AUC}_ci_high"]), int(float(tags.get("benchmark.classification_images", 0))))
+    except (KeyError, ValueError):
+        return None
+
+
 def evaluate(client: MlflowClient, name: str, version: str, champion: Optional[str], margins: dict[str, float],
-             confidence: float = 0.95, first_must_beat_base_lm: bool = True) -> Decision:
+             confidence: float = 0.95, first_must_beat_base_lm: bool = True, require_grounding: bool = True) -> Decision:
     """The decision for ``version`` against ``champion`` (and the reference) as the registry
     stands; moves nothing."""
     tags = client.get_model_version(name, version).tags
@@ -238,10 +303,17 @@ def evaluate(client: MlflowClient, name: str, version: str, champion: Optional[s
     mine = key_scores(client, name, version) if has_key_scores(client, name, version) else pd.DataFrame()
     if mine.empty:
         return Decision(False, f"v{version} has no per-record key scores ({KEY_SCORES}): re-run benchmark_tables")
+    grounding = (mine, _auc(tags)) if require_grounding else None
     if champion is None:
-        if not first_must_beat_base_lm:
+        if not first_must_beat_base_lm and grounding is None:
             return Decision(True, "first model: no champion yet (promotion.first_must_beat_base_lm is off)")
-        return decide(_maemi(mine), None, margins, base_lm=mine[mine["method"] == "base_lm"], confidence=confidence)
+        if not first_must_beat_base_lm:
+            rows, failed = grounding_rows(mine, margins, confidence, grounding[1])
+            return Decision(not failed, "first model: " + ("not grounded: " + "; ".join(failed) if failed else
+                                                           "grounded (beats maemi_gates_closed, base_lm and majority)"),
+                            rows)
+        return decide(_maemi(mine), None, margins, base_lm=mine[mine["method"] == "base_lm"], confidence=confidence,
+                      grounding=grounding)
     reference = reference_version(client, name)
     others = [champion] + ([reference] if reference and reference not in (champion, str(version)) else [])
     for v in others:
@@ -251,13 +323,14 @@ def evaluate(client: MlflowClient, name: str, version: str, champion: Optional[s
                                    "check re-evaluates it)")
     theirs = {v: _maemi(key_scores(client, name, v)) for v in others}
     return decide(_maemi(mine), theirs[champion], margins, theirs.get(reference) if len(others) > 1 else None,
-                  confidence=confidence, labels=(f"champion v{champion}", f"reference v{reference}"))
+                  confidence=confidence, labels=(f"champion v{champion}", f"reference v{reference}"),
+                  grounding=grounding)
 
 
 def promote_if_not_worse(name: str, version: str, margins: dict[str, float], lock_path: Path, log_path: Path,
                          run_id: str = "", log: Callable[[str], None] = lambda m: None,
                          _between: Callable[[], None] = lambda: None, confidence: float = 0.95,
-                         first_must_beat_base_lm: bool = True) -> Decision:
+                         first_must_beat_base_lm: bool = True, require_grounding: bool = True) -> Decision:
     """Compare ``version`` with the current champion (and the reference) and move ``champion``
     to it when the rules hold; record the decision either way. Safe against concurrent callers."""
     client = MlflowClient()
@@ -266,7 +339,8 @@ def promote_if_not_worse(name: str, version: str, margins: dict[str, float], loc
         champion = alias_version(name, CHAMPION)
         if champion == version:
             return Decision(False, f"version {version} already is the champion")
-        decision = evaluate(client, name, version, champion, margins, confidence, first_must_beat_base_lm)
+        decision = evaluate(client, name, version, champion, margins, confidence, first_must_beat_base_lm,
+                            require_grounding)
         _between()          # tests widen the race window here
         if decision.promote:
             client.set_registered_model_alias(name, CHAMPION, version)
@@ -358,7 +432,7 @@ def gate_challenger(cfg, manifest, records, tracker=None, log: Callable[[str], N
             benchmark_registered_model(cfg, manifest, records, tracker, log, version=v,
                                        out_dir=reports_dir(cfg) / f"v{v}")
     decision = evaluate(client, name, version, champion, cfg.promotion.key_metrics, cfg.promotion.confidence,
-                        cfg.promotion.first_must_beat_base_lm)
+                        cfg.promotion.first_must_beat_base_lm, cfg.promotion.require_grounding)
     for r in decision.rows:
         if r["n"]:
             log(f"{r['metric']} vs {r['against']}: {r['diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] "
@@ -377,6 +451,7 @@ def promote_challenger(cfg, run_id: str = "", log: Callable[[str], None] = lambd
     lock, log_path = registry_paths(cfg)
     decision = promote_if_not_worse(name, version, cfg.promotion.key_metrics, lock, log_path, run_id, log,
                                     confidence=cfg.promotion.confidence,
-                                    first_must_beat_base_lm=cfg.promotion.first_must_beat_base_lm)
+                                    first_must_beat_base_lm=cfg.promotion.first_must_beat_base_lm,
+                                    require_grounding=cfg.promotion.require_grounding)
     return {"registered_model": name, "challenger": version, "champion": alias_version(name, CHAMPION),
             "decision": decision, "log": read_log(log_path)}

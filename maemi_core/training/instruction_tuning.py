@@ -97,6 +97,28 @@ def choose_inference_kernel(model, val_recs: list[dict], val_ex, images: ImageSt
     return agreement
 
 
+def choose_category_scoring(model, records: list[dict], manifest: pd.DataFrame, images: ImageStore, cfg: MaemiConfig,
+                            log: Callable[[str], None]) -> dict:
+    """How this model's category likelihoods are compared (maemi_core/model/category_scoring.py):
+    the profile's fixed choice, or (``auto``) the best on validation images."""
+    from maemi_core.model.category_scoring import choose_on_validation
+    from maemi_core.training.maemi_training import MediaCache
+
+    fixed = cfg.evaluation.category_scoring
+    if fixed != "auto":
+        return {"chosen": fixed, "reason": "evaluation.category_scoring"}
+    media = MediaCache(model, images)
+    got = choose_on_validation(model, records, sorted(manifest["label"].unique()),
+                               lambda recs: media.stacked([r["image_ids"] for r in recs]),
+                               batch_size=cfg.evaluation.batch_size, limit=cfg.evaluation.scoring_val_images)
+    if "val_balanced_accuracy" in got:
+        log(f"category scoring: {got['chosen']} (balanced accuracy on {got['n']} validation images: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in got["val_balanced_accuracy"].items()) + ")")
+    else:
+        log(f"category scoring: raw ({got['reason']})")
+    return got
+
+
 def encoder_fingerprint(model) -> str:
     """sha256 over the frozen vision encoder's weights: a checkpoint trained against one encoder
     is never resumed against another (vit_classifier re-trained in between changes the ViT
@@ -185,9 +207,11 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
             result = train_maemi(model, train_ex, val_ex, images, tcfg, out / "checkpoint.pt", fingerprint,
                                  on_point=on_point, stop_after_steps=stop_after_steps)
         kernel = choose_inference_kernel(model, val_recs, val_ex, images, cfg, log)
+        scoring = choose_category_scoring(model, records, manifest, images, cfg, log)
         package = save_package(model, cfg, out / "package",
                                extra_meta=package_meta(records, manifest) | {"inference_kernel": kernel.chosen,
-                                                                             "kernel_agreement": kernel.as_dict()})
+                                                                             "kernel_agreement": kernel.as_dict(),
+                                                                             "category_scoring": scoring})
         history = pd.DataFrame([h.__dict__ for h in result.history])
         history.to_csv(out / "history.csv", index=False)
         fig = loss_curve_figure(history, "MAEMI instruction tuning", out / "loss_curve.png", x="tokens")
@@ -199,6 +223,7 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
                    "val_records": len(val_ex), "dropped_too_long": data.dropped_too_long, **counts,
                    "data_hash": data_hash, "package": str(package), "loss_curve": str(fig),
                    "warm_start_version": warm["version"], "inference_kernel": kernel.chosen,
+                   "category_scoring": scoring["chosen"],
                    "kernel_agreement": kernel.as_dict()}
         return summary
 
