@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from maemi_core.model.category_scoring import balanced_weights
 from maemi_core.registry.model_promotion import (
-    REFERENCE_TAG, ROLLED_BACK_TAG, decide, promote_if_not_worse, read_log, rollback,
+    BALANCED, REFERENCE_TAG, ROLLED_BACK_TAG, decide, grounding_rows, promote_if_not_worse, read_log, rollback,
 )
 from maemi_core.registry.model_registry import CHAMPION, alias_version
 
@@ -23,12 +24,15 @@ N = 400
 RNG = np.random.default_rng(0)
 TOP1 = (RNG.random(N) < 0.7).astype(float)          # one fixed set of test images
 METEOR = RNG.uniform(0.2, 0.6, N)                   # and VQA records
+LABELS = RNG.integers(0, 3, N)                      # the images' categories (3, about balanced)
 
 
 def scores(top1=TOP1, meteor=METEOR, method="maemi") -> pd.DataFrame:
     return pd.concat([
         pd.DataFrame({"method": method, "metric": "classification.zero_shot_top1",
                       "record_id": [f"img{i}" for i in range(len(top1))], "score": top1}),
+        pd.DataFrame({"method": method, "metric": BALANCED, "record_id": [f"img{i}" for i in range(len(top1))],
+                      "score": top1 * balanced_weights(LABELS[:len(top1)])}),
         pd.DataFrame({"method": method, "metric": "vqa.meteor",
                       "record_id": [f"vqa{i}" for i in range(len(meteor))], "score": meteor}),
     ], ignore_index=True)
@@ -42,6 +46,10 @@ def flip(top1: np.ndarray, k: int, to: float) -> np.ndarray:
 
 
 BASE_LM = scores(flip(TOP1, 120, 0.0), METEOR - 0.1, method="base_lm")
+GATES_CLOSED = scores(flip(TOP1, 120, 0.0), METEOR - 0.15, method="maemi_gates_closed")
+MAJORITY = scores((LABELS == 0).astype(float), METEOR * 0, method="majority").query("metric != 'vqa.meteor'")
+# What a benchmark stores beside MAEMI's own scores: the rows the grounding gate compares with.
+OTHERS = pd.concat([BASE_LM, GATES_CLOSED, MAJORITY], ignore_index=True)
 
 
 def test_rules_paired_intervals_margins_first_version_and_missing():
@@ -69,6 +77,37 @@ def test_rules_paired_intervals_margins_first_version_and_missing():
                                            "n", "margin", "detectable", "ok"]
 
 
+def test_grounding_gate_refuses_image_blind_and_constant_category_models_and_names_the_comparison():
+    everyone = pd.concat([scores(), OTHERS], ignore_index=True)
+    rows, failed = grounding_rows(everyone, MARGINS)
+    assert not failed and {r["against"] for r in rows} == {"maemi_gates_closed", "base_lm", "majority"}
+    grounded = decide(scores(), None, MARGINS, base_lm=BASE_LM, grounding=(everyone, None))
+    assert grounded.promote and "grounded" in grounded.reason
+
+    # Answers that do not depend on the image: MAEMI scores exactly what its gates-closed self scores.
+    blind = pd.concat([scores(method="maemi"), scores(method="maemi_gates_closed"),
+                       BASE_LM, MAJORITY], ignore_index=True)
+    d = decide(scores(), None, MARGINS, base_lm=BASE_LM, grounding=(blind, None))
+    assert not d.promote and "not grounded" in d.reason and "maemi_gates_closed on vqa.meteor" in d.reason
+
+    # Captions that use the image but a category answer constant on the majority class (the
+    # failure the demo model had): refused against majority, on balanced accuracy and macro AUC.
+    constant = (LABELS == 0).astype(float)
+    const = pd.concat([scores(top1=constant), BASE_LM, GATES_CLOSED, MAJORITY], ignore_index=True)
+    d = decide(scores(top1=constant), None, MARGINS, base_lm=BASE_LM, grounding=(const, (0.5, 0.5, 0.5, N)))
+    assert not d.promote and "does not beat majority" in d.reason and "macro_auc" in d.reason
+    assert "maemi_gates_closed" not in d.reason                   # the text comparisons pass
+    # The same, but its category scores rank images by class (macro AUC interval above 0.5): one
+    # of the two majority comparisons is enough.
+    ranked = decide(scores(top1=constant), None, MARGINS, grounding=(const, (0.71, 0.66, 0.76, N)),
+                    base_lm=scores(top1=constant * 0, meteor=METEOR - 0.1, method="base_lm"))
+    assert ranked.promote, ranked.reason
+
+    # No image-free rows (evaluation.no_vision_baseline off): refused with what to do, never assumed.
+    d = decide(scores(), None, MARGINS, base_lm=BASE_LM, grounding=(pd.concat([scores(), MAJORITY]), None))
+    assert not d.promote and "no_vision_baseline" in d.reason
+
+
 @pytest.fixture
 def registry(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -83,7 +122,7 @@ def registry(tmp_path, monkeypatch):
         v = client.create_model_version("maemi-test", source=str(tmp_path / "pkg")).version
         d = tmp_path / f"scores-v{v}"
         d.mkdir()
-        pd.concat([maemi, BASE_LM]).to_csv(d / "key_scores.csv", index=False)
+        pd.concat([maemi, OTHERS]).to_csv(d / "key_scores.csv", index=False)
         with mlflow.start_run(experiment_id=exp) as run:
             mlflow.log_artifact(str(d / "key_scores.csv"), artifact_path="reports/samples")
         client.set_model_version_tag("maemi-test", v, "benchmark.mlflow_run_id", run.info.run_id)

@@ -223,8 +223,11 @@ def test_first_model_becomes_champion_and_the_cli_answers(pipeline):
     assert cls.returncode == 0 or (cls.returncode == 3 and "empty" in cls.stderr), cls.stderr[-3000:]
     lines = cls.stdout.strip().splitlines()
     assert lines[0].split()[:2] == ["image", "category"] and "functional" in lines[0] and len(lines) == 3
-    probs = [float(v) for v in lines[1].split()[-4:]]
+    probs = [float(v) for v in lines[1].split()[-5:-1]]
     assert abs(sum(probs) - 1) < 0.01
+    # the categories compared as the benchmark compared them: the package's scoring, named
+    bench = json.loads((pipeline.cfg.workdir_path / "reports" / "benchmark.json").read_text())
+    assert lines[0].split()[-1] == "scoring" and lines[1].split()[-1] == bench["category_scoring"]
     missing = subprocess.run(base + ["ask", image, "Hi", "--model", "models:/maemi-elpv-tiny@nosuchalias"],
                              env=_cli_env(pipeline), capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "error" in missing.stderr
@@ -327,6 +330,83 @@ def test_changing_one_prompt_of_the_pack_reruns_only_what_depends_on_it(pipeline
     for n in ("maemi_model", "benchmark_tables"):
         assert "reused" not in mats[n].metadata, n
     assert _versions(pipeline) == before + 1
+
+
+def test_the_pipelines_trainer_and_the_learning_curve_bench_give_identical_weights(pipeline, tmp_path):
+    """One recipe: bench/learning_curve.py trains through the same ``train_maemi`` on the same
+    data as ``maemi_model``; for the profile's budget and seed it ends with the registered first
+    version's weights, bit for bit (same threads)."""
+    import importlib.util
+
+    import torch
+    from safetensors.torch import load_file
+
+    from maemi_core.data.manifest import load_manifest
+    from maemi_core.model.maemi_model import build_model
+    from maemi_core.registry.model_registry import download_package
+    from maemi_core.teacher.instruction_set import load_instruction_set
+    from maemi_core.threads import fit_threads
+    from maemi_core.training.instruction_tuning import training_config, tuning_data
+
+    spec = importlib.util.spec_from_file_location("learning_curve", REPO / "bench" / "learning_curve.py")
+    curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curve)
+    cfg = pipeline.cfg
+    fit_threads(cfg)                                  # what the maemi_model step sets
+    model = build_model(cfg)
+    data = tuning_data(cfg, load_manifest(cfg), load_instruction_set(cfg), model.tokenizer)
+    recipe = training_config(cfg)
+    unit, amount = recipe.budget
+    tcfg = curve.curve_config(cfg, [amount], unit, recipe.decay_fraction * amount)
+    points = []
+    curve.train_to_budgets(model, data, tcfg, [amount], tmp_path / "curve.state.pt", "fp", points.append)
+    assert [p.epoch for p in points] == [3] and points[0].lr == 0.0      # the cooldown ends at 0
+    package, _ = download_package("maemi-elpv-tiny", "1", tmp_path / "v1")
+    registered = load_file(str(package / "adapter.safetensors"))
+    mine = model.trainable_state_dict()
+    trained = [k for k in mine if k in registered and "lora_B" in k or k.endswith("attn_gate")]
+    assert trained and any(float(registered[k].abs().max()) > 0 for k in trained)   # the pipeline trained
+    for k in mine:
+        if k in registered:
+            assert torch.equal(mine[k].cpu(), registered[k]), k
+
+
+def test_an_image_blind_challenger_is_refused_by_the_grounding_gate(pipeline, tmp_path):
+    """A real registered model with every cross-attention gate forced closed (it cannot see),
+    benchmarked on the tiny profile's test records: the grounding gate refuses it, naming
+    maemi_gates_closed (its text answers are exactly those without the image) and majority (its
+    category answer is the same for every image)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from maemi_core.data.manifest import load_manifest
+    from maemi_core.evaluation.benchmark_run import benchmark_registered_model
+    from maemi_core.registry.model_promotion import evaluate
+    from maemi_core.registry.model_registry import download_package, log_and_register
+    from maemi_core.teacher.instruction_set import load_instruction_set
+
+    cfg = pipeline.cfg
+    uri, artifact_root = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.project_root)
+    tracker = tracking.TrackingContext(uri, cfg.mlflow.experiment, "image-blind-test", "tiny.yaml", artifact_root)
+    package, _ = download_package("maemi-elpv-tiny", "1", tmp_path / "v1")
+    tensors = load_file(str(package / "adapter.safetensors"))
+    gates = [k for k in tensors if k.endswith(("attn_gate", "ff_gate"))]
+    assert gates and any(float(tensors[k].abs().max()) > 0 for k in gates)          # it was trained to look
+    save_file({k: torch.zeros_like(v) if k in gates else v for k, v in tensors.items()},
+              str(package / "adapter.safetensors"))
+    with tracker.run("maemi_model"):
+        _, version = log_and_register(package, "maemi-elpv-tiny", {"test": "gates forced closed"})
+    benchmark_registered_model(cfg, load_manifest(cfg), load_instruction_set(cfg), tracker, version=version,
+                               out_dir=tmp_path / "reports")
+    cls = pd.read_csv(tmp_path / "reports" / "classification.csv").set_index("method")
+    per_image = pd.read_csv(tmp_path / "reports" / "samples" / "classification_maemi_zero_shot.csv")
+    assert per_image["predicted"].nunique() == 1                              # one answer for every image
+    assert cls.loc["maemi_zero_shot", "balanced_accuracy"] == pytest.approx(1 / per_image["label"].nunique())
+    print(cls[["top1", "balanced_accuracy", "macro_auc", "macro_auc_ci_low", "macro_auc_ci_high"]].to_string())
+    d = evaluate(MlflowClient(), "maemi-elpv-tiny", version, None, cfg.promotion.key_metrics,
+                 first_must_beat_base_lm=False, require_grounding=True)
+    assert not d.promote and "not grounded" in d.reason
+    assert "does not beat maemi_gates_closed" in d.reason and "does not beat majority" in d.reason, d.reason
 
 
 def test_a_new_fab_batch_leads_to_a_new_version_and_a_promotion_decision(pipeline):

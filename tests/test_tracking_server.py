@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from maemi_core.registry.model_promotion import key_scores, promote_if_not_worse, read_log
 from maemi_core.registry.model_registry import CHAMPION, alias_version
-from tests.test_model_promotion import BASE_LM, MARGINS, METEOR, scores
+from tests.test_model_promotion import MARGINS, METEOR, OTHERS, scores
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ def test_promotion_reads_scores_through_the_server(tracking_server, tmp_path, mo
         def version(maemi: pd.DataFrame) -> str:
             d = tmp_path / f"local-{len(list(tmp_path.glob('local-*')))}"
             d.mkdir()
-            pd.concat([maemi, BASE_LM]).to_csv(d / "key_scores.csv", index=False)
+            pd.concat([maemi, OTHERS]).to_csv(d / "key_scores.csv", index=False)
             with mlflow.start_run(experiment_id=exp) as run:
                 mlflow.log_artifact(str(d / "key_scores.csv"), artifact_path="reports/samples")
             v = client.create_model_version("maemi-test", source=f"{run.info.artifact_uri}/reports",
@@ -81,7 +81,7 @@ def test_promotion_reads_scores_through_the_server(tracking_server, tmp_path, mo
         v2 = version(scores(meteor=METEOR + 0.05))
         # the files live only where the server put them; the client reads them over HTTP
         assert len(list(served.rglob("key_scores.csv"))) == 2
-        assert len(key_scores(client, "maemi-test", v2)) == len(scores()) + len(BASE_LM)
+        assert len(key_scores(client, "maemi-test", v2)) == len(scores()) + len(OTHERS)
         lock, log = tmp_path / "registry.lock", tmp_path / "promotion_log.csv"
         assert promote_if_not_worse("maemi-test", v1, MARGINS, lock, log).promote
         d2 = promote_if_not_worse("maemi-test", v2, MARGINS, lock, log)

@@ -56,11 +56,14 @@ def ask(model_uri: str, image_paths: list[str], question: str, rank: Optional[in
 
 
 def classify(model_uri: str, image_paths: list[str], rank: Optional[int] = None) -> pd.DataFrame:
-    """Per image: the category parsed from the model's answer, and a probability per category
-    (softmax over the model's log-likelihood of each category name as the answer)."""
+    """Per image: the category parsed from the model's answer, and a probability per category:
+    softmax over the model's category scores, compared the way the benchmark measured them
+    (the package's ``category_scoring``: raw, length-normalised or calibrated log-likelihoods,
+    see maemi_core/model/category_scoring.py; column ``scoring``)."""
     import mlflow
 
     from maemi_core.evaluation.category_parser import parse_category
+    from maemi_core.model.category_scoring import package_scoring, score
     from maemi_core.model.generation import candidate_log_likelihoods, generate_answers
     from maemi_core.model.maemi_model import load_package
     from maemi_core.registry.maemi_pyfunc import decode_image
@@ -76,11 +79,13 @@ def classify(model_uri: str, image_paths: list[str], rank: Optional[int] = None)
     size = model.cfg.image_size
     arrays = [[decode_image(base64.b64encode(p.read_bytes()).decode(), size)] for p in paths]
     answers = generate_answers(model, [question] * len(paths), arrays, max_new_tokens=24, rank=rank)
-    ll = candidate_log_likelihoods(model, [question] * len(paths), arrays, classes, rank=rank)
+    raw = candidate_log_likelihoods(model, [question] * len(paths), arrays, classes, rank=rank)
+    scoring = package_scoring(model)
+    ll = score(model, [question] * len(paths), classes, scoring, raw, rank=rank)
     probs = np.exp(ll - ll.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     rows = []
     for p, a, pr in zip(paths, answers, probs):
         rows.append({"image": str(p), "category": parse_category(a, classes) or "(unparsed)",
-                     **{c: float(v) for c, v in zip(classes, pr)}, "answer": a})
+                     **{c: float(v) for c, v in zip(classes, pr)}, "scoring": scoring, "answer": a})
     return pd.DataFrame(rows)
