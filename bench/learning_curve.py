@@ -221,8 +221,8 @@ def curve_config(cfg, budgets: list[float], unit: str, decay: float):
 
     last = max(budgets)
     amount = int(last) if unit == "tokens" else float(last)
-    return replace(training_config(cfg), budget_tokens=None, budget_minutes=None, budget_epochs=None,
-                   **{f"budget_{unit}": amount}, decay_fraction=decay / last if last else 0.0)
+    budget = {"budget_tokens": None, "budget_minutes": None, "budget_epochs": None} | {f"budget_{unit}": amount}
+    return replace(training_config(cfg), **budget, decay_fraction=decay / last if last else 0.0)
 
 
 def train_to_budgets(model, data, tcfg, budgets: list[float], state_path: Path, fingerprint: str, on_point):
