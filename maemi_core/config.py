@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 DEFAULT_CONFIG = "configs/default.yaml"
 CONFIG_ENV = "MAEMI_CONFIG"
@@ -368,6 +368,15 @@ class OperationsConfig(_Strict):
     shared_database_env: str = "MAEMI_SHARED_DATABASE_URL"
 
 
+# The per-record metrics the benchmark stores (reports/samples/key_scores.csv): what promotion can
+# compare. Text tables x text metrics (maemi_core/evaluation/benchmark_tables.py TEXT_TABLES,
+# text_metrics.METRICS; a test keeps the lists in step) and the classification scores.
+KEY_METRIC_NAMES = tuple(
+    [f"{t}.{m}" for t in ("captioning", "vqa", "vqa_intra_dissimilar", "vqa_inter_similar", "vqa_heterogeneity")
+     for m in ("bleu2", "bleu4", "rouge1", "rouge2", "rougeL", "meteor")]
+    + ["classification.zero_shot_top1", "classification.few_shot_top1", "classification.zero_shot_balanced_accuracy"])
+
+
 class PromotionConfig(_Strict):
     """When a challenger may become champion (maemi_core/registry/model_promotion.py): for every
     key metric, paired on the same benchmark records, the interval of challenger - champion (and
@@ -376,12 +385,27 @@ class PromotionConfig(_Strict):
         "classification.zero_shot_top1": 0.05, "vqa.meteor": 0.04, "vqa.rougeL": 0.04})
     confidence: float = Field(0.95, gt=0.5, lt=1.0)   # two-sided level of the bootstrap interval
     first_must_beat_base_lm: bool = True                # off only for smoke profiles with a random LM
+    # Fewer paired records than this for a key metric: the interval says too little, promotion refuses.
+    min_records: int = Field(20, ge=2)
     # Every promotion, the first included, also needs the challenger to use the image: on its own
     # benchmark records it beats maemi_gates_closed (the same weights without the image) and
     # base_lm on every key text metric (interval above 0), and the majority class on zero-shot
     # balanced accuracy (paired interval above 0) or macro AUC (interval above 0.5). Off only for
     # smoke profiles with a random LM.
     require_grounding: bool = True
+
+    @field_validator("key_metrics")
+    @classmethod
+    def _known_metrics(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(KEY_METRIC_NAMES))
+        if unknown:
+            raise ValueError(f"promotion.key_metrics {unknown}: not a metric the benchmark stores per record; "
+                             f"choose from {sorted(KEY_METRIC_NAMES)}")
+        if not value:
+            raise ValueError("promotion.key_metrics is empty: name at least one metric and its margin")
+        if any(m < 0 for m in value.values()):
+            raise ValueError("promotion.key_metrics margins are absolute differences >= 0")
+        return value
 
 
 class MaemiConfig(_Strict):
@@ -403,6 +427,17 @@ class MaemiConfig(_Strict):
     # Set by maemi_core.run_isolation.scoped for a pipeline step: whose stage folders it uses.
     _run_scope: Optional[str] = PrivateAttr(default=None)
     _writing_stage: Optional[str] = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _promotion_has_what_it_compares(self) -> "MaemiConfig":
+        p = self.promotion
+        if not self.evaluation.no_vision_baseline and (p.first_must_beat_base_lm or p.require_grounding):
+            needs = [k for k in ("first_must_beat_base_lm", "require_grounding") if getattr(p, k)]
+            raise ValueError(f"evaluation.no_vision_baseline is off, but promotion.{needs[0]} compares the challenger "
+                             "with base_lm / maemi_gates_closed, which only that baseline measures: turn "
+                             "evaluation.no_vision_baseline on, or set " + " and ".join(f"promotion.{k}: false"
+                                                                                       for k in needs))
+        return self
 
     def resolve(self, path: str | os.PathLike) -> Path:
         """An absolute path for a (possibly relative) path from the profile."""

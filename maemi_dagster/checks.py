@@ -110,18 +110,54 @@ def vit_classifier_encoder_is_validation_winner(context: dg.AssetCheckExecutionC
     cfg = maemi_config.load(context)
     summary = json.loads((vision_dir(cfg) / "summary.json").read_text())
     best, used = summary["best_encoder_on_val"], cfg.vision.encoder
-    rows = pd.DataFrame([{k: m.get(k) for k in ("model", "val_knn_top1", "val_top1", "top1")} for m in summary["models"]
+    rows = pd.DataFrame([{k: m.get(k) for k in ("model", "val_knn_top1", "val_top1", "val_majority_top1",
+                                                "val_below_majority", "top1")} for m in summary["models"]
                          if m["model"] in ("vit", "efficientnet_lite0")])
+    if best is None:
+        description = ("no encoder is above the majority class on validation: neither can be trusted to read "
+                       "images (see vit_classifier_not_below_majority)")
+    elif best == used:
+        description = f"vision.encoder {used} is the validation winner"
+    else:
+        description = (f"vision.encoder is {used}, but {best} did better on validation: set vision.encoder: {best} "
+                       "in the profile to have MAEMI read it (the next maemi_model run then trains from scratch)")
     return dg.AssetCheckResult(
-        passed=best == used, severity=dg.AssetCheckSeverity.WARN,
-        description=(f"vision.encoder {used} is the validation winner" if best == used else
-                     f"vision.encoder is {used}, but {best} did better on validation: set vision.encoder: {best} "
-                     "in the profile to have MAEMI read it (the next maemi_model run then trains from scratch)"),
-        metadata={"encoder_in_use": used, "best_encoder_on_val": best,
+        passed=best == used, severity=dg.AssetCheckSeverity.WARN, description=description,
+        metadata={"encoder_in_use": used, "best_encoder_on_val": best or "none",
                   "encoders": table_md(rows.round(4), index=False)})
 
 
-VISION_CHECKS = [vit_classifier_encoder_is_validation_winner]
+@dg.asset_check(asset=vit_classifier,
+                description="Warns when a classifier scores below the majority class on validation (top-1 of always "
+                            "answering the most frequent train category on the same images): a collapsed or "
+                            "untrained model, which is never chosen as the encoder.")
+def vit_classifier_not_below_majority(context: dg.AssetCheckExecutionContext,
+                                      maemi_config: MaemiConfigResource) -> dg.AssetCheckResult:
+    from maemi_core.vision.classifiers import vision_dir
+
+    cfg = maemi_config.load(context)
+    summary = json.loads((vision_dir(cfg) / "summary.json").read_text())
+    models = summary["models"]
+    if any("val_below_majority" not in m for m in models):     # a report from before the majority columns
+        return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN,
+                                   description="the vision report has no majority-class columns: re-materialize "
+                                               "vit_classifier")
+    below = [m["model"] for m in models if m["val_below_majority"]]
+    rows = pd.DataFrame([{k: m.get(k) for k in ("model", "val_top1", "val_majority_top1", "val_below_majority",
+                                                "top1", "majority_top1", "below_majority")} for m in models])
+    majority = summary.get("majority_class")
+    return dg.AssetCheckResult(
+        passed=not below, severity=dg.AssetCheckSeverity.WARN,
+        description=(f"{', '.join(below)} below the majority class on validation (always answering {majority!r}): "
+                     "they learned less than the class frequencies; check the training (loss curve, class "
+                     "weighting, epochs) before trusting their rows" if below else
+                     f"every classifier is at or above the majority class ({majority!r}) on validation"),
+        metadata={"below_majority_on_val": ", ".join(below) or "none",
+                  "below_majority_on_test": ", ".join(summary.get("below_majority_on_test", [])) or "none",
+                  "majority_class": str(majority), "models": table_md(rows.round(4), index=False)})
+
+
+VISION_CHECKS = [vit_classifier_encoder_is_validation_winner, vit_classifier_not_below_majority]
 
 
 @dg.asset_check(asset=instruction_set, blocking=True,
@@ -187,7 +223,8 @@ INSTRUCTION_SET_CHECKS = [instruction_set_records_valid, instruction_set_train_c
                             "records with a bootstrap interval, to the champion and to the reference (best champion so "
                             "far) on every key metric (promotion.key_metrics margins); a first version must beat "
                             "base_lm; a rolled-back version never passes. Champion and reference are re-evaluated when "
-                            "new data changed the records. Blocks model_promotion; rejections are logged.")
+                            "new data or other evaluation settings changed the measurement. A rejection warns and "
+                            "model_promotion records it without moving the alias; only an error stops the run.")
 def benchmark_tables_challenger_not_worse(context: dg.AssetCheckExecutionContext, maemi_config: MaemiConfigResource,
                                           mlflow_tracking: MLflowResource) -> dg.AssetCheckResult:
     cfg = maemi_config.load(context)
@@ -195,8 +232,11 @@ def benchmark_tables_challenger_not_worse(context: dg.AssetCheckExecutionContext
     mlflow_tracking.activate(cfg)
     tracker = mlflow_tracking.tracking_context(context, cfg)
     decision = gate_challenger(cfg, load_manifest(cfg), load_instruction_set(cfg), tracker, log=context.log.info)
-    return dg.AssetCheckResult(passed=decision.promote,
-                               metadata={"reason": decision.reason,
+    # A rejection is a correct decision, not a failure: the check warns (the run goes on and
+    # model_promotion records the decision without moving the alias); an error raises.
+    return dg.AssetCheckResult(passed=decision.promote, severity=dg.AssetCheckSeverity.WARN,
+                               metadata={"decision": "promote" if decision.promote else "rejected",
+                                         "reason": decision.reason,
                                          "metrics": table_md(decision.table().round(4), index=False)})
 
 

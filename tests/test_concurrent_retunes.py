@@ -99,10 +99,9 @@ def test_two_retunes_at_once_each_register_benchmark_and_judge_their_own_version
     finally:
         mlflow.set_tracking_uri(None)
     assert str(champion) == promoted["version"].iloc[-1]
-    # One decision per run; a promoted run succeeded (a rejected one stopped at the blocking check,
-    # or was rejected by model_promotion's re-comparison under the registry lock).
+    # One decision per run, recorded by model_promotion's comparison under the registry lock;
+    # promoted or rejected, the run succeeded (a rejection is a decision, not a failure).
     for run in retunes:
         decided = log[log["dagster_run_id"] == run.run_id]
         assert len(decided) == 1, (log, outs)
-        if decided["decision"].iloc[0] == "promoted":
-            assert run.status == dg.DagsterRunStatus.SUCCESS
+        assert run.status == dg.DagsterRunStatus.SUCCESS

@@ -11,7 +11,7 @@ from maemi_core.config import ConfigError, load_config
 from tests.conftest import REPO, write_profile
 
 
-@pytest.mark.parametrize("name", ["default", "tiny", "sem"])
+@pytest.mark.parametrize("name", ["default", "tiny", "sem", "quick"])
 def test_shipped_profiles_load(name):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     assert cfg.config_name == name
@@ -48,6 +48,38 @@ def test_errors_say_what_to_change(tmp_path):
         load_config(write_profile(tmp_path, root=None))
     with pytest.raises(ConfigError, match="sum to 1"):
         load_config(write_profile(tmp_path, split={"train": 0.9, "val": 0.2, "test": 0.1}))
+
+
+def test_training_and_promotion_settings_that_cannot_work_are_refused_at_load(tmp_path):
+    from maemi_core.config import KEY_METRIC_NAMES
+    from maemi_core.evaluation.benchmark_tables import TEXT_TABLES
+    from maemi_core.evaluation.text_metrics import METRICS
+
+    # the names promotion accepts are the per-record metrics the benchmark stores
+    assert {f"{t}.{m}" for t in TEXT_TABLES for m in METRICS} <= set(KEY_METRIC_NAMES)
+
+    def profile(**sections):
+        path = write_profile(tmp_path)
+        data = yaml.safe_load(path.read_text())
+        for section, values in sections.items():
+            data.setdefault(section, {}).update(values)
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    with pytest.raises(ConfigError, match="vqa.meteorr.*choose from"):        # misspelled: never n = 0 forever
+        load_config(profile(promotion={"key_metrics": {"vqa.meteorr": 0.04}}))
+    with pytest.raises(ConfigError, match="no_vision_baseline is off.*require_grounding: false"):
+        load_config(profile(evaluation={"no_vision_baseline": False}, promotion={"first_must_beat_base_lm": False}))
+    with pytest.raises(ConfigError, match="max_epochs is no longer read.*train_budget"):
+        load_config(profile(model={"max_epochs": 2}))
+    with pytest.raises(ConfigError, match="exactly one of tokens, minutes or epochs"):
+        load_config(profile(model={"train_budget": {"tokens": 1000, "minutes": 5}}))
+    cfg = load_config(profile(model={"train_budget": {"minutes": 90, "decay_fraction": 0.3},
+                                     "retune_budget": {"tokens": 5000}}))
+    from maemi_core.training.instruction_tuning import training_config
+
+    assert training_config(cfg).budget == ("minutes", 90.0) and training_config(cfg).decay_fraction == 0.3
+    assert training_config(cfg, warm_start=True).budget == ("tokens", 5000.0)
 
 
 def test_relative_paths_resolve_against_the_profile_folder(tmp_path):

@@ -126,7 +126,7 @@ def registry(tmp_path, monkeypatch):
         with mlflow.start_run(experiment_id=exp) as run:
             mlflow.log_artifact(str(d / "key_scores.csv"), artifact_path="reports/samples")
         client.set_model_version_tag("maemi-test", v, "benchmark.mlflow_run_id", run.info.run_id)
-        client.set_model_version_tag("maemi-test", v, "benchmark.records_hash", records_hash)
+        client.set_model_version_tag("maemi-test", v, "benchmark.evaluation_hash", records_hash)
         return str(v)
 
     yield client, version, tmp_path / "registry.lock", tmp_path / "promotion_log.csv"
@@ -157,7 +157,8 @@ def test_first_better_worse_rollback_and_no_repromotion_are_recorded(registry):
     assert alias_version("maemi-test", CHAMPION) == v1
     assert client.get_model_version("maemi-test", v1).tags["rollback.previous_champion"] == v2
     assert client.get_model_version("maemi-test", v2).tags[ROLLED_BACK_TAG]
-    assert client.get_registered_model("maemi-test").tags[REFERENCE_TAG] == v1
+    # A rollback never lowers the bar: the reference keeps v2's measured scores.
+    assert client.get_registered_model("maemi-test").tags[REFERENCE_TAG] == v2
     # `challenger` may still point at v2; automation must not put it back.
     again = promote_if_not_worse("maemi-test", v2, MARGINS, lock, log, run_id="r5")
     assert not again.promote and "rolled back" in again.reason and alias_version("maemi-test", CHAMPION) == v1
@@ -167,6 +168,25 @@ def test_first_better_worse_rollback_and_no_repromotion_are_recorded(registry):
     assert list(entries["action"]) == ["promote"] * 4 + ["rollback", "promote"]
     assert list(entries["decision"]) == ["promoted", "promoted", "rejected", "rejected", "rolled back", "rejected"]
     assert list(entries["champion_after"]) == [v1, v2, v2, v2, v1, v1]
+
+
+def test_too_few_records_or_a_deleted_reference_are_stated_never_guessed(registry):
+    client, version, lock, log = registry
+    # One record collapses an interval: below promotion.min_records the comparison refuses, saying so.
+    few = decide(scores(meteor=METEOR[:10] + 0.1, top1=TOP1[:10]), scores(meteor=METEOR[:10], top1=TOP1[:10]),
+                 MARGINS, min_n=20)
+    assert not few.promote and "too few to decide" in few.reason
+    v1 = version(scores())
+    v2 = version(scores(flip(TOP1, 30, 1.0), METEOR + 0.03))
+    assert promote_if_not_worse("maemi-test", v1, MARGINS, lock, log).promote
+    assert promote_if_not_worse("maemi-test", v2, MARGINS, lock, log).promote
+    rollback("maemi-test", lock, log)                       # champion v1, reference still v2
+    client.delete_model_version("maemi-test", v2)           # the reference is gone from the registry
+    said = []
+    v3 = version(scores(meteor=METEOR + 0.01))
+    d = promote_if_not_worse("maemi-test", v3, MARGINS, lock, log, log=said.append)
+    assert d.promote and not any(r["against"].startswith("reference") for r in d.rows)
+    assert any(f"reference v{v2} of maemi-test no longer exists" in m for m in said)
 
 
 def test_a_first_version_that_does_not_beat_base_lm_is_not_promoted(registry):
@@ -278,7 +298,7 @@ def test_a_champion_benchmarked_without_per_record_scores_is_not_compared_blindl
     (which the blocking check does) instead of failing on the missing file or comparing nothing."""
     client, version, lock, log = registry
     old = client.create_model_version("maemi-test", source="x").version
-    client.set_model_version_tag("maemi-test", old, "benchmark.records_hash", "h1")
+    client.set_model_version_tag("maemi-test", old, "benchmark.evaluation_hash", "h1")
     client.set_registered_model_alias("maemi-test", CHAMPION, old)
     new = version(scores())
     d = promote_if_not_worse("maemi-test", new, MARGINS, lock, log)

@@ -74,7 +74,7 @@ def test_promotion_reads_scores_through_the_server(tracking_server, tmp_path, mo
             v = client.create_model_version("maemi-test", source=f"{run.info.artifact_uri}/reports",
                                             run_id=run.info.run_id).version
             client.set_model_version_tag("maemi-test", v, "benchmark.mlflow_run_id", run.info.run_id)
-            client.set_model_version_tag("maemi-test", v, "benchmark.records_hash", "h1")
+            client.set_model_version_tag("maemi-test", v, "benchmark.evaluation_hash", "h1")
             return str(v)
 
         v1 = version(scores())

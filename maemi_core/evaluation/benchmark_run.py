@@ -61,6 +61,7 @@ class BenchmarkResult:
     evaluation_tokens_per_s: float = float("nan")
     seconds: float = 0.0
     records_hash: str = ""
+    evaluation_hash: str = ""
 
 
 def classification_images(records: list[dict], vision_scores: Optional[pd.DataFrame], limit: Optional[int]) -> list[str]:
@@ -76,6 +77,22 @@ def classification_images(records: list[dict], vision_scores: Optional[pd.DataFr
             ids &= set(g["image_id"])
     chosen = stable_slice([{"id": i} for i in sorted(ids)], limit, lambda r: "")
     return [r["id"] for r in chosen]
+
+
+def evaluation_hash(cfg: MaemiConfig, records_hash: str) -> str:
+    """What two versions' scores must share to be compared: the records and their references,
+    the decoding and scoring settings of the benchmark, and the code that computes the scores
+    (the benchmark's import closure, metrics included). Promotion re-evaluates a champion whose
+    stored hash differs."""
+    from maemi_core.code_version import code_version
+
+    ev = cfg.evaluation
+    settings = {"records": records_hash, "code": code_version("benchmark_tables"),
+                "repetition_penalty": ev.repetition_penalty, "no_repeat_ngram_size": ev.no_repeat_ngram_size,
+                "max_new_tokens": cfg.model.max_new_tokens,
+                "classification_max_new_tokens": ev.classification_max_new_tokens,
+                "category_scoring": ev.category_scoring, "no_vision_baseline": ev.no_vision_baseline}
+    return stable_key(json.dumps(settings, sort_keys=True))
 
 
 def _labels_of(records: list[dict], image_ids: list[str]) -> dict[str, str]:
@@ -386,9 +403,10 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
     if failed_test:
         log(f"{len(failed_test)} test records could not be used: the teacher failed on them (see failed.jsonl)")
     result = BenchmarkResult(tables, paths, key, figures, unavailable_all, stats.tokens_per_s,
-                             time.perf_counter() - t_start, records_hash)
+                             time.perf_counter() - t_start, records_hash, evaluation_hash(cfg, records_hash))
     (out / "benchmark.json").write_text(json.dumps({
-        "key_metrics": key, "model": model_label, "records_hash": records_hash, "unavailable": unavailable_all,
+        "key_metrics": key, "model": model_label, "records_hash": records_hash,
+        "evaluation_hash": result.evaluation_hash, "unavailable": unavailable_all,
         "evaluation_tokens_per_s": result.evaluation_tokens_per_s, "seconds": result.seconds,
         "records_per_task": ev.max_records_per_task, "classification_images": len(image_ids),
         "inference_numerics": numerics, "category_scoring": scoring,
@@ -444,6 +462,7 @@ def benchmark_registered_model(cfg: MaemiConfig, manifest: pd.DataFrame, records
             client.set_model_version_tag(name, version, f"benchmark.{k}", f"{v:.6f}")
         client.set_model_version_tag(name, version, "benchmark.mlflow_run_id", active.info.run_id)
         client.set_model_version_tag(name, version, "benchmark.records_hash", result.records_hash)
+        client.set_model_version_tag(name, version, "benchmark.evaluation_hash", result.evaluation_hash)
         client.set_model_version_tag(name, version, "benchmark.records_per_task", str(ev.max_records_per_task))
         client.set_model_version_tag(name, version, "benchmark.classification_images",
                                      str(int(bench.get("classification_images", 0))))

@@ -59,7 +59,7 @@ from maemi_core.registry.model_registry import CHAMPION, alias_version
 LOG_COLUMNS = ["time", "registered_model", "action", "version", "previous_champion", "champion_after",
                "decision", "reason", "metrics", "dagster_run_id"]
 ROW_COLUMNS = ["against", "metric", "challenger", "other", "diff", "ci_low", "ci_high", "n", "margin", "detectable",
-               "ok"]
+               "ok"]          # a row may also carry min_n (the table shows these columns)
 KEY_SCORES = "reports/samples/key_scores.csv"     # method, metric, record_id, score
 REFERENCE_TAG, ROLLED_BACK_TAG = "promotion.reference", "promotion.rolled_back"
 _THREAD_LOCK = threading.Lock()
@@ -72,7 +72,7 @@ class Decision:
     rows: list[dict] = field(default_factory=list)
 
     def table(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows, columns=ROW_COLUMNS)
+        return pd.DataFrame([{k: r.get(k) for k in ROW_COLUMNS} for r in self.rows], columns=ROW_COLUMNS)
 
 
 def detectable_difference(diffs: np.ndarray, confidence: float = 0.95, power: float = 0.8) -> float:
@@ -84,11 +84,14 @@ def detectable_difference(diffs: np.ndarray, confidence: float = 0.95, power: fl
     return z * sd / math.sqrt(diffs.size)
 
 
+MIN_RECORDS = 20     # promotion.min_records' default
+
+
 def paired_rows(mine: pd.DataFrame, other: pd.DataFrame, margins: dict[str, float], against: str,
-                must_beat: bool = False, confidence: float = 0.95) -> list[dict]:
+                must_beat: bool = False, confidence: float = 0.95, min_n: int = 2) -> list[dict]:
     """One row per key metric: ``mine`` - ``other`` on their common records (score frames with
-    columns metric, record_id, score). ``ok``: interval low end > -margin (and, with
-    ``must_beat``, mean difference > 0)."""
+    columns metric, record_id, score). ``ok``: at least ``min_n`` common records, and the
+    interval low end > -margin (and, with ``must_beat``, mean difference > 0)."""
     rows = []
     for metric, margin in margins.items():
         a = mine[mine["metric"] == metric].set_index("record_id")["score"]
@@ -100,10 +103,11 @@ def paired_rows(mine: pd.DataFrame, other: pd.DataFrame, margins: dict[str, floa
             continue
         x, y = a.loc[common].to_numpy(float), b.loc[common].to_numpy(float)
         d = paired_difference(x, y, level=confidence)
-        ok = d["ci_low"] > -margin and (not must_beat or d["diff"] > 0)
+        ok = len(common) >= min_n and d["ci_low"] > -margin and (not must_beat or d["diff"] > 0)
         rows.append({"against": against, "metric": metric, "challenger": float(x.mean()), "other": float(y.mean()),
                      "diff": d["diff"], "ci_low": d["ci_low"], "ci_high": d["ci_high"], "n": int(len(common)),
-                     "margin": margin, "detectable": detectable_difference(x - y, confidence), "ok": bool(ok)})
+                     "margin": margin, "detectable": detectable_difference(x - y, confidence), "ok": bool(ok),
+                     "min_n": min_n})
     return rows
 
 
@@ -114,6 +118,9 @@ def _why(rows: list[dict]) -> str:
             continue
         if not r["n"]:
             out.append(f"{r['metric']} missing against {r['against']}")
+        elif r.get("min_n") and r["n"] < r["min_n"]:
+            out.append(f"{r['metric']} vs {r['against']}: only {r['n']} paired records (promotion.min_records "
+                       f"{r['min_n']}: too few to decide)")
         else:
             out.append(f"{r['metric']} vs {r['against']}: diff {r['diff']:+.4f} "
                        f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] (margin {r['margin']:g}, n {r['n']})")
@@ -125,7 +132,8 @@ AUC = "classification.zero_shot_macro_auc"
 
 
 def grounding_rows(scores: pd.DataFrame, margins: dict[str, float], confidence: float = 0.95,
-                   auc: Optional[tuple[float, float, float, int]] = None) -> tuple[list[dict], list[str]]:
+                   auc: Optional[tuple[float, float, float, int]] = None,
+                   min_n: int = 2) -> tuple[list[dict], list[str]]:
     """The grounding comparisons of one benchmarked version (its per-record key scores of every
     method): rows, and the failures in words (empty: grounded). ``auc``: (macro AUC, interval low,
     high, images) of its zero-shot category scores."""
@@ -139,20 +147,21 @@ def grounding_rows(scores: pd.DataFrame, margins: dict[str, float], confidence: 
             failed.append(f"no {other} scores to compare with (evaluation.no_vision_baseline is off: turn it on, "
                           "or set promotion.require_grounding: false for a profile whose model cannot see)")
             continue
-        got = paired_rows(maemi, theirs, text, other, confidence=confidence)
+        got = paired_rows(maemi, theirs, text, other, confidence=confidence, min_n=min_n)
         for r in got:
-            r["ok"] = bool(r["n"] and r["ci_low"] > 0)
+            r["ok"] = bool(r["n"] >= min_n and r["ci_low"] > 0)
         rows += got
         failed += [f"does not beat {other} on {r['metric']}: " + _why([r]) for r in got if not r["ok"]]
     majority = scores[scores["method"] == "majority"]
-    got = paired_rows(maemi, majority, {BALANCED: 0.0}, "majority", confidence=confidence) if not majority.empty else []
+    got = (paired_rows(maemi, majority, {BALANCED: 0.0}, "majority", confidence=confidence, min_n=min_n)
+           if not majority.empty else [])
     for r in got:
-        r["ok"] = bool(r["n"] and r["ci_low"] > 0)
+        r["ok"] = bool(r["n"] >= min_n and r["ci_low"] > 0)
     if auc is not None and all(np.isfinite(auc[:3])):
         value, lo, hi, n = auc
         got.append({"against": "majority", "metric": AUC, "challenger": value, "other": 0.5, "diff": value - 0.5,
                     "ci_low": lo - 0.5, "ci_high": hi - 0.5, "n": int(n), "margin": 0.0, "detectable": None,
-                    "ok": bool(lo > 0.5)})
+                    "ok": bool(lo > 0.5 and n >= min_n)})
     rows += got
     if not got:
         failed.append("no majority-class or macro-AUC scores (re-run benchmark_tables)")
@@ -164,27 +173,27 @@ def grounding_rows(scores: pd.DataFrame, margins: dict[str, float], confidence: 
 def decide(mine: pd.DataFrame, champion: Optional[pd.DataFrame], margins: dict[str, float],
            reference: Optional[pd.DataFrame] = None, base_lm: Optional[pd.DataFrame] = None,
            confidence: float = 0.95, labels: tuple[str, str] = ("champion", "reference"),
-           grounding: Optional[tuple[pd.DataFrame, Optional[tuple]]] = None) -> Decision:
+           grounding: Optional[tuple[pd.DataFrame, Optional[tuple]]] = None, min_n: int = 2) -> Decision:
     """The promotion rule on per-record key scores (see the module docstring). ``champion``
     None: there is none yet, and the challenger must beat ``base_lm``. ``grounding``: (the
     challenger's key scores of every method, its macro-AUC tuple) when the grounding gate applies."""
     if grounding is not None:
-        rows, failed = grounding_rows(grounding[0], margins, confidence, grounding[1])
+        rows, failed = grounding_rows(grounding[0], margins, confidence, grounding[1], min_n)
         if failed:
             return Decision(False, "not grounded: " + "; ".join(failed), rows)
-        inner = decide(mine, champion, margins, reference, base_lm, confidence, labels)
+        inner = decide(mine, champion, margins, reference, base_lm, confidence, labels, min_n=min_n)
         return Decision(inner.promote, inner.reason + ("; grounded (beats maemi_gates_closed, base_lm and majority)"
                                                        if inner.promote else ""), inner.rows + rows)
     if champion is None:
         if base_lm is None or base_lm.empty:
             return Decision(False, "first model: no base_lm scores to beat (re-run benchmark_tables)")
-        rows = paired_rows(mine, base_lm, margins, "base_lm", must_beat=True, confidence=confidence)
+        rows = paired_rows(mine, base_lm, margins, "base_lm", must_beat=True, confidence=confidence, min_n=min_n)
         if all(r["ok"] for r in rows):
             return Decision(True, "first model: better than base_lm on every key metric", rows)
         return Decision(False, "first model does not beat base_lm: " + _why(rows), rows)
-    rows = paired_rows(mine, champion, margins, labels[0], confidence=confidence)
+    rows = paired_rows(mine, champion, margins, labels[0], confidence=confidence, min_n=min_n)
     if reference is not None:
-        rows += paired_rows(mine, reference, margins, labels[1], confidence=confidence)
+        rows += paired_rows(mine, reference, margins, labels[1], confidence=confidence, min_n=min_n)
     if all(r["ok"] for r in rows):
         return Decision(True, "non-inferior to the champion" + (" and the reference" if reference is not None else "")
                         + " on every key metric", rows)
@@ -263,8 +272,21 @@ def read_log(log_path: Path) -> pd.DataFrame:
     return pd.read_csv(log_path, dtype=str).fillna("") if log_path.is_file() else pd.DataFrame(columns=LOG_COLUMNS)
 
 
-def reference_version(client: MlflowClient, name: str) -> Optional[str]:
-    return client.get_registered_model(name).tags.get(REFERENCE_TAG) or None
+def reference_version(client: MlflowClient, name: str, log: Callable[[str], None] = lambda m: None) -> Optional[str]:
+    """The reference (best champion so far), or None when there is none or it no longer exists
+    in the registry (deleted): then the champion alone is compared with, and the reason is logged."""
+    ref = client.get_registered_model(name).tags.get(REFERENCE_TAG) or None
+    if ref is None:
+        return None
+    try:
+        client.get_model_version(name, ref)
+    except Exception as e:   # noqa: BLE001 - a deleted version, whatever the store says about it
+        if "RESOURCE_DOES_NOT_EXIST" not in str(getattr(e, "error_code", "")) and "not found" not in str(e).lower() \
+                and "does not exist" not in str(e).lower():
+            raise
+        log(f"reference v{ref} of {name} no longer exists in the registry: compared with the champion only")
+        return None
+    return ref
 
 
 def has_key_scores(client: MlflowClient, name: str, version: str) -> bool:
@@ -274,10 +296,15 @@ def has_key_scores(client: MlflowClient, name: str, version: str) -> bool:
     return bool(run_id) and any(a.path == KEY_SCORES for a in client.list_artifacts(run_id, "reports/samples"))
 
 
-def _stale(client: MlflowClient, name: str, version: str, records_hash: str) -> bool:
-    """Measured on other records than ``records_hash``, or without per-record scores: the
+EVALUATION_HASH = "benchmark.evaluation_hash"
+
+
+def _stale(client: MlflowClient, name: str, version: str, evaluation_hash: str) -> bool:
+    """Measured under other evaluation settings than ``evaluation_hash`` (other records or
+    references, decoding, category-scoring settings, metric or benchmark code; see
+    ``maemi_core.evaluation.benchmark_run.evaluation_hash``), or without per-record scores: the
     blocking check re-evaluates such a champion / reference before comparing."""
-    return (client.get_model_version(name, version).tags.get("benchmark.records_hash") != records_hash
+    return (client.get_model_version(name, version).tags.get(EVALUATION_HASH) != evaluation_hash
             or not has_key_scores(client, name, version))
 
 
@@ -290,16 +317,18 @@ def _auc(tags: dict) -> Optional[tuple[float, float, float, int]]:
 
 
 def evaluate(client: MlflowClient, name: str, version: str, champion: Optional[str], margins: dict[str, float],
-             confidence: float = 0.95, first_must_beat_base_lm: bool = True, require_grounding: bool = True) -> Decision:
+             confidence: float = 0.95, first_must_beat_base_lm: bool = True, require_grounding: bool = True,
+             min_n: int = MIN_RECORDS, log: Callable[[str], None] = lambda m: None) -> Decision:
     """The decision for ``version`` against ``champion`` (and the reference) as the registry
     stands; moves nothing."""
     tags = client.get_model_version(name, version).tags
     if tags.get(ROLLED_BACK_TAG):
         return Decision(False, f"v{version} was rolled back ({tags[ROLLED_BACK_TAG]}); automation never promotes "
                                "it again")
-    my_hash = tags.get("benchmark.records_hash")
+    my_hash = tags.get(EVALUATION_HASH)
     if not my_hash:
-        return Decision(False, f"v{version} has no benchmark: materialize benchmark_tables")
+        return Decision(False, f"v{version} has no benchmark under the current evaluation settings: materialize "
+                               "benchmark_tables")
     mine = key_scores(client, name, version) if has_key_scores(client, name, version) else pd.DataFrame()
     if mine.empty:
         return Decision(False, f"v{version} has no per-record key scores ({KEY_SCORES}): re-run benchmark_tables")
@@ -308,29 +337,30 @@ def evaluate(client: MlflowClient, name: str, version: str, champion: Optional[s
         if not first_must_beat_base_lm and grounding is None:
             return Decision(True, "first model: no champion yet (promotion.first_must_beat_base_lm is off)")
         if not first_must_beat_base_lm:
-            rows, failed = grounding_rows(mine, margins, confidence, grounding[1])
+            rows, failed = grounding_rows(mine, margins, confidence, grounding[1], min_n)
             return Decision(not failed, "first model: " + ("not grounded: " + "; ".join(failed) if failed else
                                                            "grounded (beats maemi_gates_closed, base_lm and majority)"),
                             rows)
         return decide(_maemi(mine), None, margins, base_lm=mine[mine["method"] == "base_lm"], confidence=confidence,
-                      grounding=grounding)
-    reference = reference_version(client, name)
+                      grounding=grounding, min_n=min_n)
+    reference = reference_version(client, name, log)
     others = [champion] + ([reference] if reference and reference not in (champion, str(version)) else [])
     for v in others:
         if _stale(client, name, v, my_hash):
-            return Decision(False, f"v{v} was measured on other benchmark records than v{version}, or without "
-                                   "per-record scores: re-run the promotion check (benchmark_tables' blocking "
-                                   "check re-evaluates it)")
+            return Decision(False, f"v{v} was measured on other benchmark records or under other evaluation "
+                                   f"settings than v{version}, or without per-record scores: re-run the promotion "
+                                   "check (benchmark_tables' blocking check re-evaluates it)")
     theirs = {v: _maemi(key_scores(client, name, v)) for v in others}
     return decide(_maemi(mine), theirs[champion], margins, theirs.get(reference) if len(others) > 1 else None,
                   confidence=confidence, labels=(f"champion v{champion}", f"reference v{reference}"),
-                  grounding=grounding)
+                  grounding=grounding, min_n=min_n)
 
 
 def promote_if_not_worse(name: str, version: str, margins: dict[str, float], lock_path: Path, log_path: Path,
                          run_id: str = "", log: Callable[[str], None] = lambda m: None,
                          _between: Callable[[], None] = lambda: None, confidence: float = 0.95,
-                         first_must_beat_base_lm: bool = True, require_grounding: bool = True) -> Decision:
+                         first_must_beat_base_lm: bool = True, require_grounding: bool = True,
+                         min_n: int = MIN_RECORDS) -> Decision:
     """Compare ``version`` with the current champion (and the reference) and move ``champion``
     to it when the rules hold; record the decision either way. Safe against concurrent callers."""
     client = MlflowClient()
@@ -340,11 +370,11 @@ def promote_if_not_worse(name: str, version: str, margins: dict[str, float], loc
         if champion == version:
             return Decision(False, f"version {version} already is the champion")
         decision = evaluate(client, name, version, champion, margins, confidence, first_must_beat_base_lm,
-                            require_grounding)
+                            require_grounding, min_n, log)
         _between()          # tests widen the race window here
         if decision.promote:
             client.set_registered_model_alias(name, CHAMPION, version)
-            reference = reference_version(client, name)
+            reference = reference_version(client, name, log)
             against_ref = [r for r in decision.rows if r["against"].startswith("reference")] or \
                 [r for r in decision.rows if r["against"].startswith("champion")]
             if champion is None or reference is None or (against_ref and all(r["diff"] > 0 for r in against_ref)):
@@ -353,10 +383,7 @@ def promote_if_not_worse(name: str, version: str, margins: dict[str, float], loc
         record(client, name, version, "promote", "promoted" if decision.promote else "rejected",
                decision.reason, champion, after, decision.table(), run_id, log_path)
         log(f"{name} v{version}: {'promoted to champion' if decision.promote else 'not promoted'} ({decision.reason})")
-        for r in decision.rows:
-            if r["n"]:
-                log(f"  {r['metric']} vs {r['against']}: {r['diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}], "
-                    f"margin {r['margin']:g}, n {r['n']}, detectable difference {r['detectable']:.4f}")
+        _log_rows(decision, log)
         return decision
 
 
@@ -374,9 +401,12 @@ def rollback(name: str, lock_path: Path, log_path: Path, run_id: str = "") -> tu
             raise LookupError(f"{name} v{current} did not replace an earlier champion: nothing to roll back to")
         client.set_registered_model_alias(name, CHAMPION, previous)
         client.set_model_version_tag(name, current, ROLLED_BACK_TAG, _now())
-        if reference_version(client, name) == current:
-            client.set_registered_model_tag(name, REFERENCE_TAG, previous)
-        record(client, name, previous, "rollback", "rolled back", f"champion moved back from v{current} to v{previous}",
+        # The reference stays where it is, even when it is the version rolled back: its measured
+        # scores remain the bar, so a rollback never lowers what the next challenger must reach.
+        reference = reference_version(client, name)
+        kept = f"; the reference stays v{reference}" if reference else ""
+        record(client, name, previous, "rollback", "rolled back",
+               f"champion moved back from v{current} to v{previous}{kept}",
                current, previous, None, run_id or f"cli:{os.getpid()}", log_path)
         return current, previous
 
@@ -416,8 +446,9 @@ def benchmarked_version(cfg) -> tuple[str, str]:
 def gate_challenger(cfg, manifest, records, tracker=None, log: Callable[[str], None] = lambda m: None) -> Decision:
     """The blocking check before promotion: the benchmarked version against the champion and the
     reference on the same benchmark records. When one of them was measured on other records (new
-    fab data changed the test split), it is re-evaluated on the current ones first. A rejection
-    is recorded."""
+    fab data changed the test split) or under other evaluation settings, it is re-evaluated
+    first. The decision is recorded once, by ``model_promotion`` (which re-compares under the
+    registry lock): a rejection is a decision, not a failure."""
     from maemi_core.evaluation.benchmark_run import benchmark_registered_model, reports_dir
 
     name, version = benchmarked_version(cfg)
@@ -425,24 +456,26 @@ def gate_challenger(cfg, manifest, records, tracker=None, log: Callable[[str], N
     champion = alias_version(name, CHAMPION)
     if champion == version:
         return Decision(True, f"v{version} already is the champion")
-    my_hash = client.get_model_version(name, version).tags.get("benchmark.records_hash", "")
-    for v in {champion, reference_version(client, name)} - {None, version}:
+    my_hash = client.get_model_version(name, version).tags.get(EVALUATION_HASH, "")
+    for v in {champion, reference_version(client, name, log)} - {None, version}:
         if _stale(client, name, v, my_hash):
-            log(f"v{v} was measured on other records; re-evaluating it on v{version}'s")
+            log(f"v{v} was measured on other records or under other evaluation settings; re-evaluating it as "
+                f"v{version} was")
             benchmark_registered_model(cfg, manifest, records, tracker, log, version=v,
                                        out_dir=reports_dir(cfg) / f"v{v}")
-    decision = evaluate(client, name, version, champion, cfg.promotion.key_metrics, cfg.promotion.confidence,
-                        cfg.promotion.first_must_beat_base_lm, cfg.promotion.require_grounding)
+    p = cfg.promotion
+    decision = evaluate(client, name, version, champion, p.key_metrics, p.confidence, p.first_must_beat_base_lm,
+                        p.require_grounding, p.min_records, log)
+    _log_rows(decision, log)
+    return decision
+
+
+def _log_rows(decision: Decision, log: Callable[[str], None]) -> None:
     for r in decision.rows:
         if r["n"]:
-            log(f"{r['metric']} vs {r['against']}: {r['diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] "
-                f"margin {r['margin']:g}; n {r['n']} records can detect a difference of {r['detectable']:.4f}")
-    if not decision.promote:
-        lock, log_path = registry_paths(cfg)
-        with registry_lock(lock):
-            record(client, name, version, "promote", "rejected", decision.reason, champion, champion,
-                   decision.table(), tracker.dagster_run_id if tracker else "", log_path)
-    return decision
+            detect = f"{r['detectable']:.4f}" if r.get("detectable") is not None else "n/a"
+            log(f"  {r['metric']} vs {r['against']}: {r['diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}], "
+                f"margin {r['margin']:g}, n {r['n']}, detectable difference {detect}")
 
 
 def promote_challenger(cfg, run_id: str = "", log: Callable[[str], None] = lambda m: None) -> dict:
@@ -452,6 +485,7 @@ def promote_challenger(cfg, run_id: str = "", log: Callable[[str], None] = lambd
     decision = promote_if_not_worse(name, version, cfg.promotion.key_metrics, lock, log_path, run_id, log,
                                     confidence=cfg.promotion.confidence,
                                     first_must_beat_base_lm=cfg.promotion.first_must_beat_base_lm,
-                                    require_grounding=cfg.promotion.require_grounding)
+                                    require_grounding=cfg.promotion.require_grounding,
+                                    min_n=cfg.promotion.min_records)
     return {"registered_model": name, "challenger": version, "champion": alias_version(name, CHAMPION),
             "decision": decision, "log": read_log(log_path)}

@@ -64,7 +64,7 @@ def model_promotion(context: dg.AssetExecutionContext, maemi_config: MaemiConfig
     return dg.MaterializeResult(
         data_version=dg.DataVersion(f"{out['registered_model']}-champion-v{out['champion']}"),
         metadata={
-            "decision": "promoted" if d.promote else "not promoted",
+            "decision": "promoted" if d.promote else "rejected",
             "reason": d.reason,
             "challenger": out["challenger"],
             "champion": str(out["champion"]),
