@@ -189,6 +189,32 @@ def test_too_few_records_or_a_deleted_reference_are_stated_never_guessed(registr
     assert any(f"reference v{v2} of maemi-test no longer exists" in m for m in said)
 
 
+def test_another_repetition_penalty_makes_the_champion_stale_so_it_is_rescored_first(registry, tmp_path):
+    """Scores are compared only under equal evaluation settings: the benchmark's evaluation hash
+    moves with the decoding settings (not with the batch size), and a champion measured under
+    another hash is not compared: gate_challenger re-evaluates it (benchmark_registered_model)
+    before deciding."""
+    from maemi_core.config import load_config
+    from maemi_core.evaluation.benchmark_run import evaluation_hash
+    from tests.conftest import write_profile
+
+    cfg = load_config(write_profile(tmp_path))
+    base = evaluation_hash(cfg, "records")
+    penalised = cfg.model_copy(deep=True)
+    penalised.evaluation.repetition_penalty = 1.2
+    batched = cfg.model_copy(deep=True)
+    batched.evaluation.batch_size = 3
+    assert evaluation_hash(penalised, "records") != base == evaluation_hash(batched, "records")
+    assert evaluation_hash(cfg, "other records") != base
+
+    client, version, lock, log = registry
+    v1 = version(scores(), records_hash=base)
+    assert promote_if_not_worse("maemi-test", v1, MARGINS, lock, log).promote
+    v2 = version(scores(meteor=METEOR + 0.05), records_hash=evaluation_hash(penalised, "records"))
+    d = promote_if_not_worse("maemi-test", v2, MARGINS, lock, log)
+    assert not d.promote and "other evaluation settings" in d.reason and alias_version("maemi-test", CHAMPION) == v1
+
+
 def test_a_first_version_that_does_not_beat_base_lm_is_not_promoted(registry):
     client, version, lock, log = registry
     v1 = version(scores(BASE_LM.query("metric == 'classification.zero_shot_top1'")["score"].to_numpy(), METEOR - 0.1))
