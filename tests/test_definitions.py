@@ -16,6 +16,7 @@ EXPECTED_ASSETS = {"raw_images", "vit_classifier", "image_embeddings", "demonstr
                    "maemi_model", "benchmark_tables", "model_promotion", "fab_batch"}
 EXPECTED_CHECKS = {"raw_images_no_split_leakage", "raw_images_class_balance", "raw_images_rejected_fraction",
                    "raw_images_sample_groups",
+                   "vit_classifier_encoder_is_validation_winner", "vit_classifier_not_below_majority",
                    "instruction_set_records_valid", "instruction_set_train_coverage", "instruction_set_task_counts",
                    "instruction_set_teacher_failures", "benchmark_tables_challenger_not_worse"}
 

@@ -10,6 +10,12 @@ Models (names used in reports and MLflow):
 
 Besides top-1 on validation, each encoder is scored by cosine k-NN on its embeddings
 (``val_knn_top1``), which is what similarity sampling of demonstrations relies on.
+
+Every row carries the majority-class score beside its own: top-1 of always answering the most
+frequent *train* category on the same split (``majority_top1`` on test, ``val_majority_top1`` on
+the images ``val_top1`` was estimated on), and the flags ``below_majority`` / ``val_below_majority``.
+On an imbalanced set a collapsed classifier can score far below that constant answer; such a row
+is flagged, logged as a warning, and never chosen as the encoder (``best_encoder_on_val``).
 """
 
 from __future__ import annotations
@@ -42,9 +48,10 @@ from maemi_core.vision.texture_baseline import (
 )
 from maemi_core.vision.vit import PaperViT, PaperViTConfig
 from maemi_core.run_isolation import stage_dir
-from maemi_core.vision.model_selection import choose_c, choose_columns_and_c
+from maemi_core.vision.model_selection import choose_c, choose_columns_and_c, majority_top1
 
 ASSET = "vit_classifier"
+ENCODERS = ("vit", "efficientnet_lite0")     # the models vision.encoder can name
 
 
 @dataclass
@@ -65,6 +72,9 @@ class VisionData:
     class_names: list[str]
     images: np.ndarray  # (N, 3, S, S) uint8, manifest order
     labels: np.ndarray  # (N,) int
+
+    def labels_of(self, name: str) -> np.ndarray:
+        return self.labels[self.manifest["split"].to_numpy() == name]
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         idx = np.flatnonzero(self.manifest["split"].to_numpy() == name)
@@ -104,9 +114,27 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def _finish(name: str, data: VisionData, test_scores: np.ndarray, out_dir: Path, extra: dict) -> ModelReport:
-    _, y_test = data.split("test")
+def majority_columns(data: VisionData, top1: float, val_top1: float, val_majority: Optional[float] = None) -> dict:
+    """The majority-class scores beside a model's top-1 on test and validation, and whether the
+    model is below them. ``val_majority``: the majority score on the images ``val_top1`` was
+    estimated on when that is not the validation split (grouped CV over train+val)."""
+    y_train = data.labels_of("train")
+    test_majority = majority_top1(y_train, data.labels_of("test"))
+    if val_majority is None:
+        val_majority = majority_top1(y_train, data.labels_of("val"))
+    return {
+        "majority_top1": test_majority,
+        "val_majority_top1": float(val_majority),
+        "below_majority": bool(top1 < test_majority),        # NaN scores compare False: not flagged
+        "val_below_majority": bool(val_top1 < val_majority),
+    }
+
+
+def _finish(name: str, data: VisionData, test_scores: np.ndarray, out_dir: Path, extra: dict,
+            val_majority: Optional[float] = None) -> ModelReport:
+    y_test = data.labels_of("test")
     summary = classification_summary(name, y_test, test_scores, data.class_names) | extra
+    summary |= majority_columns(data, summary["top1"], summary["val_top1"], val_majority)
     per_class = per_class_table(name, y_test, test_scores.argmax(1), data.class_names)
     cm = confusion_matrix_figure(y_test, test_scores.argmax(1), data.class_names,
                                  f"{name} on test (top-1 {summary['top1']:.3f})", out_dir / f"confusion_{name}.png")
@@ -178,7 +206,7 @@ def train_efficientnet_probe(cfg: MaemiConfig, data: VisionData, variant: str = 
 
     sel = choose_c(make, (0.01, 0.1, 1.0), feats["train"], y["train"], g["train"], feats["val"], y["val"], g["val"],
                    cfg.vision.grouped_cv_below)
-    c, val_acc = sel.c, sel.val_top1
+    c, val_acc, val_majority = sel.c, sel.val_top1, sel.majority_top1
     probe = make(c).fit(feats["train"], y["train"])
     n_cls = len(data.class_names)
     params = {"mode": "linear_probe", "C": c, "C_chosen_by": sel.method,
@@ -189,6 +217,7 @@ def train_efficientnet_probe(cfg: MaemiConfig, data: VisionData, variant: str = 
                  for s in ("val", "test")}
         scores = {s: np.mean([_full_proba(probe, v, n_cls) for v in views[s]], axis=0) for s in views}
         val_acc = float((scores["val"].argmax(1) == y["val"]).mean())    # the probe's C, scored with the views
+        val_majority = None                                              # ... on the validation split
         test_scores = scores["test"]
         params["test_time_augmentation"] = "probabilities averaged over the 8 dihedral transforms"
     else:
@@ -201,7 +230,8 @@ def train_efficientnet_probe(cfg: MaemiConfig, data: VisionData, variant: str = 
     out.mkdir(parents=True, exist_ok=True)
     joblib.dump({"probe": probe, "class_names": data.class_names, "variant": variant}, out / "probe.joblib")
     report = _finish(variant, data, test_scores, vision_dir(cfg) / "figures", {
-        "val_top1": val_acc, "val_knn_top1": knn_top1(emb["train"], y["train"], emb["val"], y["val"])})
+        "val_top1": val_acc, "val_knn_top1": knn_top1(emb["train"], y["train"], emb["val"], y["val"])},
+        val_majority=val_majority)
     report.params = params
     report.artifacts = [out / "probe.joblib"]
     return report
@@ -296,7 +326,8 @@ def train_classical(cfg: MaemiConfig, data: VisionData) -> ModelReport:
     joblib.dump({"model": model, "class_names": data.class_names, "feature_set": chosen.name, "columns": cols},
                 out / "svm.joblib")
     report = _finish("classical", data, test_scores, vision_dir(cfg) / "figures", {
-        "val_top1": val_acc, "val_knn_top1": float("nan"), "feature_set": chosen.name})
+        "val_top1": val_acc, "val_knn_top1": float("nan"), "feature_set": chosen.name},
+        val_majority=sel.majority_top1)
     report.params = {"features": "LBP(8,1)(16,2)(24,3) + GLCM(d=1,2,4) + HOG(112px) + intensity stats",
                      "feature_set": chosen.name, "feature_set_chosen_by": sel.method,
                      "feature_set_scores": json.dumps(chosen.scores),
@@ -311,7 +342,7 @@ class ClassifierSuiteResult:
     reports: list[ModelReport]
     classification: pd.DataFrame
     per_class: pd.DataFrame
-    best_encoder_on_val: str
+    best_encoder_on_val: Optional[str]    # None: every encoder is below the majority class on validation
     paths: dict[str, Path]
 
     def report(self, name: str) -> ModelReport:
@@ -319,8 +350,11 @@ class ClassifierSuiteResult:
 
 
 def train_classifiers(cfg: MaemiConfig, manifest: pd.DataFrame, tracker: Optional[TrackingContext] = None,
-                      log: Callable[[str], None] = lambda m: None) -> ClassifierSuiteResult:
-    """Train and evaluate the ViT and the configured baselines; write the reports."""
+                      log: Callable[[str], None] = lambda m: None,
+                      warn: Optional[Callable[[str], None]] = None) -> ClassifierSuiteResult:
+    """Train and evaluate the ViT and the configured baselines; write the reports. ``warn``
+    (default ``log``) receives a line for every model below the majority class."""
+    warn = warn or log
     import mlflow
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -329,6 +363,7 @@ def train_classifiers(cfg: MaemiConfig, manifest: pd.DataFrame, tracker: Optiona
         if (data.manifest["split"] == split).sum() == 0:
             raise ValueError(f"the {split} split is empty: add images or change dataset.split")
     log(f"{len(data.manifest)} images, classes {data.class_names}")
+    majority = data.class_names[int(np.bincount(data.labels_of("train")).argmax())]
 
     steps: list[tuple[str, Callable[[], ModelReport]]] = []
 
@@ -369,22 +404,35 @@ def train_classifiers(cfg: MaemiConfig, manifest: pd.DataFrame, tracker: Optiona
             mlflow.log_params(report.params)
             mlflow.log_metrics({k: float(v) for k, v in report.summary.items()
                                 if isinstance(v, (int, float, bool)) and not (isinstance(v, float) and np.isnan(v))})
+            mlflow.set_tags({"maemi.below_majority": str(report.summary["below_majority"]).lower(),
+                             "maemi.val_below_majority": str(report.summary["val_below_majority"]).lower()})
             for fig in report.figures.values():
                 mlflow.log_artifact(str(fig), artifact_path="figures")
             for art in report.artifacts:
                 mlflow.log_artifact(str(art), artifact_path="model")
             report.mlflow_run_id = run.info.run_id
         reports.append(report)
-        log(f"{name}: test top1={report.summary['top1']:.4f} macro_f1={report.summary['macro_f1']:.4f} "
-            f"val top1={report.summary['val_top1']:.4f}")
+        s = report.summary
+        log(f"{name}: test top1={s['top1']:.4f} macro_f1={s['macro_f1']:.4f} val top1={s['val_top1']:.4f} "
+            f"(majority class: test {s['majority_top1']:.4f}, val {s['val_majority_top1']:.4f})")
+        if s["below_majority"] or s["val_below_majority"]:
+            warn(f"{name} is below the majority class: val top-1 {s['val_top1']:.4f} vs "
+                 f"{s['val_majority_top1']:.4f}, test top-1 {s['top1']:.4f} vs {s['majority_top1']:.4f} for always "
+                 f"answering {majority!r}; it learned less than the class frequencies (collapsed or untrained)"
+                 + ("; not eligible as the encoder" if name in ENCODERS and s["val_below_majority"] else ""))
 
     classification = pd.DataFrame([r.summary for r in reports])
     # How much validation flattered each model: with sample groups (dataset.group_by) validation is
     # sample-disjoint from training, and this gap is what tells a leak from a good model.
     classification["val_test_gap"] = classification["val_top1"] - classification["top1"]
     per_class = pd.concat([r.per_class for r in reports], ignore_index=True)
-    encoders = classification[classification["model"].isin(["vit", "efficientnet_lite0"])]
-    best = str(encoders.sort_values(["val_knn_top1", "val_top1"], ascending=False).iloc[0]["model"])
+    # The better encoder on validation, among those not below the majority class there: a model
+    # that scores less than always answering one category is never the one to read images with.
+    encoders = classification[classification["model"].isin(ENCODERS) & ~classification["val_below_majority"]]
+    best = (str(encoders.sort_values(["val_knn_top1", "val_top1"], ascending=False).iloc[0]["model"])
+            if len(encoders) else None)
+    below = {split: [r.name for r in reports if r.summary[flag]]
+             for split, flag in (("test", "below_majority"), ("val", "val_below_majority"))}
     # The encoders' own reports live with them; benchmark_tables writes reports/classification.*
     # with these rows next to MAEMI's, measured on the same records.
     rdir = vision_dir(cfg)
@@ -403,11 +451,17 @@ def train_classifiers(cfg: MaemiConfig, manifest: pd.DataFrame, tracker: Optiona
     paths["classification_md"].write_text(
         f"# Classification on the test split ({cfg.dataset.name})\n\n"
         + classification.to_markdown(index=False, floatfmt=".4f")
-        + f"\n\nEncoder in use: `{cfg.vision.encoder}`; better on validation (cosine k-NN, then top-1): `{best}`.\n")
+        + f"\n\nMajority class (always answering `{majority}`, the most frequent train category): test top-1 "
+        f"{classification['majority_top1'].iloc[0]:.4f}. Below it on test: "
+        f"{', '.join(f'`{m}`' for m in below['test']) or 'none'}; on validation: "
+        f"{', '.join(f'`{m}`' for m in below['val']) or 'none'}.\n\n"
+        f"Encoder in use: `{cfg.vision.encoder}`; better on validation (cosine k-NN, then top-1), among encoders "
+        f"not below the majority class: " + (f"`{best}`" if best else "none") + ".\n")
     paths["per_class_md"].write_text(f"# Per-class precision / recall / F1 ({cfg.dataset.name})\n\n"
                                      + per_class.to_markdown(index=False, floatfmt=".4f") + "\n")
     paths["summary"].write_text(json.dumps({
         "encoder": cfg.vision.encoder, "best_encoder_on_val": best, "class_names": data.class_names,
+        "majority_class": majority, "below_majority_on_test": below["test"], "below_majority_on_val": below["val"],
         "data_version": manifest_hash(manifest), "models": [r.summary for r in reports],
     }, indent=2, default=float))
     return ClassifierSuiteResult(reports, classification, per_class, best, paths)

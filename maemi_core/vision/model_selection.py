@@ -4,6 +4,10 @@ sample group (``group_id``: frames of one sample, see maemi_core/data/sample_gro
 
 Random folds over shifted copies of a few micrographs score the copies of a training image as
 "validation": they pick the C that memorises best. Grouped folds score only unseen samples.
+
+Every estimate comes with the majority-class score on the same images (always answering the most
+frequent category of the data each model was fitted on): on an imbalanced set a model below it
+has learned less than the class frequencies.
 """
 
 from __future__ import annotations
@@ -21,6 +25,17 @@ class Selection:
     val_top1: float        # the estimate the choice was made on
     method: str            # "validation split" or "grouped k-fold CV over train+val"
     scores: dict           # C -> that estimate
+    # Always answering the most frequent training category, scored on the same images and folds
+    # as ``val_top1``.
+    majority_top1: float = 0.0
+
+
+def majority_top1(y_fit: np.ndarray, y_eval: np.ndarray) -> float:
+    """Top-1 of always answering the most frequent category of ``y_fit`` (ties to the smaller
+    index, i.e. the first category name in sorted order), on ``y_eval``; 0.0 when either is empty."""
+    if len(y_fit) == 0 or len(y_eval) == 0:
+        return 0.0
+    return float((np.asarray(y_eval) == np.bincount(np.asarray(y_fit)).argmax()).mean())
 
 
 def choose_c(make_model: Callable[[float], object], cs: tuple[float, ...], x_tr: np.ndarray, y_tr: np.ndarray,
@@ -31,13 +46,15 @@ def choose_c(make_model: Callable[[float], object], cs: tuple[float, ...], x_tr:
     if len(y_va) < cv_below and len(np.unique(groups)) >= folds:
         x, y = np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va])
         scores = {}
+        splits = list(GroupKFold(n_splits=folds).split(x, y, groups))
         for c in cs:
             hits = []
-            for tr, te in GroupKFold(n_splits=folds).split(x, y, groups):
+            for tr, te in splits:
                 m = make_model(c)
                 m.fit(x[tr], y[tr])
                 hits.append(m.predict(x[te]) == y[te])
             scores[c] = float(np.concatenate(hits).mean())
+        majority = float(np.concatenate([y[te] == np.bincount(y[tr]).argmax() for tr, te in splits]).mean())
         method = f"grouped {folds}-fold CV over train+val ({len(np.unique(groups))} groups)"
     else:
         scores = {}
@@ -45,9 +62,10 @@ def choose_c(make_model: Callable[[float], object], cs: tuple[float, ...], x_tr:
             m = make_model(c)
             m.fit(x_tr, y_tr)
             scores[c] = float((m.predict(x_va) == y_va).mean()) if len(y_va) else 0.0
+        majority = majority_top1(y_tr, y_va)
         method = "validation split"
     best = max(cs, key=lambda c: (scores[c], -c))
-    return Selection(best, scores[best], method, scores)
+    return Selection(best, scores[best], method, scores, majority)
 
 
 @dataclass

@@ -52,7 +52,8 @@ def visual_token_inputs(cfg) -> dict:
         "The paper's ViT (224 px, 32 px patches, d=64, 4 heads of width 32) trained from scratch with "
         "class-weighted cross-entropy, orientation-free augmentation, lr halving and early stopping on val; "
         "plus the EfficientNet-Lite0 linear probe and the LBP/GLCM/HOG + SVM baseline on the same splits. "
-        "Test-split reports in <workdir>/vision/classification.csv and per_class.csv (per-image test scores in test_scores.parquet); one MLflow run per model."
+        "Test-split reports in <workdir>/vision/classification.csv and per_class.csv (per-image test scores in test_scores.parquet); one MLflow run per model. "
+        "Every row carries the majority-class score (always the most frequent train category) and below_majority flags."
     ),
 )
 def vit_classifier(context: dg.AssetExecutionContext, config: Recompute, maemi_config: MaemiConfigResource,
@@ -65,23 +66,30 @@ def vit_classifier(context: dg.AssetExecutionContext, config: Recompute, maemi_c
     manifest = load_manifest(cfg)
     tracker = mlflow_tracking.tracking_context(context, cfg)
     with tracker.run("vit_classifier") as run:
-        result = train_classifiers(cfg, manifest, tracker, log=context.log.info)
+        result = train_classifiers(cfg, manifest, tracker, log=context.log.info, warn=context.log.warning)
         for key in ("classification_csv", "classification_md", "per_class_csv", "per_class_md", "summary", "test_scores"):
             mlflow.log_artifact(str(result.paths[key]), artifact_path="reports")
-        mlflow.set_tag("maemi.best_encoder_on_val", result.best_encoder_on_val)
+        mlflow.set_tag("maemi.best_encoder_on_val", result.best_encoder_on_val or "none")
         parent_id = run.info.run_id
-    shown = result.classification[["model", "top1", "top5", "top5_k", "macro_f1", "val_top1", "val_test_gap",
+    shown = result.classification[["model", "top1", "majority_top1", "below_majority", "top5", "top5_k", "macro_f1",
+                                   "val_top1", "val_majority_top1", "val_below_majority", "val_test_gap",
                                    "val_knn_top1"]]
     metadata = {
         "classification": table_md(shown, index=False),
         "per_class": table_md(result.per_class, index=False, max_rows=200),
         "encoder_in_use": cfg.vision.encoder,
-        "best_encoder_on_val": result.best_encoder_on_val,
+        "best_encoder_on_val": result.best_encoder_on_val or "none",
+        "majority_top1": float(result.classification["majority_top1"].iloc[0]),
+        "below_majority": ", ".join(result.classification.loc[result.classification["below_majority"] |
+                                                              result.classification["val_below_majority"], "model"])
+                          or "none",
         "mlflow_run_id": parent_id,
         "reports": dg.MetadataValue.path(str(result.paths["classification_md"])),
     }
     for report in result.reports:
         metadata[f"{report.name}_top1"] = float(report.summary["top1"])
+        metadata[f"{report.name}_below_majority"] = bool(report.summary["below_majority"])
+        metadata[f"{report.name}_val_below_majority"] = bool(report.summary["val_below_majority"])
         metadata[f"confusion_{report.name}"] = image_md(report.figures["confusion_matrix"], f"{report.name} confusion")
     for report in result.reports:           # the trained models' loss curves (ViT, fine-tuned EfficientNet)
         if "loss_curve" in report.figures:
