@@ -106,6 +106,8 @@ def retune_fingerprint(cfg) -> dict:
 
     data = hashlib.sha256()
     for c in sorted(list_candidates(cfg), key=lambda c: str(c.path)):
+        if c.rejected is not None:       # listed only to be refused (a link out of the drop folder, ...)
+            continue
         st = c.path.stat()
         data.update(f"{c.path}|{st.st_size}|{st.st_mtime_ns}|{c.label}\n".encode())
     profile = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -166,3 +167,49 @@ def test_the_shipped_instance_limits_torch_steps_across_runs_and_threads_fit(tmp
     assert pools["model_promotion"] == {"maemi_registry"}
     assert step_threads(1, cores=2) == 2 and step_threads(2, cores=2) == 1 and step_threads(3, cores=2) == 1
     assert step_threads(2, cores=16) == 8
+
+
+def test_ingestion_never_follows_a_link_out_of_the_batch_and_lists_exactly_what_it_validated(project, elpv_paths):
+    """A link to a file outside the batch folder is rejected (``link_outside_root``), never read;
+    a file added or changed after ingestion is not taken into the dataset as if validated."""
+    from maemi_core.data.incoming import incoming_candidates
+    from maemi_core.data.manifest import build_manifest
+
+    profile, cfg, drop = project
+    drop("lot-a", n=4)
+    batch = cfg.incoming_path / "lot-a"
+    outside = cfg.incoming_path.parent / "private" / "secret.png"
+    outside.parent.mkdir(parents=True)
+    shutil.copy(elpv_paths[10], outside)
+    os.symlink(outside, batch / "defective" / "leak.png")                 # a valid image, out of the root
+    os.symlink(outside.parent, batch / "functional" / "private_dir")      # a folder out of the root
+    os.symlink(batch / "defective" / elpv_paths[0].name, batch / "defective" / "alias.png")   # within: fine
+
+    rec = ingest_batch(cfg, "lot-a")
+    reasons = {r["file"]: r["reason"] for r in rec["rejected"]}
+    assert reasons == {"defective/leak.png": "link_outside_root", "functional/private_dir": "link_outside_root"}
+    assert rec["images_per_class"] == {"defective": 3, "functional": 2}
+    assert "defective/alias.png" in rec["files"] and "defective/leak.png" not in rec["files"]
+
+    # After ingestion: one file added, one rewritten in place.
+    added = batch / "functional" / "late.png"
+    shutil.copy(elpv_paths[11], added)
+    changed = batch / "defective" / elpv_paths[2].name
+    shutil.copy(elpv_paths[12], changed)
+    os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
+
+    cands = {c.path.relative_to(batch).as_posix(): c for c in incoming_candidates(cfg)}
+    refused = {k: c.rejected[0] for k, c in cands.items() if c.rejected is not None}
+    assert refused == {"defective/leak.png": "link_outside_root", "functional/private_dir": "link_outside_root",
+                       "functional/late.png": "added_after_ingestion",
+                       f"defective/{elpv_paths[2].name}": "changed_after_ingestion"}
+    accepted = sorted(k for k, c in cands.items() if c.rejected is None)
+    assert accepted == sorted(set(rec["files"]) - {f"defective/{elpv_paths[2].name}"})
+
+    # The manifest takes exactly those; the refused files are in the rejected table, and nothing
+    # was read or copied through the outside links.
+    result = build_manifest(cfg, candidates=incoming_candidates(cfg))
+    assert not any("secret" in p or "leak" in p for p in result.manifest["path"])
+    got = dict(zip(result.rejected["path"].map(lambda p: Path(p).relative_to(batch).as_posix()),
+                   result.rejected["reason"]))
+    assert got == refused

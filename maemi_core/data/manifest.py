@@ -76,6 +76,9 @@ def build_manifest(
     rejected: list[dict] = []
     hashed: list[tuple[Candidate, str]] = []
     for cand in tqdm(candidates, desc="hashing", unit="file", mininterval=2):
+        if cand.rejected is not None:       # refused by its source (a link out of the drop folder, ...)
+            rejected.append(_reject(cand, *cand.rejected))
+            continue
         if cand.label is None:
             rejected.append(_reject(cand, "no_class_folder",
                                     "file sits directly in the dataset root; move it into <root>/<class>/"))
@@ -255,7 +258,7 @@ def save_manifest(result: ManifestResult, out_dir: Path) -> dict[str, Path]:
     quarantine = out_dir / "quarantine"
     for _, row in result.rejected.iterrows():
         src = Path(row["path"])
-        if src.is_file():
+        if src.is_file() and not src.is_symlink():     # never copy through a link
             dst = quarantine / row["reason"] / f"{hashlib.sha1(str(src).encode()).hexdigest()[:8]}_{src.name}"
             dst.parent.mkdir(parents=True, exist_ok=True)
             if not dst.exists():

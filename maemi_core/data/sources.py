@@ -33,6 +33,9 @@ class Candidate:
     source: str
     forced_split: Optional[str] = None  # "test" for files under dataset.test_root
     extra: dict = field(default_factory=dict)
+    # (reason, detail) when the source lists the file only to refuse it (e.g. ``link_outside_root``):
+    # the manifest puts it in the rejected table without opening it.
+    rejected: Optional[tuple[str, str]] = None
 
 
 def elpv_root() -> Path:
@@ -69,21 +72,40 @@ def list_elpv() -> list[Candidate]:
     return out
 
 
-def list_imagefolder(root: Path, source: str, forced_split: Optional[str] = None) -> list[Candidate]:
+def link_outside(path: Path, real_root: Path) -> Optional[Path]:
+    """Where ``path`` leads when it is a symbolic link out of ``real_root`` (a resolved folder),
+    else None."""
+    if not path.is_symlink():
+        return None
+    target = path.resolve()
+    return None if target.is_relative_to(real_root) else target
+
+
+def list_imagefolder(root: Path, source: str, forced_split: Optional[str] = None,
+                     confine_links: bool = False) -> list[Candidate]:
     """Every file under ``root/<class>/`` (nested folders allowed); files directly in ``root``
-    have no class and are reported as such by the manifest."""
+    have no class and are reported as such by the manifest. Links to folders are not followed.
+    ``confine_links`` (the drop folder): a link that leads out of ``root`` is never followed; it is
+    listed as rejected with reason ``link_outside_root``."""
     if not root.is_dir():
         raise ConfigError(
             f"dataset root {root} does not exist or is not a folder: point dataset.root "
             f"(or dataset.test_root) at a folder laid out as <root>/<class>/<image files>"
         )
+    real_root = root.resolve()
     out = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
         if path.name.lower() in _IGNORED_NAMES or any(part.startswith(".") for part in rel.parts):
             continue
         label = rel.parts[0] if len(rel.parts) > 1 else None
-        out.append(Candidate(path=path, label=label, source=source, forced_split=forced_split))
+        if confine_links and (target := link_outside(path, real_root)) is not None:
+            out.append(Candidate(path=path, label=label, source=source, forced_split=forced_split,
+                                 rejected=("link_outside_root", f"a link to {target}, outside {root}: copy the "
+                                                                "file into the folder instead")))
+            continue
+        if path.is_file():
+            out.append(Candidate(path=path, label=label, source=source, forced_split=forced_split))
     return out
 
 
