@@ -290,6 +290,10 @@ class ModelConfig(_Strict):
     # auto: serve with the dynamic int8 kernel only if, on the validation records, it gives the
     # same greedy answers and loss as the training numerics (maemi_core/model/inference_kernel.py)
     inference_kernel: Literal["auto", "dynamic_int8", "weight_only_int8"] = "auto"
+    # Served in the training numerics, every adapted layer keeps a merged fp32 weight per deployment
+    # rank a request asks for: at most this many (least recently used dropped; each costs about the
+    # LM's size in fp32). Travels in the package.
+    served_rank_cache: int = Field(2, ge=1)
 
     @model_validator(mode="before")
     @classmethod

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Iterable, Optional
 
@@ -37,6 +38,8 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 _SCRATCH = threading.local()   # per thread: concurrent requests in one server never share a buffer
 _CALL = threading.local()      # per thread: the deployment rank of the request being answered
+_MERGED_LOCK = threading.Lock()  # guards every layer's cache of merged weights (concurrent requests)
+DEFAULT_MERGED_CACHE = 2       # merged weights kept per layer (ranks x dtypes), least recently used dropped
 
 
 @contextmanager
@@ -109,6 +112,10 @@ class _DyQLoRAFAFunction(torch.autograd.Function):
 class DyLoRAFALinear(nn.Module):
     """A frozen (8-bit) linear layer with a dynamic-rank LoRA-FA adapter."""
 
+    # How many merged inference weights (one per rank and dtype, 4 bytes per weight each) a layer
+    # keeps; the least recently used goes first. Served models take it from their package.
+    merged_cache_size: int = DEFAULT_MERGED_CACHE
+
     def __init__(self, base: nn.Linear, r_min: int = 4, r_max: int = 16, alpha: float = 16.0,
                  dropout: float = 0.05, quantize: bool = True, generator: Optional[torch.Generator] = None):
         super().__init__()
@@ -172,16 +179,25 @@ class DyLoRAFALinear(nn.Module):
         in, ``W0 + (alpha / r) (A[:, :r] B[:r])^T``. One matmul per layer and decoded token
         instead of a dequantisation and three matmuls; the same function up to float rounding
         (4 bytes per weight while serving). Rebuilt when the rank or ``B`` changes (``B``'s
-        version counter moves at every optimizer step)."""
+        version counter moves at every optimizer step). At most ``merged_cache_size`` merges are
+        kept (least recently used dropped), so clients choosing ranks cannot grow memory without
+        bound."""
         key = (r, self.lora_B._version, dtype)
-        cache = self.__dict__.setdefault("_w_inference", {})
-        w = cache.get(key)
-        if w is None:
-            base = self.weight_q.to(dtype) * self.weight_scale[:, None].to(dtype)
-            w = (base + ((self.alpha / r) * (self.lora_A[:, :r] @ self.lora_B[:r]).T).to(dtype)).contiguous()
+        with _MERGED_LOCK:
+            cache = self.__dict__.setdefault("_w_inference", OrderedDict())
+            w = cache.get(key)
+            if w is not None:
+                cache.move_to_end(key)
+                return w
+        base = self.weight_q.to(dtype) * self.weight_scale[:, None].to(dtype)
+        w = (base + ((self.alpha / r) * (self.lora_A[:, :r] @ self.lora_B[:r]).T).to(dtype)).contiguous()
+        with _MERGED_LOCK:
             for k in [k for k in cache if k[1] != key[1]]:   # B changed: older merges are stale
                 cache.pop(k, None)
             cache[key] = w
+            cache.move_to_end(key)
+            while len(cache) > max(1, self.merged_cache_size):
+                cache.popitem(last=False)
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -271,6 +287,19 @@ def sample_rank(r_min: int, r_max: int, generator: Optional[torch.Generator] = N
 
 def dylora_layers(model: nn.Module) -> list[DyLoRAFALinear]:
     return [m for m in model.modules() if isinstance(m, DyLoRAFALinear)]
+
+
+def set_merged_cache_size(model: nn.Module, size: int) -> None:
+    """Keep at most ``size`` merged inference weights per adapted layer (see
+    :meth:`DyLoRAFALinear._inference_weight`); extra ones are dropped now."""
+    if size < 1:
+        raise ValueError(f"the merged-weight cache holds at least 1 entry, got {size}")
+    for m in dylora_layers(model):
+        m.merged_cache_size = size
+        with _MERGED_LOCK:
+            cache = m.__dict__.get("_w_inference")
+            while cache and len(cache) > size:
+                cache.popitem(last=False)
 
 
 def set_active_rank(model: nn.Module, rank: Optional[int]) -> None:

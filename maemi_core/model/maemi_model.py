@@ -275,7 +275,7 @@ def save_package(model: MaemiModel, cfg, directory, extra_meta: Optional[dict] =
     save_file(tensors, str(d / "adapter.safetensors"))
     meta = {"model": model.cfg.to_dict(), "lm_profile": cfg.model.lm_profile, "lm_path": cfg.model.lm_path,
             "vision_encoder": cfg.vision.encoder, "max_new_tokens": cfg.model.max_new_tokens,
-            "dataset": cfg.dataset.name, **(extra_meta or {})}
+            "served_rank_cache": cfg.model.served_rank_cache, "dataset": cfg.dataset.name, **(extra_meta or {})}
     if cfg.vision.encoder == "vit":
         shutil.copytree(stage_dir(cfg, "vision") / "vit", d / "vit",
                         ignore=shutil.ignore_patterns("checkpoint.pt", "history.csv"))
@@ -311,8 +311,10 @@ def load_package(directory, lm_cache: Optional[str] = None) -> MaemiModel:
         raise ValueError(f"adapter does not fit the model: unexpected {missing.unexpected_keys[:5]}")
     model.max_new_tokens = meta.get("max_new_tokens", 96)
     model.package_meta = meta
-    from maemi_core.model.dyqlora_fa import set_fast_kernel
+    from maemi_core.model.dyqlora_fa import DEFAULT_MERGED_CACHE, set_fast_kernel, set_merged_cache_size
     from maemi_core.model.inference_kernel import FAST
+
+    set_merged_cache_size(model, int(meta.get("served_rank_cache", DEFAULT_MERGED_CACHE)))
 
     # Packages from before the kernel decision carry no choice: serve the training numerics.
     set_fast_kernel(model, meta.get("inference_kernel") == FAST)

@@ -2,8 +2,9 @@
 
 Input: a DataFrame with ``image`` (base64-encoded image bytes, or a list of them for
 multi-image prompts), ``question`` (``<image>`` markers are added in front when the question
-has none) and optional ``rank`` (DyQLoRA-FA deployment rank). Output: a DataFrame with
-``answer``.
+has none) and optional ``rank`` (DyQLoRA-FA deployment rank, an integer in the trained range
+[r_min, r_max]; anything else is refused with INVALID_PARAMETER_VALUE, HTTP 400 from
+``mlflow models serve``, before any row is answered). Output: a DataFrame with ``answer``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,33 @@ import pandas as pd
 from PIL import Image
 
 IMAGE_TOKEN = "<image>"
+
+
+def requested_ranks(model_input: pd.DataFrame, r_min: int, r_max: int) -> list:
+    """The ``rank`` of every row (None: the package's deployment rank), checked before any row is
+    answered: a client may only choose a whole number in [r_min, r_max] (each rank served costs a
+    merged copy of the weights)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    if "rank" not in model_input.columns:
+        return [None] * len(model_input)
+    out = []
+    for i, value in enumerate(model_input["rank"].tolist()):
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            out.append(None)
+            continue
+        try:
+            rank = int(value)
+            whole = not isinstance(value, bool) and float(value) == rank
+        except (TypeError, ValueError, OverflowError):
+            whole = False
+        if not whole or not r_min <= rank <= r_max:
+            raise MlflowException(f"rank {value!r} (row {i}) is not allowed: this model serves whole ranks from "
+                                  f"{r_min} to {r_max} (its trained range), or no rank for its deployment rank",
+                                  error_code=INVALID_PARAMETER_VALUE)
+        out.append(rank)
+    return out
 
 
 def decode_image(b64: str, size: int) -> np.ndarray:
@@ -43,15 +71,14 @@ class MaemiPyfunc(mlflow.pyfunc.PythonModel):
         from maemi_core.model.generation import generate_answers
 
         size = self.model.cfg.image_size
+        ranks = requested_ranks(model_input, self.model.cfg.r_min, self.model.cfg.r_max)
         answers = []
-        for _, row in model_input.iterrows():
+        for (_, row), rank in zip(model_input.iterrows(), ranks):
             imgs = row["image"] if isinstance(row["image"], (list, tuple, np.ndarray)) else [row["image"]]
             arrays = [decode_image(b, size) for b in imgs]
             q = str(row["question"])
             if IMAGE_TOKEN not in q:
                 q = IMAGE_TOKEN * len(arrays) + "\n" + q
-            rank = row.get("rank") if "rank" in model_input.columns else None
-            rank = int(rank) if rank is not None and not pd.isna(rank) else None
             answers += generate_answers(self.model, [q], [arrays], max_new_tokens=self.model.max_new_tokens,
                                         rank=rank)
         return pd.DataFrame({"answer": answers})
