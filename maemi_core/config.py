@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -478,6 +479,32 @@ def config_path_from_env() -> str:
     return os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::\?([^}]*))?\}")
+
+
+def _expand_dataset_paths(data: dict, config_file: Path) -> None:
+    """``dataset.root`` and ``dataset.test_root`` may name environment variables, for data kept
+    outside the checkout: ``${VAR}``, or ``${VAR:?how to get it}`` whose text becomes the error
+    when the variable is unset or empty."""
+    ds = data.get("dataset")
+    if not isinstance(ds, dict):
+        return
+    for key in ("root", "test_root"):
+        value = ds.get(key)
+        if not isinstance(value, str) or "${" not in value:
+            continue
+
+        def sub(m: re.Match) -> str:
+            name, hint = m.group(1), m.group(2)
+            if os.environ.get(name):
+                return os.environ[name]
+            raise ConfigError(f"{config_file}: dataset.{key} is ${{{name}}}, and {name} is not set"
+                              + (f". {hint.strip()}" if hint and hint.strip() else
+                                 ": set it to a folder laid out as <root>/<class>/<image files>"))
+
+        ds[key] = _ENV_REF.sub(sub, value)
+
+
 def load_config(path: str | os.PathLike | None = None) -> MaemiConfig:
     """Load and validate a profile; ``path`` defaults to ``$MAEMI_CONFIG`` or the default."""
     raw_path = Path(path if path is not None else config_path_from_env()).expanduser()
@@ -496,6 +523,7 @@ def load_config(path: str | os.PathLike | None = None) -> MaemiConfig:
         raise ConfigError(f"{config_file} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{config_file} must hold a YAML mapping at the top level")
+    _expand_dataset_paths(data, config_file)
     try:
         cfg = MaemiConfig(**data)
     except ValidationError as exc:
