@@ -24,8 +24,9 @@ from maemi_core.teacher.measurements import MEASUREMENT_VERSION, measure_image
 from maemi_core.teacher.requests import ImageRef, TeacherAnswer, TeacherRequest
 
 # Part of the teacher's identity (and so of every cache key): bumped when the text changes for
-# the same measurements. 2: recorded metadata is the acquisition metadata only.
-TEXT_VERSION = "2"
+# the same measurements. 2: recorded metadata is the acquisition metadata only. 3: facts
+# `morphology` (fibre network or particles, with their size distributions) and `beads`.
+TEXT_VERSION = "3"
 
 
 def _fmt_len(px: float, pixel_size_nm: Optional[float]) -> str:
@@ -33,6 +34,22 @@ def _fmt_len(px: float, pixel_size_nm: Optional[float]) -> str:
         return f"{px:.0f} px"
     nm = px * pixel_size_nm
     return f"{nm / 1000:.2f} um" if nm >= 1000 else f"{nm:.0f} nm"
+
+
+def _fmt_size(px: float, pixel_size_nm: Optional[float]) -> str:
+    """A feature size: one decimal below 100 px (fibres a few pixels wide), else as _fmt_len."""
+    return f"{px:.1f} px" if not pixel_size_nm and px < 100 else _fmt_len(px, pixel_size_nm)
+
+
+def _fmt_range(lo: float, hi: float, pixel_size_nm: Optional[float]) -> str:
+    """``lo-hi unit`` with the unit of the larger value."""
+    if not pixel_size_nm:
+        digits = 1 if hi < 100 else 0
+        return f"{lo:.{digits}f}-{hi:.{digits}f} px"
+    lo_nm, hi_nm = lo * pixel_size_nm, hi * pixel_size_nm
+    if hi_nm >= 1000:
+        return f"{lo_nm / 1000:.2f}-{hi_nm / 1000:.2f} um"
+    return f"{lo_nm:.0f}-{hi_nm:.0f} nm"
 
 
 def _pct(x: float) -> str:
@@ -118,10 +135,77 @@ def fact_sentences(fact: str, m: dict, ref: ImageRef, subject: str, technique: s
         dirs = ", ".join(f"{n} {k}" for k, n in lf["directions"].items() if n)
         return (f"{lf['count']} straight line segments are detected ({dirs}), median length "
                 f"{_fmt_len(lf['median_length_px'], ps)}.")
+    if fact == "morphology":
+        return _morphology_sentences(m, ps)
+    if fact == "beads":
+        return _bead_sentences(m, ps)
     if fact == "unmeasurable":
         return ("This cannot be established from the image alone; only the visible features described here "
                 "can be reported.")
     raise ValueError(f"unknown fact {fact!r}")
+
+
+def _coherence_words(c: float) -> str:
+    # Random synthetic networks measure 0.0-0.35, fibres within +-10 degrees about 0.9.
+    return "randomly oriented" if c < 0.35 else "partly aligned" if c < 0.65 else "strongly aligned"
+
+
+def _morphology_sentences(m: dict, ps: Optional[float]) -> str:
+    """What the bright phase is (fibre network, particles, both, a continuous layer or nothing)
+    and the size distribution that goes with it."""
+    mo = m["morphology"]
+    kind = mo["kind"]
+    if kind == "none":
+        return "No bright phase separates from the background, so neither fibres nor particles can be measured."
+    if kind == "continuous":
+        return (f"The bright phase covers {_pct(mo['coverage'])} of the image as a nearly continuous layer, "
+                f"so it holds neither separate fibres nor separate particles.")
+    f = m["fibres"]
+    d = f["diameter_px"]
+    if kind == "fibres":
+        o = f["coherence"]
+        direction = (f", dominant direction about {f['dominant_angle_deg']:.0f} degrees from horizontal"
+                     if o >= 0.35 else "")
+        return (f"The bright phase forms a fibre network covering {_pct(f['coverage'])} of the area "
+                f"({_pct(f['porosity'])} open space between fibres), with median fibre diameter "
+                f"{_fmt_size(d['median'], ps)} (interquartile range {_fmt_range(d['q1'], d['q3'], ps)}). "
+                f"The fibres are {_coherence_words(o)} (orientation coherence {o:.2f}{direction}).")
+    p = m["particle_sizes"]
+    pd = p["diameter_px"]
+    if kind == "particles":
+        return (f"The bright phase consists of compact particles: a watershed on the distance map separates "
+                f"{p['count']} particle{'s' if p['count'] != 1 else ''} covering {_pct(f['coverage'])} of the area, "
+                f"with median equivalent diameter {_fmt_size(pd['median'], ps)} (interquartile range "
+                f"{_fmt_range(pd['q1'], pd['q3'], ps)}, 10th-90th percentile {_fmt_range(pd['p10'], pd['p90'], ps)}) "
+                f"and median aspect ratio {p['aspect_ratio']:.1f}; {_pct(p['touching_fraction'])} of them touch "
+                f"a neighbour.")
+    return (f"The bright phase covers {_pct(f['coverage'])} of the area and mixes elongated and compact objects "
+            f"({_pct(mo['fibre_like_fraction'])} of it lies in fibre-like objects). The elongated parts have median "
+            f"width {_fmt_size(d['median'], ps)} (interquartile range {_fmt_range(d['q1'], d['q3'], ps)}); a "
+            f"watershed on the distance map separates {p['count']} piece{'s' if p['count'] != 1 else ''} of median "
+            f"equivalent diameter {_fmt_size(pd['median'], ps)} (interquartile range "
+            f"{_fmt_range(pd['q1'], pd['q3'], ps)}).")
+
+
+def _fmt_rate(x: float) -> str:
+    return f"{x:.2g}" if x < 100 else f"{x:.0f}"
+
+
+def _bead_sentences(m: dict, ps: Optional[float]) -> str:
+    """Beads (local swellings) on a fibre network; nothing for other morphologies."""
+    if m["morphology"]["kind"] not in ("fibres", "mixed"):
+        return ""
+    f = m["fibres"]
+    n = f["bead_count"]
+    what = "swellings more than twice the median fibre diameter"
+    if n == 0:
+        return f"No beads ({what}) are found on the fibres."
+    if ps and f.get("beads_per_100um") is not None:
+        density = f"{_fmt_rate(f['beads_per_100um'])} per 100 um of fibre length"
+    else:
+        density = f"{_fmt_rate(f['beads_per_1000px'])} per 1000 px of fibre length"
+    return (f"{n} bead{'s' if n != 1 else ''} ({what}) sit{'s' if n == 1 else ''} on the fibres, "
+            f"{density}, with median bead diameter {_fmt_size(f['bead_diameter_px']['median'], ps)}.")
 
 
 class MeasurementTeacher:
@@ -172,6 +256,10 @@ class MeasurementTeacher:
 
 
 def _describe(facts: list[str], m: dict, ref: ImageRef, req: TeacherRequest) -> str:
+    if "morphology" in facts and m["morphology"]["kind"] == "fibres":
+        # The morphology sentence states the fibres' own orientation; the whole-image value would
+        # be a second, different coherence in the same answer.
+        facts = [f for f in facts if f != "orientation"]
     return " ".join(s for f in facts if (s := fact_sentences(f, m, ref, req.subject, req.technique)))
 
 

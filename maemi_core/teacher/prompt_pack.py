@@ -20,6 +20,7 @@ PACKS_DIR = Path(__file__).resolve().parent / "prompt_packs"
 FACTS = (
     "label", "technique", "scale", "metadata", "intensity", "particles", "porosity", "orientation", "edges",
     "texture", "uniformity", "phases", "boundaries", "dark_regions", "line_features", "unmeasurable",
+    "morphology", "beads",
 )
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
