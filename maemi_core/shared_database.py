@@ -10,7 +10,9 @@ URL (``postgresql://user:password@host:5432/db``), every host uses that database
   so a teacher answer paid for on one worker is reused by all;
 - the promotion compare-and-move holds a PostgreSQL advisory lock keyed by the registered model's
   name (:func:`advisory_lock`); the server releases it when the holder's connection ends, so a
-  killed worker never leaves the registry locked.
+  killed worker never leaves the registry locked. A waiter gives up after a timeout
+  (``DEFAULT_LOCK_TIMEOUT_S``, 600 s) with :class:`LockTimeout` naming the lock, instead of
+  waiting forever behind a holder that hangs.
 
 The URL carries a password, so it only ever comes from the environment and is never logged:
 :func:`redacted` is what messages show.
@@ -20,15 +22,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from contextlib import contextmanager
 from typing import Iterator, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_ENV = "MAEMI_SHARED_DATABASE_URL"
+DEFAULT_LOCK_TIMEOUT_S = 600.0
 
 
 class SharedDatabaseError(RuntimeError):
     """The shared database is configured but cannot be used; the message says what to fix."""
+
+
+class LockTimeout(SharedDatabaseError, TimeoutError):
+    """An advisory lock was not free within its timeout."""
 
 
 def shared_database_url(cfg=None) -> Optional[str]:
@@ -53,16 +61,19 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def connect(url: str):
-    """A psycopg2 connection (autocommit) to ``url``; a clear error when it cannot be made."""
+def connect(url: str, statement_timeout_s: Optional[float] = None):
+    """A psycopg2 connection (autocommit) to ``url``; a clear error when it cannot be made.
+    ``statement_timeout_s``: the server cancels any statement of this connection that runs (or
+    waits for a lock) longer."""
     try:
         import psycopg2
     except ImportError as err:   # pragma: no cover - the deploy extra installs it
         raise SharedDatabaseError("a shared database is configured but psycopg2 is not installed: "
                                   "pip install -e '.[deploy]'") from err
     dsn = url.replace("postgresql+psycopg2://", "postgresql://", 1)
+    options = {} if statement_timeout_s is None else {"options": f"-c statement_timeout={int(statement_timeout_s * 1000)}"}
     try:
-        conn = psycopg2.connect(dsn, connect_timeout=10)
+        conn = psycopg2.connect(dsn, connect_timeout=10, **options)
     except psycopg2.OperationalError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SharedDatabaseError(f"cannot reach the shared database {redacted(url)}: {first}. Start it "
@@ -77,16 +88,31 @@ def lock_key(name: str) -> int:
 
 
 @contextmanager
-def advisory_lock(url: str, name: str) -> Iterator[None]:
+def advisory_lock(url: str, name: str, timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+                  poll_s: float = 0.5) -> Iterator[None]:
     """Exclusive across every host that uses the database, for ``name``. Session-level: held on
-    a connection of its own, released on exit, and by the server if this process dies."""
+    a connection of its own, released on exit, and by the server if this process dies. Waits at
+    most ``timeout_s`` (trying every ``poll_s``), then raises :class:`LockTimeout` naming the
+    lock; the connection is closed in every case."""
+    key = lock_key(name)
     conn = connect(url)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_lock(%s)", (lock_key(name),))
+            deadline = time.monotonic() + timeout_s
+            while True:
+                cur.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+                if cur.fetchone()[0]:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LockTimeout(f"the shared lock {name!r} (advisory key {key} in {redacted(url)}) was not free "
+                                      f"within {timeout_s:g} s: another process holds it. Find it with SELECT pid, "
+                                      "backend_start, state, query FROM pg_stat_activity JOIN pg_locks USING (pid) "
+                                      "WHERE locktype = 'advisory'; it is released when that process ends")
+                time.sleep(min(poll_s, left))
             try:
                 yield
             finally:
-                cur.execute("SELECT pg_advisory_unlock(%s)", (lock_key(name),))
+                cur.execute("SELECT pg_advisory_unlock(%s)", (key,))
     finally:
         conn.close()

@@ -9,6 +9,9 @@ error, so they are reported, not silently dropped, and retried on the next run.
 Single host: a sqlite file (:class:`TeacherCache`). Many hosts: the same two tables in the
 shared PostgreSQL database (:class:`PostgresTeacherCache`, :mod:`maemi_core.shared_database`);
 :func:`open_teacher_cache` picks by configuration.
+
+Both wait a bounded time (sqlite's busy timeout; PostgreSQL's connect and statement timeouts, the
+schema lock's timeout) and are closed in ``finally`` by their users (they are context managers).
 """
 
 from __future__ import annotations
@@ -28,6 +31,21 @@ def cache_key(image_ids: list[str], system: str, prompt: str, identity: dict) ->
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+SQLITE_BUSY_TIMEOUT_S = 30.0       # a writer of the same file waits at most this long for another's lock
+PG_STATEMENT_TIMEOUT_S = 120.0     # any statement of the PostgreSQL cache (row locks included)
+PG_SCHEMA_LOCK_TIMEOUT_S = 120.0   # waiting for another worker creating the tables
+
+
+class _Closing:
+    """Context manager protocol: ``with open_teacher_cache(...) as cache:`` closes it on every path."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def _answer(row) -> Optional[dict]:
     """A stored answer (text, prompt_tokens, completion_tokens, attempts, teacher, created) as a dict."""
     if row is None:
@@ -36,19 +54,23 @@ def _answer(row) -> Optional[dict]:
             "teacher": json.loads(row[4]), "created": row[5]}
 
 
-class TeacherCache:
+class TeacherCache(_Closing):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("""CREATE TABLE IF NOT EXISTS answers (
-            key TEXT PRIMARY KEY, text TEXT NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER,
-            attempts INTEGER, teacher TEXT, created REAL)""")
-        self._db.execute("""CREATE TABLE IF NOT EXISTS failures (
-            key TEXT PRIMARY KEY, error TEXT, attempts INTEGER, teacher TEXT, last_at REAL)""")
-        self._db.commit()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=SQLITE_BUSY_TIMEOUT_S)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("""CREATE TABLE IF NOT EXISTS answers (
+                key TEXT PRIMARY KEY, text TEXT NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER,
+                attempts INTEGER, teacher TEXT, created REAL)""")
+            self._db.execute("""CREATE TABLE IF NOT EXISTS failures (
+                key TEXT PRIMARY KEY, error TEXT, attempts INTEGER, teacher TEXT, last_at REAL)""")
+            self._db.commit()
+        except BaseException:
+            self._db.close()
+            raise
 
     def get(self, key: str) -> Optional[dict]:
         with self._lock:
@@ -93,7 +115,7 @@ CREATE TABLE IF NOT EXISTS maemi_teacher_failures (
 """
 
 
-class PostgresTeacherCache:
+class PostgresTeacherCache(_Closing):
     """:class:`TeacherCache` in the shared PostgreSQL database: every worker host reads and
     writes the same answers. Same interface and semantics; one connection, serialised per process."""
 
@@ -102,9 +124,14 @@ class PostgresTeacherCache:
 
         self.url = url
         self._lock = threading.Lock()
-        self._db = connect(url)
-        with advisory_lock(url, "teacher-cache-schema"), self._db.cursor() as cur:
-            cur.execute(_PG_SCHEMA)      # concurrent CREATE TABLE IF NOT EXISTS can race: one at a time
+        self._db = connect(url, statement_timeout_s=PG_STATEMENT_TIMEOUT_S)
+        try:
+            with advisory_lock(url, "teacher-cache-schema", timeout_s=PG_SCHEMA_LOCK_TIMEOUT_S), \
+                    self._db.cursor() as cur:
+                cur.execute(_PG_SCHEMA)      # concurrent CREATE TABLE IF NOT EXISTS can race: one at a time
+        except BaseException:
+            self._db.close()
+            raise
 
     def _one(self, sql: str, args: tuple = ()):
         with self._lock, self._db.cursor() as cur:

@@ -264,51 +264,53 @@ def generate_instruction_set(cfg: MaemiConfig, manifest: pd.DataFrame, few_shot:
     teacher = teacher if teacher is not None else make_teacher(cfg, api_key)
     identity = teacher.identity()
     cache = open_teacher_cache(cfg, teacher_cache_path(cfg))
-    plan = plan_records(cfg, manifest, few_shot, groups, pack)
-    log(f"{len(plan)} records planned with pack {pack.name} v{pack.version}, teacher {identity}")
-    result = InstructionSetResult(records=[], failed=[], pack_version=pack.version)
+    try:
+        plan = plan_records(cfg, manifest, few_shot, groups, pack)
+        log(f"{len(plan)} records planned with pack {pack.name} v{pack.version}, teacher {identity}")
+        result = InstructionSetResult(records=[], failed=[], pack_version=pack.version)
 
-    keyed = [(p, cache_key([r.image_id for r in p.request.images], p.request.system,
-                           render_teacher_prompt(p.request), identity)) for p in plan]
-    done: dict[str, dict] = {}
-    todo: list[tuple[PlannedRecord, str]] = []
-    for p, key in keyed:
-        hit = cache.get(key)
-        if hit is not None:
-            done[key] = hit
-            result.cache_hits += 1
-        else:
-            todo.append((p, key))
-    log(f"{result.cache_hits} answers from the cache, {len(todo)} to ask the teacher")
+        keyed = [(p, cache_key([r.image_id for r in p.request.images], p.request.system,
+                               render_teacher_prompt(p.request), identity)) for p in plan]
+        done: dict[str, dict] = {}
+        todo: list[tuple[PlannedRecord, str]] = []
+        for p, key in keyed:
+            hit = cache.get(key)
+            if hit is not None:
+                done[key] = hit
+                result.cache_hits += 1
+            else:
+                todo.append((p, key))
+        log(f"{result.cache_hits} answers from the cache, {len(todo)} to ask the teacher")
 
-    def ask(p: PlannedRecord, key: str):
-        try:
-            return key, teacher.answer(p.request), None
-        except TeacherFailed as exc:
-            return key, None, (str(exc), exc.attempts)
-        except Exception as exc:  # a bad image or a teacher bug must not lose the rest
-            return key, None, (f"{type(exc).__name__}: {exc}", 1)
+        def ask(p: PlannedRecord, key: str):
+            try:
+                return key, teacher.answer(p.request), None
+            except TeacherFailed as exc:
+                return key, None, (str(exc), exc.attempts)
+            except Exception as exc:  # a bad image or a teacher bug must not lose the rest
+                return key, None, (f"{type(exc).__name__}: {exc}", 1)
 
-    workers = max(1, cfg.teacher.concurrency)
-    failures: dict[str, tuple[str, int]] = {}
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(ask, p, key) for p, key in todo]
-        for fut in tqdm(as_completed(futures), total=len(futures), desc="teacher", unit="rec", mininterval=2):
-            key, ans, err = fut.result()
-            result.teacher_calls += 1
-            if ans is not None and is_refusal(ans.text):
-                err, ans = (f"empty or refused answer: {ans.text[:120]!r}", ans.attempts), None
-            if ans is None:
-                failures[key] = err
-                result.http_attempts += err[1]
-                cache.fail(key, err[0], err[1], identity)
-                continue
-            result.http_attempts += ans.attempts
-            result.prompt_tokens += ans.prompt_tokens
-            result.completion_tokens += ans.completion_tokens
-            cache.put(key, ans.text, ans.prompt_tokens, ans.completion_tokens, ans.attempts, identity)
-            done[key] = cache.get(key)
-    cache.close()
+        workers = max(1, cfg.teacher.concurrency)
+        failures: dict[str, tuple[str, int]] = {}
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(ask, p, key) for p, key in todo]
+            for fut in tqdm(as_completed(futures), total=len(futures), desc="teacher", unit="rec", mininterval=2):
+                key, ans, err = fut.result()
+                result.teacher_calls += 1
+                if ans is not None and is_refusal(ans.text):
+                    err, ans = (f"empty or refused answer: {ans.text[:120]!r}", ans.attempts), None
+                if ans is None:
+                    failures[key] = err
+                    result.http_attempts += err[1]
+                    cache.fail(key, err[0], err[1], identity)
+                    continue
+                result.http_attempts += ans.attempts
+                result.prompt_tokens += ans.prompt_tokens
+                result.completion_tokens += ans.completion_tokens
+                cache.put(key, ans.text, ans.prompt_tokens, ans.completion_tokens, ans.attempts, identity)
+                done[key] = cache.get(key)
+    finally:   # closed on every path: a teacher error must not leave the cache (or its connection) open
+        cache.close()
     t = cfg.teacher
     result.cost = (result.prompt_tokens * t.price_input_per_mtok + result.completion_tokens * t.price_output_per_mtok) / 1e6
 
