@@ -15,6 +15,10 @@
 # never by name). Ports and folders: deploy/stack.env. `env` prints the variables a client (a
 # test, `dagster job launch`, `maemi`) needs, for `eval "$(deploy/stack.sh env)"`. `purge` is
 # `down` plus deleting the stack's data (databases, artifacts, logs).
+#
+# The database password never goes on a command line (every user sees those in `ps`): the
+# services read it from their environment (MAEMI_PG_PASSWORD, PGPASSWORD, MLflow's
+# MLFLOW_BACKEND_STORE_URI) or from files of mode 0600 ($S/pg_password, initdb's --pwfile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -104,9 +108,11 @@ up_postgres() {
       if [ "$(id -u)" -eq 0 ]; then install -d -o postgres -g postgres -m 0700 "$PGDATA_DIR"; else mkdir -p "$PGDATA_DIR"; fi
       local pwfile; pwfile=$(mktemp); password > "$pwfile"
       [ "$(id -u)" -eq 0 ] && chown postgres "$pwfile"
+      local rc=0     # the password file goes whether initdb succeeds or not
       as_pg "$pgbin/initdb" -D "$PGDATA_DIR" -U "$MAEMI_PG_USER" --pwfile="$pwfile" -A scram-sha-256 \
-        --no-instructions >"$S/logs/initdb.log" 2>&1
+        --no-instructions >"$S/logs/initdb.log" 2>&1 || rc=$?
       rm -f "$pwfile"
+      [ "$rc" -eq 0 ] || { echo "initdb failed: $S/logs/initdb.log" >&2; exit 1; }
     fi
     as_pg "$pgbin/pg_ctl" -D "$PGDATA_DIR" -l "$PGLOG" -w -t 60 \
       -o "-p $MAEMI_PG_PORT -c listen_addresses=$H -k $PGDATA_DIR -c max_connections=200" start >/dev/null
@@ -132,6 +138,9 @@ up_redis() {
 
 dagster_home() {
   mkdir -p "$S/dagster_home"
+  # dagster-celery writes the broker and backend URLs (with the broker's password, where a site's
+  # Redis has one) into config modules under here: a folder only this user can enter.
+  install -d -m 0700 "$S/dagster_home/dagster_celery"
   cp deploy/dagster-stack.yaml "$S/dagster_home/dagster.yaml"
 }
 
@@ -152,8 +161,11 @@ up() {
     echo "dagster instance migrate failed: $S/logs/dagster-migrate.log" >&2; tail -5 "$S/logs/dagster-migrate.log" >&2; exit 1; }
   mkdir -p "$S/mlflow-artifacts"
   # (no MLflow server jobs: their consumer pool is ten idle-polling processes per server)
-  start mlflow env MLFLOW_DISABLE_TELEMETRY=true MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false "$BIN/mlflow" server \
-    --backend-store-uri "postgresql+psycopg2://$MAEMI_PG_USER:$MAEMI_PG_PASSWORD@$H:$MAEMI_PG_PORT/mlflow" \
+  # The backend store's URL holds the password: `mlflow server` reads it from MLFLOW_BACKEND_STORE_URI
+  # (the option's environment variable), set for this one command, and hands it to its workers in
+  # their environment too.
+  MLFLOW_BACKEND_STORE_URI="postgresql+psycopg2://$MAEMI_PG_USER:$MAEMI_PG_PASSWORD@$H:$MAEMI_PG_PORT/mlflow" \
+    start mlflow env MLFLOW_DISABLE_TELEMETRY=true MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false "$BIN/mlflow" server \
     --serve-artifacts --artifacts-destination "$S/mlflow-artifacts" --host "$H" --port "$MAEMI_MLFLOW_PORT" --workers 1
   local i
   for ((i = 1; i <= MAEMI_CELERY_WORKERS; i++)); do

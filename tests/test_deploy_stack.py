@@ -10,7 +10,8 @@ One module-scoped stack; the tests run in file order and build on each other:
 2. the model is registered in the server's registry, promoted under the shared database's lock,
    and served from ``models:/...@champion`` through the server; teacher answers are in PostgreSQL;
 3. two ``retune`` runs submitted at once are serialised by the queue;
-4. ``down`` leaves no process behind.
+4. the database password is on no process's command line and only in files of mode 0600;
+5. ``down`` leaves no process behind.
 """
 
 from __future__ import annotations
@@ -129,6 +130,13 @@ print(json.dumps({{"status": run.status.value, "workers": workers, "running": ru
                   "starts": starts, "start": stats.start_time, "end": stats.end_time}}))"""))
 
 
+def _command_lines_with(secret: str) -> list[str]:
+    """Every process's command line (``ps -eo pid,args``, what any user of the machine sees) that
+    contains ``secret``."""
+    out = subprocess.run(["ps", "-eo", "pid,args", "--no-headers"], capture_output=True, text=True, check=True)
+    return [line for line in out.stdout.splitlines() if secret in line]
+
+
 FINISHED = ("SUCCESS", "FAILURE", "CANCELED")
 LONG_STEPS = ("vit_classifier", "instruction_set", "maemi_model", "benchmark_tables")
 
@@ -163,6 +171,9 @@ def test_pipeline_through_the_queue_on_two_workers_survives_a_killed_worker(stac
     info = _wait(stack, run_id, until=lambda i: any(k in i["running"] for k in LONG_STEPS) or i["status"] in FINISHED)
     assert info["status"] == "STARTED", info
     step = next(k for k in LONG_STEPS if k in info["running"])
+    # Every kind of process is up now (servers, run worker, code servers, a step on a celery worker):
+    # none shows the database password on its command line.
+    assert not _command_lines_with(stack.env["MAEMI_PG_PASSWORD"])
     victim = info["running"][step].split("@")[0]
     os.killpg(stack.pids()[victim], signal.SIGKILL)
     info = _wait(stack, run_id)
@@ -242,6 +253,18 @@ with registry_lock(SharedLock(os.environ["MAEMI_SHARED_DATABASE_URL"], "maemi-lo
     assert b0 >= a1, spans                                 # one after the other
     holder = subprocess.Popen([sys.executable, "-c", hold, "600"], env=stack.env, stdout=subprocess.PIPE, text=True)
     assert "acquired" in holder.stdout.readline()
+    # A waiter gives up after its timeout with an error naming the lock, instead of waiting forever.
+    waiter = subprocess.run([sys.executable, "-c", """
+import os
+from maemi_core.shared_database import LockTimeout, advisory_lock
+try:
+    with advisory_lock(os.environ["MAEMI_SHARED_DATABASE_URL"], "registry:maemi-lock-test", timeout_s=2):
+        print("entered")
+except LockTimeout as exc:
+    print("timed out:", exc)
+"""], env=stack.env, capture_output=True, text=True, timeout=120)
+    assert waiter.returncode == 0 and "timed out: the shared lock 'registry:maemi-lock-test'" in waiter.stdout, waiter
+    assert stack.env["MAEMI_PG_PASSWORD"] not in waiter.stdout
     holder.kill()                                          # dies holding the lock
     holder.wait()
     started = time.time()
@@ -249,6 +272,35 @@ with registry_lock(SharedLock(os.environ["MAEMI_SHARED_DATABASE_URL"], "maemi-lo
                            timeout=120)
     assert again.returncode == 0 and "acquired" in again.stdout
     assert time.time() - started < 60
+
+
+def test_the_database_password_is_in_no_command_line_and_no_readable_file(stack):
+    """Secrets only in the environment or in files of mode 0600: ``ps`` of every process of the
+    stack (the PostgreSQL server, the MLflow server and its workers, Dagster's daemon, webserver and
+    code servers, the celery workers) shows no password, and no file of the stack that holds it
+    can be read by another user."""
+    secret = stack.env["MAEMI_PG_PASSWORD"]
+    assert len(secret) >= 8
+    assert not _command_lines_with(secret)
+    pids = stack.pids()
+    assert {"mlflow", "daemon", "webserver", "redis"} <= set(pids)
+    for name, pid in pids.items():                   # the servers are running and were checked above
+        assert Path(f"/proc/{pid}").is_dir(), name
+    # The MLflow server got its backend store from its environment, not from an option.
+    mlflow_args = Path(f"/proc/{pids['mlflow']}/cmdline").read_bytes().split(b"\0")
+    assert b"--backend-store-uri" not in mlflow_args
+    readable = []
+    data = (stack.dir / "pids" / "postgres.datadir").read_text().strip()
+    for path in stack.dir.rglob("*"):
+        if not path.is_file() or path.is_symlink() or str(path).startswith(data + "/"):
+            continue
+        try:
+            if path.stat().st_size < 5_000_000 and secret.encode() in path.read_bytes() \
+                    and path.stat().st_mode & 0o077:
+                readable.append(f"{path} ({oct(path.stat().st_mode & 0o777)})")
+        except OSError:
+            pass
+    assert not readable, readable
 
 
 def test_down_leaves_no_process_behind(stack):
