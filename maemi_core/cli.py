@@ -57,7 +57,29 @@ def _registry_cfg(args):
 EMPTY_ANSWER = 3   # exit status of `maemi ask` / `classify` when the model generated no text
 
 
+def _quiet_progress(verbose: bool) -> None:
+    """One-shot commands print their result only: no artifact-download or weight-loading progress
+    bars and no MLflow INFO lines on the terminal (``--verbose`` keeps them). Set before MLflow
+    and transformers are imported; a value the user set in the environment wins."""
+    if verbose:
+        return
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")   # transformers' "Loading weights" bar too
+    if "mlflow" in sys.modules:
+        import logging
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def _cmd_ask(args) -> int:
+    _quiet_progress(args.verbose)
     from maemi_core.registry.serving import ask, default_model_uri
 
     *images, question = args.inputs
@@ -76,6 +98,7 @@ def _cmd_ask(args) -> int:
 
 
 def _cmd_classify(args) -> int:
+    _quiet_progress(args.verbose)
     from maemi_core.registry.serving import classify, default_model_uri
 
     cfg = _registry_cfg(args)
@@ -160,11 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("inputs", nargs="+", metavar="IMAGE ... QUESTION", help="image files, then the question")
     p.add_argument("--model", default=None, help="model URI (default: models:/maemi-<dataset>@champion)")
     p.add_argument("--rank", type=int, default=None, help="DyQLoRA-FA deployment rank (default: the trained r_max)")
+    p.add_argument("--verbose", action="store_true", help="also show download and weight-loading progress")
     p.set_defaults(func=_cmd_ask)
     p = sub.add_parser("classify", help="category and per-category scores for each image")
     p.add_argument("images", nargs="+")
     p.add_argument("--model", default=None, help="model URI (default: models:/maemi-<dataset>@champion)")
     p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--verbose", action="store_true", help="also show download and weight-loading progress")
     p.set_defaults(func=_cmd_classify)
     p = sub.add_parser("tracking", help="print the MLflow tracking URI the profile resolves to (profile, "
                                         "MLFLOW_TRACKING_URI, else the embedded store), or the champion's model URI")

@@ -42,3 +42,36 @@ def test_tracking_follows_the_profile_then_the_environment(monkeypatch, capsys, 
     assert capsys.readouterr().out.strip() == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert cli.main(["--config", str(profile), "tracking", "model-uri"]) == 0
     assert capsys.readouterr().out.strip() == "models:/maemi-testset@champion"
+
+
+def test_one_shot_commands_print_the_answer_only_and_the_progress_with_verbose(tmp_path, elpv_paths):
+    """`maemi ask` in a fresh process on a registered version (SmolLM2 as it ships, so its weights
+    load like a real version's): stdout is the answer line and stderr is empty (no artifact-download
+    or weight-loading bars); `classify --verbose` shows the progress, and no library deprecation
+    warning."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import REPO
+    from tests.registry_fixtures import register_tiny_models
+
+    registry = register_tiny_models(tmp_path / "registry", lm_profile="default")
+    maemi = [str(Path(sys.executable).parent / "maemi"), "--config", str(registry.profile)]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "MLFLOW_LOGGING_LEVEL", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    env["OMP_NUM_THREADS"] = "1"
+
+    def run(*args):
+        done = subprocess.run(maemi + list(args), env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout, done.stderr
+
+    image = str(elpv_paths[0])
+    out, err = run("ask", image, "What is shown?")
+    assert out.strip() and out.count("\n") == 1 and out.endswith("\n"), repr(out)   # the answer, one line
+    assert err == "", err
+    out, err = run("classify", "--verbose", image)
+    assert "defective" in out and "Downloading artifacts" in err and "Loading weights" in err, err
+    assert "deprecated" not in err                             # the likelihood pass reads `cache`, not `past_key_values`

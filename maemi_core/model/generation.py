@@ -181,14 +181,14 @@ def candidate_log_likelihoods(model: MaemiModel, questions: list[str], images: l
                     if media is not None:
                         model.condition(media[:1], torch.zeros((1, n_pre, media.shape[1]), dtype=torch.bool))
                     cache = model.lm.model(inputs_embeds=model.embed(torch.tensor([rows[0][:n_pre]])),
-                                           position_ids=pos[:1, :n_pre], use_cache=True).past_key_values
+                                           position_ids=pos[:1, :n_pre], use_cache=True).cache
                     cache.batch_repeat_interleave(b)
                 model.condition(media, None if mask is None else mask[:, :t])
                 res = model.lm.model(inputs_embeds=model.embed(ids), attention_mask=attn, position_ids=pos[:, n_pre:],
                                      cache=cache, use_cache=True)
                 first = torch.log_softmax(model.lm.lm_head(res.last_hidden_state[:, -1]).float()[:, : model.base_vocab],
                                           dim=-1)                                          # (b, V)
-                cache = res.past_key_values
+                cache = res.cache
                 cache.batch_repeat_interleave(n_c)
                 cand = torch.full((b * n_c, l_c), pad_id, dtype=torch.long)
                 cand_attn = torch.zeros((b * n_c, l_c), dtype=torch.long)
