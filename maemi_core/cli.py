@@ -113,6 +113,21 @@ def _cmd_classify(args) -> int:
     return 0
 
 
+def _cmd_chat(args) -> int:
+    import importlib.util
+
+    from maemi_core.registry.serving import default_model_uri
+
+    if importlib.util.find_spec("gradio") is None:
+        print("error: the chat page needs Gradio: pip install -e '.[chat]' (make venv installs it)", file=sys.stderr)
+        return 2
+    from maemi_core.registry.chat import serve
+
+    cfg = _registry_cfg(args)
+    serve(args.model or default_model_uri(cfg), args.port, args.rank)
+    return 0
+
+
 def _cmd_tracking(args) -> int:
     from maemi_core.registry.serving import default_model_uri
     from maemi_core.registry.tracking import resolve_tracking_uri
@@ -191,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--verbose", action="store_true", help="also show download and weight-loading progress")
     p.set_defaults(func=_cmd_classify)
+    p = sub.add_parser("chat", help="a chat page over a registered MAEMI version on http://127.0.0.1:PORT "
+                                    "(offline; the challenger answers beside it when there is one)")
+    p.add_argument("--model", default=None, help="model URI (default: models:/maemi-<dataset>@champion)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--rank", type=int, default=None, help="DyQLoRA-FA deployment rank (default: the trained r_max)")
+    p.set_defaults(func=_cmd_chat)
     p = sub.add_parser("tracking", help="print the MLflow tracking URI the profile resolves to (profile, "
                                         "MLFLOW_TRACKING_URI, else the embedded store), or the champion's model URI")
     p.add_argument("what", choices=["uri", "model-uri"], nargs="?", default="uri")

@@ -79,12 +79,13 @@ def generate_answers(model: MaemiModel, questions: list[str], images: list[list[
                      top_p: float = 0.9, rank: Optional[int] = None, seed: int = 0,
                      token_counts: Optional[list[int]] = None, plain: bool = False,
                      decoding: DecodingConfig = DecodingConfig(),
-                     media: Optional[torch.Tensor] = None) -> list[str]:
+                     media: Optional[torch.Tensor] = None, streamer=None) -> list[str]:
     """``questions[i]`` holds one ``<image>`` per array in ``images[i]`` ((3, S, S) uint8 each),
     or ``media`` holds their visual tokens already ((B, M, N, V), zero-padded; ``images`` unused).
     ``token_counts``, when given, is extended with the number of tokens generated per answer
     (up to and including end-of-sequence), for throughput figures. ``plain``: prompt without
-    image markers, ``<Encode>`` or images (the LM as it ships)."""
+    image markers, ``<Encode>`` or images (the LM as it ships). ``streamer``: a transformers
+    streamer (e.g. ``TextStreamer``) fed the tokens as they are generated; one prompt only."""
     model.eval()
     tok = model.tokenizer
     input_ids, attn, media, pad_id = _left_padded(model, questions, images, plain, media)
@@ -98,6 +99,8 @@ def generate_answers(model: MaemiModel, questions: list[str], images: list[list[
         extra["repetition_penalty"] = decoding.repetition_penalty
     if decoding.no_repeat_ngram_size:
         extra["no_repeat_ngram_size"] = decoding.no_repeat_ngram_size
+    if streamer is not None:
+        extra["streamer"] = streamer
     with deploy_rank(model, rank):
         model.condition(media, mask)
         try:

@@ -61,6 +61,12 @@ def decode_image(b64: str, size: int) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
+def with_image_markers(question: str, n_images: int) -> str:
+    """The question as the model is asked it: one ``<image>`` per image in front, unless the
+    question places its own markers."""
+    return question if IMAGE_TOKEN in question else IMAGE_TOKEN * n_images + "\n" + question
+
+
 class MaemiPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from maemi_core.model.maemi_model import load_package
@@ -76,9 +82,7 @@ class MaemiPyfunc(mlflow.pyfunc.PythonModel):
         for (_, row), rank in zip(model_input.iterrows(), ranks):
             imgs = row["image"] if isinstance(row["image"], (list, tuple, np.ndarray)) else [row["image"]]
             arrays = [decode_image(b, size) for b in imgs]
-            q = str(row["question"])
-            if IMAGE_TOKEN not in q:
-                q = IMAGE_TOKEN * len(arrays) + "\n" + q
+            q = with_image_markers(str(row["question"]), len(arrays))
             answers += generate_answers(self.model, [q], [arrays], max_new_tokens=self.model.max_new_tokens,
                                         rank=rank)
         return pd.DataFrame({"answer": answers})
