@@ -54,3 +54,43 @@ def test_manifest_records_the_crop(tmp_path, profile_factory, elpv_paths):
     crops = dict(zip(m["path"].str.rsplit("/", n=1).str[-1], m["crop_bottom"]))
     assert crops == {"sem0.png": 26, "sem1.png": 34, "sem2.png": 42, "plain.png": 0}
     assert (m.loc[m["crop_bottom"] > 0, "height"] == coins.shape[0]).all()
+
+
+def test_one_decode_path_a_tiff_with_a_data_bar_gives_the_same_visual_tokens_everywhere(tmp_path, profile_factory,
+                                                                                       elpv_paths):
+    """Training and the benchmark (the manifest's recorded crop), `maemi ask` / `classify` (image
+    files) and the served model (base64) decode a 16-bit TIFF with an instrument data bar into the
+    same input, and so the same visual tokens."""
+    import base64
+
+    import torch
+
+    from maemi_core.evaluation.answering import Answerer
+    from maemi_core.registry import serving
+    from maemi_core.registry.maemi_pyfunc import decode_image
+    from maemi_core.training.maemi_training import ImageStore
+    from tests.test_maemi_model import tiny_model
+
+    coins = skimage.data.coins().astype(np.float32) / 255.0
+    folder = tmp_path / "images" / "particles"
+    folder.mkdir(parents=True)
+    tif = folder / "sem.tif"
+    Image.fromarray((with_databar(coins, 30) * 4000 + 300).astype(np.uint16)).save(tif)   # 12-bit values in 16 bits
+    (tmp_path / "images" / "cells").mkdir()
+    Image.open(elpv_paths[0]).save(tmp_path / "images" / "cells" / "plain.png")
+    manifest = build_manifest(profile_factory(crop_databar=True)).manifest
+    assert manifest.loc[manifest["path"].str.endswith("sem.tif"), "crop_bottom"].item() == 32
+    iid = manifest.loc[manifest["path"].str.endswith("sem.tif"), "image_id"].item()
+
+    model = tiny_model()
+    model.package_meta = {"crop_databar": True}
+    training = ImageStore.from_manifest(manifest, 224).get(iid)
+    benchmark = Answerer(model, manifest, 4).images.get(iid)
+    cli = serving.read_images(model, [str(tif)])[0]
+    served = decode_image(base64.b64encode(tif.read_bytes()).decode(), 224, crop_databar=True)
+    for other in (benchmark, cli, served):
+        np.testing.assert_array_equal(other, training)
+    tokens = [model.encode_images(torch.from_numpy(a)[None, None]) for a in (training, benchmark, cli, served)]
+    assert all(torch.equal(t, tokens[0]) for t in tokens)
+    # Without the crop the bar would be part of the image: a different input.
+    assert not np.array_equal(decode_image(base64.b64encode(tif.read_bytes()).decode(), 224), training)

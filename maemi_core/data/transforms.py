@@ -20,14 +20,33 @@ from tqdm.auto import tqdm
 from maemi_core.data.image_io import load_rgb_uint8
 
 
-def load_resized(path: str, size: int, crop_bottom: int = 0) -> np.ndarray:
-    """(3, size, size) uint8: data bar removed, whole field of view squashed to a square
-    (micrographs are analysed as a whole; centre-cropping could cut away the defect)."""
-    arr = load_rgb_uint8(path)
+def model_input(source: "str | Path | bytes", size: int, crop_bottom: int = 0,
+                find_databar: bool = False) -> np.ndarray:
+    """The one decoding of an image into the model's input, shared by training, the benchmark,
+    ``maemi ask`` / ``classify``, the chat page and the served model: (3, size, size) uint8, any
+    mode or bit depth (16-bit greyscale stretched over its occupied range), the instrument data
+    bar removed (``crop_bottom`` rows, as the manifest recorded, or ``find_databar``: detected here
+    exactly as the manifest detects it), the whole field of view squashed to a square
+    (micrographs are analysed as a whole; centre-cropping could cut away the defect).
+    ``source``: a path or the file's bytes."""
+    import io
+
+    from maemi_core.data.databar import detect_databar
+    from maemi_core.data.image_io import load_gray_array
+
+    opened = (lambda: io.BytesIO(source)) if isinstance(source, (bytes, bytearray)) else (lambda: source)
+    arr = load_rgb_uint8(opened())
+    if find_databar:
+        crop_bottom = detect_databar(load_gray_array(opened()))
     if crop_bottom:
         arr = arr[: arr.shape[0] - crop_bottom]
     im = Image.fromarray(arr).resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def load_resized(path: str, size: int, crop_bottom: int = 0) -> np.ndarray:
+    """A manifest image as the model sees it (:func:`model_input` with the recorded crop)."""
+    return model_input(path, size, crop_bottom)
 
 
 def build_image_array(manifest: pd.DataFrame, size: int, desc: str = "decoding") -> np.ndarray:

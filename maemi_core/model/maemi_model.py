@@ -275,7 +275,8 @@ def save_package(model: MaemiModel, cfg, directory, extra_meta: Optional[dict] =
     save_file(tensors, str(d / "adapter.safetensors"))
     meta = {"model": model.cfg.to_dict(), "lm_profile": cfg.model.lm_profile, "lm_path": cfg.model.lm_path,
             "vision_encoder": cfg.vision.encoder, "max_new_tokens": cfg.model.max_new_tokens,
-            "served_rank_cache": cfg.model.served_rank_cache, "dataset": cfg.dataset.name, **(extra_meta or {})}
+            "served_rank_cache": cfg.model.served_rank_cache, "dataset": cfg.dataset.name,
+            "crop_databar": bool(cfg.dataset.crop_databar), **(extra_meta or {})}
     if cfg.vision.encoder == "vit":
         shutil.copytree(stage_dir(cfg, "vision") / "vit", d / "vit",
                         ignore=shutil.ignore_patterns("checkpoint.pt", "history.csv"))

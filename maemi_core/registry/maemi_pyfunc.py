@@ -10,12 +10,10 @@ has none) and optional ``rank`` (DyQLoRA-FA deployment rank, an integer in the t
 from __future__ import annotations
 
 import base64
-import io
 
 import mlflow
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 IMAGE_TOKEN = "<image>"
 
@@ -47,18 +45,19 @@ def requested_ranks(model_input: pd.DataFrame, r_min: int, r_max: int) -> list:
     return out
 
 
-def decode_image(b64: str, size: int) -> np.ndarray:
-    raw = base64.b64decode(b64)
-    with Image.open(io.BytesIO(raw)) as im:
-        from maemi_core.data.image_io import to_gray_array
+def decode_image(b64: str, size: int, crop_databar: bool = False) -> np.ndarray:
+    """A base64 image as the model sees it: the same decoding as training and the benchmark
+    (``maemi_core.data.transforms.model_input``), the data bar detected and removed when the
+    model was trained on cropped images (``crop_databar``, from the package)."""
+    from maemi_core.data.transforms import model_input
 
-        if im.mode in ("RGB", "RGBA", "L", "P", "LA", "1"):
-            rgb = im.convert("RGB")
-        else:  # 16/32-bit greyscale
-            g = (to_gray_array(im) * 255 + 0.5).astype(np.uint8)
-            rgb = Image.fromarray(g).convert("RGB")
-        rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()
+    return model_input(base64.b64decode(b64), size, find_databar=crop_databar)
+
+
+def crops_databar(model) -> bool:
+    """Whether ``model`` was trained with the instrument data bar removed (the profile's
+    ``dataset.crop_databar``, stored in its package)."""
+    return bool((getattr(model, "package_meta", None) or {}).get("crop_databar", False))
 
 
 def with_image_markers(question: str, n_images: int) -> str:
@@ -81,7 +80,7 @@ class MaemiPyfunc(mlflow.pyfunc.PythonModel):
         answers = []
         for (_, row), rank in zip(model_input.iterrows(), ranks):
             imgs = row["image"] if isinstance(row["image"], (list, tuple, np.ndarray)) else [row["image"]]
-            arrays = [decode_image(b, size) for b in imgs]
+            arrays = [decode_image(b, size, crops_databar(self.model)) for b in imgs]
             q = with_image_markers(str(row["question"]), len(arrays))
             answers += generate_answers(self.model, [q], [arrays], max_new_tokens=self.model.max_new_tokens,
                                         rank=rank)

@@ -99,10 +99,11 @@ def category_probabilities(model, model_uri: str, arrays: list[np.ndarray],
 def read_images(model, image_paths: list[str]) -> list[np.ndarray]:
     """Each image file as the model sees it: (3, S, S) uint8, decoded the way the served model
     decodes its base64 input."""
-    from maemi_core.registry.maemi_pyfunc import decode_image
+    from maemi_core.registry.maemi_pyfunc import crops_databar, decode_image
 
     size = model.cfg.image_size
-    return [decode_image(base64.b64encode(p.read_bytes()).decode(), size) for p in _check_images(image_paths)]
+    return [decode_image(base64.b64encode(p.read_bytes()).decode(), size, crops_databar(model))
+            for p in _check_images(image_paths)]
 
 
 def classify(model_uri: str, image_paths: list[str], rank: Optional[int] = None) -> pd.DataFrame:
