@@ -432,6 +432,7 @@ class MaemiConfig(_Strict):
     # Set by maemi_core.run_isolation.scoped for a pipeline step: whose stage folders it uses.
     _run_scope: Optional[str] = PrivateAttr(default=None)
     _writing_stage: Optional[str] = PrivateAttr(default=None)
+    _write_dir: Optional[str] = PrivateAttr(default=None)      # the folder this step writes, once chosen
 
     @model_validator(mode="after")
     def _promotion_has_what_it_compares(self) -> "MaemiConfig":

@@ -9,7 +9,12 @@ Layout under the profile's workdir::
 
 The run scope is the Dagster *root* run id, so "re-execute from failure" continues in the same
 folder (a killed training run resumes its own checkpoint) while two independent runs never
-share a file: neither can resume the other's checkpoint, overwrite its manifest or package, or
+share a file. Copy on write: a step never writes into a folder it did not create, nor into a
+copy that is complete (published or not). When its run's folder for the stage is complete or is
+a link to an adopted copy (a re-executed run, ``force``), the step writes a new attempt,
+``runs/<scope>/<stage>@<n>``, and publishes that; readers of the run take its newest complete
+attempt. Pruning never removes a copy that is published or that a run adopted recently (a link
+younger than a week), so an old copy still being read survives newer publications: neither can resume the other's checkpoint, overwrite its manifest or package, or
 benchmark its model. A stage reads an upstream stage from its own run when that run produced it,
 otherwise the latest published copy, resolved once (``Path.resolve``) so that a publication by a
 concurrent run cannot switch files under a reader.
@@ -56,8 +61,46 @@ def scoped(cfg, scope: str, writes: str | None = None):
     if writes is not None:
         _check(writes)
     out = cfg.model_copy()
-    out._run_scope, out._writing_stage = str(scope), writes
+    out._run_scope, out._writing_stage, out._write_dir = str(scope), writes, None
     return out
+
+
+LINK_GRACE_S = 7 * 24 * 3600     # an adopted copy is kept while a run's link to it is younger than this
+
+
+def _attempt_index(path: Path) -> int:
+    _, _, n = path.name.partition("@")
+    return int(n) if n.isdigit() else 0
+
+
+def _attempts(base: Path, scope: str, stage: str) -> list[Path]:
+    """The run's folders of ``stage``, oldest attempt first: ``<stage>``, ``<stage>@1``, ..."""
+    own = base / RUNS / scope / stage
+    more = [p for p in own.parent.glob(f"{stage}@*") if _attempt_index(p) > 0] if own.parent.is_dir() else []
+    return [own] + sorted(more, key=_attempt_index)
+
+
+def _done(path: Path) -> bool:
+    """A complete copy, or a link to one (an adopted copy): never written again."""
+    return path.is_symlink() or (path / COMPLETE).is_file()
+
+
+def _write_target(cfg, stage: str) -> Path:
+    """The folder this step writes (chosen once per step): the run's folder of the stage, or an
+    unfinished attempt of it (a killed step resumes its own files), or else a new attempt, never
+    a complete copy or a link to another run's copy."""
+    if cfg._write_dir:
+        return Path(cfg._write_dir)
+    attempts = _attempts(cfg.workdir_path, cfg._run_scope, stage)
+    existing = [p for p in attempts if p.exists() or p.is_symlink()]
+    if not existing:
+        target = attempts[0]
+    elif not _done(existing[-1]):
+        target = existing[-1]
+    else:
+        target = attempts[0].parent / f"{stage}@{max(_attempt_index(p) for p in existing) + 1}"
+    cfg._write_dir = str(target)
+    return target
 
 
 def stage_dir(cfg, stage: str) -> Path:
@@ -67,12 +110,14 @@ def stage_dir(cfg, stage: str) -> Path:
     scope = getattr(cfg, "_run_scope", None)
     if not scope:
         return base / stage
-    own = base / RUNS / scope / stage
     if cfg._writing_stage == stage:
-        own.mkdir(parents=True, exist_ok=True)
+        own = _write_target(cfg, stage)
+        if not own.is_symlink():
+            own.mkdir(parents=True, exist_ok=True)
         return own
-    if (own / COMPLETE).is_file():
-        return own
+    for attempt in reversed(_attempts(base, scope, stage)):
+        if (attempt / COMPLETE).is_file():
+            return attempt
     published = base / stage
     return published.resolve() if published.exists() else published
 
@@ -86,6 +131,8 @@ def publish(cfg, keep: int | None = None, inputs: str = "", data_version: str = 
         raise ValueError("publish() needs a config from scoped(..., writes=<stage>)")
     base = cfg.workdir_path
     own = stage_dir(cfg, stage)
+    if own.is_symlink():
+        raise ValueError(f"{own} is an adopted copy of another run: publish() marks only a copy this step wrote")
     (own / COMPLETE).write_text(json.dumps({"run_scope": cfg._run_scope, "time": time.time(), "inputs": inputs,
                                             "data_version": data_version}))
     link = base / stage
@@ -129,12 +176,13 @@ def reusable(cfg, inputs: str) -> Optional[dict]:
 
 def adopt(cfg, info: dict) -> Path:
     """Make ``info``'s copy (from :func:`reusable`) this run's copy of the stage: a link in the
-    run folder, so that later steps of the run read it as their own."""
-    own = cfg.workdir_path / RUNS / cfg._run_scope / cfg._writing_stage
+    run folder, so that later steps of the run read it as their own. A complete copy of this run
+    is never removed for it (the link becomes a new attempt)."""
+    own = _write_target(cfg, cfg._writing_stage)
     if own.is_symlink():
         own.unlink()
     elif own.exists():
-        shutil.rmtree(own)        # an unfinished attempt of this run at the same stage
+        shutil.rmtree(own)        # an unfinished attempt of this step, abandoned for the published copy
     own.parent.mkdir(parents=True, exist_ok=True)
     os.symlink(info["path"], own)
     return own
@@ -149,15 +197,26 @@ def mtime_or_zero(path: Path) -> float:
 
 
 def prune(cfg, stage: str, keep: int) -> list[Path]:
-    """Delete all but the ``keep`` newest completed copies of ``stage`` (never the published one,
-    never an incomplete one: that may be a run still writing)."""
+    """Delete all but the ``keep`` newest completed copies of ``stage``: never the published one,
+    never an incomplete one (that may be a run still writing), never one that a run adopted less
+    than ``LINK_GRACE_S`` ago (that run may still be reading it)."""
     base = cfg.workdir_path
     published = (base / stage).resolve() if (base / stage).exists() else None
-    done = sorted((p for p in (base / RUNS).glob(f"*/{stage}") if not p.is_symlink() and (p / COMPLETE).is_file()),
+    folders = [p for pattern in (f"*/{stage}", f"*/{stage}@*") for p in (base / RUNS).glob(pattern)]
+    now = time.time()
+    linked = set()
+    for p in folders:
+        if p.is_symlink():
+            try:
+                if now - p.lstat().st_mtime < LINK_GRACE_S:
+                    linked.add(p.resolve())
+            except OSError:
+                pass
+    done = sorted((p for p in folders if not p.is_symlink() and (p / COMPLETE).is_file()),
                   key=lambda p: mtime_or_zero(p / COMPLETE), reverse=True)
     removed = []
     for p in done[keep:]:
-        if p.resolve() != published:
+        if p.resolve() != published and p.resolve() not in linked:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed

@@ -125,3 +125,58 @@ def test_a_worker_that_does_not_see_the_shared_workdir_fails_clearly(profile_fac
     assert check_shared(cfg)["id"] == __import__("json").loads(first.read_text())["id"]
     assert resource.load(Ctx(), writes="raw_images")._run_scope == "r1"
     assert main(["--config", str(cfg.config_path), "workdir", "check"]) == 0
+
+
+def test_a_reexecuted_or_forced_step_writes_a_new_folder_and_never_through_a_published_or_adopted_copy(
+        profile_factory):
+    from maemi_core.run_isolation import adopt, reusable
+
+    cfg = profile_factory()
+    base = cfg.workdir_path
+    first = scoped(cfg, "run-a", "model")
+    (stage_dir(first, "model") / "weights.txt").write_text("v1")
+    publish(first, inputs="same")
+    published = (base / "model").resolve()
+
+    # The same root run re-executed (or forced): its folder is complete and published, so the
+    # step writes a new attempt; the published files stay as they were until it publishes.
+    again = scoped(cfg, "run-a", "model")
+    target = stage_dir(again, "model")
+    assert target != published and target.name == "model@1" and stage_dir(again, "model") == target
+    (target / "weights.txt").write_text("v2")
+    assert (published / "weights.txt").read_text() == "v1"
+    assert (stage_dir(scoped(cfg, "run-a"), "model") / "weights.txt").read_text() == "v1"   # not complete yet
+    publish(again, inputs="same")
+    assert (base / "model").resolve() == target.resolve()
+    assert (stage_dir(scoped(cfg, "run-a"), "model") / "weights.txt").read_text() == "v2"   # newest attempt
+    assert (published / "weights.txt").read_text() == "v1"
+
+    # Another run adopts the published copy (inputs unchanged), then is forced to recompute:
+    # it writes its own folder, never through the link into the adopted copy.
+    reuser = scoped(cfg, "run-b", "model")
+    link = adopt(reuser, reusable(reuser, "same"))
+    assert link.is_symlink()
+    forced = scoped(cfg, "run-b", "model")
+    fresh = stage_dir(forced, "model")
+    assert not fresh.is_symlink() and fresh.resolve() != target.resolve()
+    (fresh / "weights.txt").write_text("v3")
+    assert (target / "weights.txt").read_text() == "v2"
+
+
+def test_pruning_keeps_an_old_copy_that_a_run_still_links_to(profile_factory):
+    from maemi_core.run_isolation import adopt, reusable
+
+    cfg = profile_factory()
+    old = scoped(cfg, "run-old", "reports")
+    (stage_dir(old, "reports") / "table.csv").write_text("old")
+    publish(old, inputs="fp-old")
+    reader = scoped(cfg, "run-reader", "reports")
+    adopt(reader, reusable(reader, "fp-old"))                # a run reading the old copy
+    for i in range(5):                                       # newer publications push it out of the newest 2
+        newer = scoped(cfg, f"run-{i}", "reports")
+        (stage_dir(newer, "reports") / "table.csv").write_text(str(i))
+        publish(newer, keep=2, inputs=f"fp-{i}")
+    assert (stage_dir(old, "reports") / "table.csv").read_text() == "old"
+    assert (stage_dir(scoped(cfg, "run-reader"), "reports") / "table.csv").read_text() == "old"
+    unlinked = [p for p in (cfg.workdir_path / "runs").glob("run-[0-9]/reports")]
+    assert len(unlinked) == 2                                  # the others were pruned as before

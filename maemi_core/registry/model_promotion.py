@@ -449,7 +449,7 @@ def gate_challenger(cfg, manifest, records, tracker=None, log: Callable[[str], N
     fab data changed the test split) or under other evaluation settings, it is re-evaluated
     first. The decision is recorded once, by ``model_promotion`` (which re-compares under the
     registry lock): a rejection is a decision, not a failure."""
-    from maemi_core.evaluation.benchmark_run import benchmark_registered_model, reports_dir
+    from maemi_core.evaluation.benchmark_run import benchmark_registered_model
 
     name, version = benchmarked_version(cfg)
     client = MlflowClient()
@@ -461,8 +461,11 @@ def gate_challenger(cfg, manifest, records, tracker=None, log: Callable[[str], N
         if _stale(client, name, v, my_hash):
             log(f"v{v} was measured on other records or under other evaluation settings; re-evaluating it as "
                 f"v{version} was")
-            benchmark_registered_model(cfg, manifest, records, tracker, log, version=v,
-                                       out_dir=reports_dir(cfg) / f"v{v}")
+            # Into a folder of its own: never into this run's reports, which may already be published.
+            import uuid
+
+            out = cfg.workdir_path / "registry" / "reevaluations" / f"v{v}-{uuid.uuid4().hex[:12]}"
+            benchmark_registered_model(cfg, manifest, records, tracker, log, version=v, out_dir=out)
     p = cfg.promotion
     decision = evaluate(client, name, version, champion, p.key_metrics, p.confidence, p.first_must_beat_base_lm,
                         p.require_grounding, p.min_records, log)
