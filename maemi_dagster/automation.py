@@ -23,7 +23,7 @@ from maemi_dagster.assets.evaluation import benchmark_tables
 from maemi_dagster.assets.model import maemi_model
 from maemi_dagster.assets.operations import fab_batch, fab_batches, model_promotion
 from maemi_dagster.assets.teacher import instruction_set
-from maemi_dagster.assets.vision import demonstration_sets, image_embeddings
+from maemi_dagster.assets.vision import demonstration_sets, image_embeddings, vit_classifier
 from maemi_dagster.resources import MaemiConfigResource
 
 try:
@@ -41,15 +41,17 @@ ingest_job = dg.define_asset_job(
     "ingest_fab_batch", selection=dg.AssetSelection.assets(fab_batch), partitions_def=fab_batches,
     description="Validate one new fab batch (a fab_batches partition) so raw_images includes it.")
 
-# The ViT and its baselines are not re-trained on every batch (materialize vit_classifier for that);
-# everything that depends on the images is.
+# Everything that depends on the images, the vision stage included: its classifiers score every
+# test image of the current manifest, so the classification benchmark (every row on the same
+# images) covers the new fab images too. The stage costs minutes next to the re-tune's training.
 retune_job = dg.define_asset_job(
     "retune",
-    selection=dg.AssetSelection.assets(raw_images, image_embeddings, demonstration_sets, instruction_set, maemi_model,
-                                       benchmark_tables, model_promotion),
-    description="Re-tune on everything ingested: manifest, embeddings, demonstrations, instructions for the new "
-                "images (the teacher cache answers the rest), training from the champion's adapters, the benchmark, "
-                "and promotion if the new version is shown not worse (maemi_core/registry/model_promotion.py).",
+    selection=dg.AssetSelection.assets(raw_images, vit_classifier, image_embeddings, demonstration_sets,
+                                       instruction_set, maemi_model, benchmark_tables, model_promotion),
+    description="Re-tune on everything ingested: manifest, the vision classifiers and embeddings, demonstrations, "
+                "instructions for the new images (the teacher cache answers the rest), training from the champion's "
+                "adapters, the benchmark on every current test image, and promotion if the new version is shown not "
+                "worse (maemi_core/registry/model_promotion.py).",
     tags={"maemi/job": "retune", RETUNE_TAG: _DATASET},
 )
 

@@ -385,7 +385,7 @@ def test_an_image_blind_challenger_is_refused_by_the_grounding_gate(pipeline, tm
     from safetensors.torch import load_file, save_file
 
     from maemi_core.data.manifest import load_manifest
-    from maemi_core.evaluation.benchmark_run import benchmark_registered_model
+    from maemi_core.registry.registered_benchmark import benchmark_registered_model
     from maemi_core.registry.model_promotion import evaluate
     from maemi_core.registry.model_registry import download_package, log_and_register
     from maemi_core.teacher.instruction_set import load_instruction_set
@@ -427,7 +427,7 @@ def test_a_new_fab_batch_leads_to_a_new_version_and_a_promotion_decision(pipelin
     new_version = str(n_versions + 1)
     before = pd.read_parquet(cfg.workdir_path / "raw_images" / "manifest.parquet")
     used = set(before["path"])
-    new = [c for c in list_elpv() if str(c.path.resolve()) not in used][:8]
+    new = [c for c in list_elpv() if str(c.path.resolve()) not in used][:16]
     batch = cfg.incoming_path / "lot-2026-11-26"
     for c in new:
         dst = batch / c.label / c.path.name
@@ -457,6 +457,11 @@ def test_a_new_fab_batch_leads_to_a_new_version_and_a_promotion_decision(pipelin
                                                                      raise_on_error=False)
         after = pd.read_parquet(cfg.workdir_path / "raw_images" / "manifest.parquet")
     assert after["source"].str.startswith("incoming:").sum() == len(new)
+    # The new fab images enter the key metric: every current test image is scored, new ones included.
+    new_test = set(after.loc[after["source"].str.startswith("incoming:") & (after["split"] == "test"), "image_id"])
+    scored = pd.read_csv(cfg.workdir_path / "reports" / "samples" / "classification_maemi_zero_shot.csv")
+    assert new_test and new_test <= set(scored["image_id"])
+    assert set(scored["image_id"]) == set(after.loc[after["split"] == "test", "image_id"])
     old_split = before.set_index("image_id")["split"]
     assert (after.set_index("image_id").loc[old_split.index, "split"] == old_split).all()   # old test stays test
 
