@@ -188,7 +188,7 @@ def _opened(model):
 def test_cached_candidate_likelihoods_equal_one_full_forward_per_candidate():
     from maemi_core.model.dyqlora_fa import training_numerics
     from maemi_core.model.generation import candidate_log_likelihoods
-    from maemi_core.training.maemi_training import prompt_ids
+    from maemi_core.model.prompts import prompt_ids
 
     model = _opened(tiny_model())
     rng = np.random.default_rng(0)
@@ -228,7 +228,7 @@ def test_cached_candidate_likelihoods_equal_one_full_forward_per_candidate():
 
 def test_plain_prompt_is_the_shipped_lm_and_a_call_rank_does_not_persist():
     from maemi_core.model.dyqlora_fa import dylora_layers
-    from maemi_core.training.maemi_training import prompt_ids
+    from maemi_core.model.prompts import prompt_ids
 
     model = _opened(tiny_model(quantize=False))
     tok = model.tokenizer

@@ -19,7 +19,7 @@ import torch
 from maemi_core.model.dyqlora_fa import call_rank, dylora_layers
 from maemi_core.model.gated_cross_attention import media_attention_mask
 from maemi_core.model.maemi_model import MaemiModel
-from maemi_core.training.maemi_training import prompt_ids
+from maemi_core.model.prompts import prompt_ids
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,7 @@ from maemi_core.model.frozen_activations import use_lean_swiglu
 from maemi_core.model.gated_cross_attention import GatedCrossAttention, GatedXAttnDecoderLayer, media_attention_mask
 from maemi_core.run_isolation import stage_dir
 
-IMAGE_TOKEN = "<image>"
-ENCODE_TOKEN = "<Encode>"
+from maemi_core.model.prompts import ENCODE_TOKEN, IMAGE_TOKEN  # noqa: F401 (the model's new tokens)
 # Buffers fitted by training (``media_standardize``) that travel with the trained parameters.
 MEDIA_STATISTICS = ("media_mean", "media_std", "media_images")
 

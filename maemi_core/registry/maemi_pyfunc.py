@@ -15,7 +15,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-IMAGE_TOKEN = "<image>"
+from maemi_core.model.prompts import IMAGE_TOKEN, with_image_markers  # noqa: F401 (chat page, tests)
 
 
 def requested_ranks(model_input: pd.DataFrame, r_min: int, r_max: int) -> list:
@@ -58,12 +58,6 @@ def crops_databar(model) -> bool:
     """Whether ``model`` was trained with the instrument data bar removed (the profile's
     ``dataset.crop_databar``, stored in its package)."""
     return bool((getattr(model, "package_meta", None) or {}).get("crop_databar", False))
-
-
-def with_image_markers(question: str, n_images: int) -> str:
-    """The question as the model is asked it: one ``<image>`` per image in front, unless the
-    question places its own markers."""
-    return question if IMAGE_TOKEN in question else IMAGE_TOKEN * n_images + "\n" + question
 
 
 class MaemiPyfunc(mlflow.pyfunc.PythonModel):

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from maemi_core.data.transforms import load_resized
 from maemi_core.model.dyqlora_fa import sample_rank, set_active_rank, step_within_rank, training_numerics
 from maemi_core.model.frozen_activations import use_returning_allocator
-from maemi_core.model.maemi_model import ENCODE_TOKEN, IMAGE_TOKEN, MaemiModel
+from maemi_core.model.maemi_model import MaemiModel
+from maemi_core.model.prompts import prompt_ids
 from maemi_core.training.checkpoints import load_checkpoint, save_checkpoint
 from maemi_core.training.data_parallel import SINGLE, World
 
@@ -33,18 +34,6 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     image_ids: list[str]
-
-
-def prompt_ids(tokenizer, human: str, plain: bool = False) -> list[int]:
-    """The student prompt in the LM's chat template, closed by <Encode> (paper Figure 2).
-    ``plain``: the prompt the LM as it ships can read, without the ``<image>`` markers and
-    ``<Encode>`` it has never seen (the untuned ``base_lm`` row)."""
-    if plain:
-        text = " ".join(human.replace(IMAGE_TOKEN, " ").split())
-        msgs = [{"role": "user", "content": text}]
-        return list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
-    msgs = [{"role": "user", "content": f"{human} {ENCODE_TOKEN}"}]
-    return list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
 def build_examples(records: list[dict], tokenizer, max_len: int) -> tuple[list[Example], int]:
