@@ -37,7 +37,7 @@ ASSET_ENTRIES: dict[str, tuple[str, ...]] = {
     "maemi_model": ("data.manifest", "teacher.instruction_set", "training.instruction_tuning", "run_isolation",
                     "threads"),
     "benchmark_tables": ("data.manifest", "evaluation.benchmark_run", "evaluation.benchmark_tables",
-                         "teacher.instruction_set", "run_isolation", "threads"),
+                         "registry.registered_benchmark", "teacher.instruction_set", "run_isolation", "threads"),
     "model_promotion": ("registry.model_promotion",),
 }
 

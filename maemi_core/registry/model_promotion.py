@@ -449,7 +449,7 @@ def gate_challenger(cfg, manifest, records, tracker=None, log: Callable[[str], N
     fab data changed the test split) or under other evaluation settings, it is re-evaluated
     first. The decision is recorded once, by ``model_promotion`` (which re-compares under the
     registry lock): a rejection is a decision, not a failure."""
-    from maemi_core.evaluation.benchmark_run import benchmark_registered_model
+    from maemi_core.registry.registered_benchmark import benchmark_registered_model
 
     name, version = benchmarked_version(cfg)
     client = MlflowClient()

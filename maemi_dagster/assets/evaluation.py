@@ -4,7 +4,7 @@ import dagster as dg
 
 from maemi_core.code_version import code_version
 from maemi_core.data.manifest import load_manifest
-from maemi_core.evaluation.benchmark_run import benchmark_registered_model
+from maemi_core.registry.registered_benchmark import benchmark_registered_model
 from maemi_core.evaluation.benchmark_tables import TEXT_TABLES
 from maemi_core.teacher.instruction_set import load_instruction_set
 from maemi_core.run_isolation import data_version, fingerprint, publish
