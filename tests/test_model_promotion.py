@@ -330,3 +330,39 @@ def test_a_champion_benchmarked_without_per_record_scores_is_not_compared_blindl
     d = promote_if_not_worse("maemi-test", new, MARGINS, lock, log)
     assert not d.promote and "without per-record scores" in d.reason
     assert alias_version("maemi-test", CHAMPION) == str(old)
+
+
+def test_the_registry_lock_gives_up_after_its_timeout_instead_of_waiting_forever(tmp_path):
+    import fcntl
+
+    from maemi_core.registry.model_promotion import registry_lock
+    from maemi_core.shared_database import LockTimeout
+
+    path = tmp_path / "registry.lock"
+    with open(path, "a+") as holder:                 # another process's hold, as fcntl sees it
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        ready, release = ctx.Event(), ctx.Event()
+
+        def hold():
+            with open(path, "a+") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                ready.set()
+                release.wait(30)
+
+        p = ctx.Process(target=hold)
+        p.start()
+        try:
+            assert ready.wait(30)
+            t0 = time.monotonic()
+            with pytest.raises(LockTimeout, match="registry lock .* held by another process"):
+                with registry_lock(path, timeout_s=0.5):
+                    pass
+            assert time.monotonic() - t0 < 10
+        finally:
+            release.set()
+            p.join(30)
+        del holder
+    with registry_lock(path, timeout_s=5):          # free again: taken at once
+        pass

@@ -42,6 +42,7 @@ import fcntl
 import math
 import os
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -230,9 +231,12 @@ class SharedLock:
 
 
 @contextmanager
-def registry_lock(path: "Path | SharedLock"):
+def registry_lock(path: "Path | SharedLock", timeout_s: float = 600.0):
     """Exclusive for one registered model: across threads and processes on this host (fcntl on
-    ``path``), or across every host of a deployment (a :class:`SharedLock`)."""
+    ``path``), or across every host of a deployment (a :class:`SharedLock`). Waits at most
+    ``timeout_s`` (a holder that hangs never blocks promotion forever): then ``LockTimeout``."""
+    from maemi_core.shared_database import LockTimeout
+
     if isinstance(path, SharedLock):
         from maemi_core.shared_database import advisory_lock
 
@@ -240,12 +244,26 @@ def registry_lock(path: "Path | SharedLock"):
             yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _THREAD_LOCK, open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    deadline = time.monotonic() + timeout_s
+    if not _THREAD_LOCK.acquire(timeout=timeout_s):
+        raise LockTimeout(f"the registry lock {path} was held by another thread of this process for {timeout_s:g} s")
+    try:
+        with open(path, "a+") as fh:
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise LockTimeout(f"the registry lock {path} was held by another process for "
+                                          f"{timeout_s:g} s; nothing was promoted") from None
+                    time.sleep(0.05)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+    finally:
+        _THREAD_LOCK.release()
 
 
 def _now() -> str:
