@@ -95,9 +95,9 @@ def main() -> None:
     from maemi_core.evaluation.benchmark_tables import bootstrap_ci
     from maemi_core.evaluation.text_metrics import score_pairs
     from maemi_core.model.maemi_model import build_model
-    from maemi_core.registry.tracking import resolve_tracking_uri, tracked_run
+    from maemi_core.tracking import resolve_tracking_uri, tracked_run
     from maemi_core.teacher.instruction_set import load_instruction_set
-    from maemi_core.training.checkpoints import load_checkpoint, save_checkpoint
+    from maemi_core.checkpoints import load_checkpoint, save_checkpoint
     from maemi_core.training.instruction_tuning import tuning_data
     from maemi_core.training.maemi_training import MediaCache, evaluate_loss
 

@@ -130,7 +130,7 @@ def _cmd_chat(args) -> int:
 
 def _cmd_tracking(args) -> int:
     from maemi_core.registry.serving import default_model_uri
-    from maemi_core.registry.tracking import resolve_tracking_uri
+    from maemi_core.tracking import resolve_tracking_uri
 
     cfg = load_config(args.config or config_path_from_env())
     print(default_model_uri(cfg) if args.what == "model-uri"
@@ -155,7 +155,7 @@ def _cmd_workdir(args) -> int:
 
 def _cmd_registry(args) -> int:
     from maemi_core.registry.model_promotion import read_log, registry_paths, rollback
-    from maemi_core.registry.model_registry import CHALLENGER, CHAMPION, alias_version, registered_model_name
+    from maemi_core.model_registry import CHALLENGER, CHAMPION, alias_version, registered_model_name
 
     cfg = _registry_cfg(args)
     name = registered_model_name(cfg.dataset.name)

@@ -6,7 +6,7 @@ from typing import Iterator, Optional
 import dagster as dg
 
 from maemi_core.config import MaemiConfig, config_path_from_env, load_config
-from maemi_core.registry import tracking
+from maemi_core import tracking
 from maemi_core.run_isolation import check_shared, scoped
 from maemi_dagster.executor import steps_on_many_hosts
 

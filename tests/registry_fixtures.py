@@ -34,8 +34,8 @@ def register_tiny_models(root: Path, aliases: tuple[str, ...] = ("champion",), m
     from mlflow.tracking import MlflowClient
 
     from maemi_core.model.maemi_model import build_model, save_package
-    from maemi_core.registry.model_registry import log_and_register, registered_model_name
-    from maemi_core.registry.tracking import TrackingContext
+    from maemi_core.model_registry import log_and_register, registered_model_name
+    from maemi_core.tracking import TrackingContext
     from maemi_core.run_isolation import stage_dir
     from maemi_core.vision.vit import PaperViT, PaperViTConfig
 

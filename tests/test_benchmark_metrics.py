@@ -12,7 +12,7 @@ from maemi_core.evaluation.benchmark_tables import (
     bootstrap_ci, family_table, likelihood_classification, paired_differences, text_samples, text_table,
 )
 from maemi_core.evaluation.category_parser import parse_category
-from maemi_core.evaluation.classification_metrics import top_k
+from maemi_core.vision.classification_metrics import top_k
 from maemi_core.evaluation.text_metrics import METRICS, mean_std, score_pairs
 
 # nltk's documented example (nltk.translate.bleu_score / meteor_score docstrings)

@@ -17,7 +17,7 @@ from maemi_core.model.category_scoring import balanced_weights
 from maemi_core.registry.model_promotion import (
     BALANCED, REFERENCE_TAG, ROLLED_BACK_TAG, decide, grounding_rows, promote_if_not_worse, read_log, rollback,
 )
-from maemi_core.registry.model_registry import CHAMPION, alias_version
+from maemi_core.model_registry import CHAMPION, alias_version
 
 MARGINS = {"classification.zero_shot_top1": 0.05, "vqa.meteor": 0.02}
 N = 400
@@ -271,7 +271,7 @@ def test_a_registry_that_answers_500_fails_promotion_loudly_and_moves_nothing(re
     yet": the promotion raises, naming the server, instead of promoting without comparison."""
     import http.server
 
-    from maemi_core.registry.model_registry import RegistryError
+    from maemi_core.model_registry import RegistryError
 
     client, version, lock, log = registry
     v1 = version(scores())

@@ -17,7 +17,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from maemi_core.config import load_config
-from maemi_core.registry import tracking
+from maemi_core import tracking
 from maemi_core.vision.embeddings import load_embeddings
 from maemi_dagster.assets.data import raw_images
 from maemi_dagster.assets.evaluation import benchmark_tables
@@ -348,7 +348,7 @@ def test_the_pipelines_trainer_and_the_learning_curve_bench_give_identical_weigh
 
     from maemi_core.data.manifest import load_manifest
     from maemi_core.model.maemi_model import build_model
-    from maemi_core.registry.model_registry import download_package
+    from maemi_core.model_registry import download_package
     from maemi_core.teacher.instruction_set import load_instruction_set
     from maemi_core.threads import fit_threads
     from maemi_core.training.instruction_tuning import training_config, tuning_data
@@ -387,7 +387,7 @@ def test_an_image_blind_challenger_is_refused_by_the_grounding_gate(pipeline, tm
     from maemi_core.data.manifest import load_manifest
     from maemi_core.registry.registered_benchmark import benchmark_registered_model
     from maemi_core.registry.model_promotion import evaluate
-    from maemi_core.registry.model_registry import download_package, log_and_register
+    from maemi_core.model_registry import download_package, log_and_register
     from maemi_core.teacher.instruction_set import load_instruction_set
 
     cfg = pipeline.cfg

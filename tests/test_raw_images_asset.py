@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from maemi_core.config import load_config
 from maemi_core.data.manifest import manifest_dir
-from maemi_core.registry import tracking
+from maemi_core import tracking
 from maemi_dagster.assets.data import raw_images
 from maemi_dagster.checks import RAW_IMAGES_CHECKS, raw_images_no_split_leakage
 from maemi_dagster.resources import MaemiConfigResource, MLflowResource

@@ -9,7 +9,7 @@ import threading
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from maemi_core.registry.tracking import TAG_ASSET, TAG_DAGSTER_RUN, TrackingContext
+from maemi_core.tracking import TAG_ASSET, TAG_DAGSTER_RUN, TrackingContext
 from maemi_core.run_isolation import COMPLETE, prune, publish, scoped, stage_dir
 
 

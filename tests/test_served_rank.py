@@ -101,7 +101,7 @@ def test_the_scoring_server_answers_a_bad_rank_with_400_and_the_reason(package, 
     from fastapi.testclient import TestClient
     from mlflow.pyfunc import scoring_server
 
-    from maemi_core.registry.model_registry import PYFUNC_FILE
+    from maemi_core.model_registry import PYFUNC_FILE
 
     mlflow.pyfunc.save_model(str(tmp_path / "model"), python_model=str(PYFUNC_FILE),
                              artifacts={"package": str(package)})

@@ -19,7 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from maemi_core.registry.model_promotion import key_scores, promote_if_not_worse, read_log
-from maemi_core.registry.model_registry import CHAMPION, alias_version
+from maemi_core.model_registry import CHAMPION, alias_version
 from tests.test_model_promotion import MARGINS, METEOR, OTHERS, scores
 
 

@@ -9,8 +9,8 @@ import torch
 
 from maemi_core.config import ClassifierTrainingConfig
 from maemi_core.data.transforms import augment, build_image_array, standardize
-from maemi_core.evaluation.classification_metrics import classification_summary, top_k
-from maemi_core.training.classifier_training import class_weights, train_classifier
+from maemi_core.vision.classification_metrics import classification_summary, top_k
+from maemi_core.vision.classifier_training import class_weights, train_classifier
 from maemi_core.vision.embeddings import embed_images
 from maemi_core.vision.vit import PaperViT, PaperViTConfig
 

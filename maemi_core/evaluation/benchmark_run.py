@@ -29,7 +29,7 @@ from maemi_core.evaluation.benchmark_tables import (
     text_samples, text_table,
 )
 from maemi_core.evaluation.category_parser import parse_category
-from maemi_core.evaluation.classification_metrics import confusion_matrix_figure
+from maemi_core.vision.classification_metrics import confusion_matrix_figure
 from maemi_core.evaluation.external_baselines import ask_baseline
 from maemi_core.evaluation.text_metrics import METRICS, mean_std, score_pairs
 from maemi_core.teacher.instruction_set import stable_slice

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from maemi_core.evaluation.answering import question as _question, reference as _reference
-from maemi_core.evaluation.classification_metrics import _save, per_class_table
+from maemi_core.vision.classification_metrics import _save, per_class_table
 from maemi_core.evaluation.text_metrics import METRICS, score_pairs
 
 # table name -> (instruction task, paper table, title)
@@ -139,7 +139,7 @@ def likelihood_classification(name: str, labels: list[str], scores: np.ndarray, 
     categories first), 0.5 for scores that ignore the image."""
     from sklearn.metrics import f1_score
 
-    from maemi_core.evaluation.classification_metrics import top_k
+    from maemi_core.vision.classification_metrics import top_k
     from maemi_core.model.category_scoring import balanced_accuracy, macro_auc, macro_auc_interval
 
     index = {c: i for i, c in enumerate(class_names)}

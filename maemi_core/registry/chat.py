@@ -78,7 +78,7 @@ def parse_model_uri(uri: str) -> tuple[Optional[str], Optional[str], Optional[st
 
 def resolve(uri: str) -> Served:
     """``uri`` with its alias looked up now (LookupError when nothing carries that alias)."""
-    from maemi_core.registry.model_registry import alias_version
+    from maemi_core.model_registry import alias_version
 
     name, alias, version = parse_model_uri(uri)
     if name and alias:
@@ -90,7 +90,7 @@ def resolve(uri: str) -> Served:
 
 def challenger_of(primary: Served) -> Optional[Served]:
     """The registered model's challenger when it is another version than ``primary``."""
-    from maemi_core.registry.model_registry import alias_version
+    from maemi_core.model_registry import alias_version
 
     if not primary.name or primary.alias == CHALLENGER:
         return None

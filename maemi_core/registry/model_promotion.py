@@ -55,7 +55,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from maemi_core.evaluation.benchmark_tables import paired_difference
-from maemi_core.registry.model_registry import CHAMPION, alias_version
+from maemi_core.model_registry import CHAMPION, alias_version
 
 LOG_COLUMNS = ["time", "registered_model", "action", "version", "previous_champion", "champion_after",
                "decision", "reason", "metrics", "dagster_run_id"]
@@ -435,7 +435,7 @@ def registry_paths(cfg) -> tuple["Path | SharedLock", Path]:
     """(the promotion lock, the local promotion log). The lock is the shared database's advisory
     lock when one is configured, else a file lock in the workdir. The log is a local view: the
     record every host sees is the decision's tags on the model version."""
-    from maemi_core.registry.model_registry import registered_model_name
+    from maemi_core.model_registry import registered_model_name
     from maemi_core.shared_database import shared_database_url
 
     d = cfg.workdir_path / "registry"

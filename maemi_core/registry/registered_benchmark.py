@@ -45,7 +45,7 @@ def benchmark_registered_model(cfg: MaemiConfig, manifest: pd.DataFrame, records
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from maemi_core.registry.model_registry import download_package, registered_model_name
+    from maemi_core.model_registry import download_package, registered_model_name
 
     name = registered_model_name(cfg.dataset.name)
     pinned = version is None

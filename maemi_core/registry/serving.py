@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from maemi_core.config import MaemiConfig
-from maemi_core.registry.model_registry import registered_model_name
-from maemi_core.registry.tracking import resolve_tracking_uri
+from maemi_core.model_registry import registered_model_name
+from maemi_core.tracking import resolve_tracking_uri
 
 
 def use_project_store(cfg: MaemiConfig) -> str:

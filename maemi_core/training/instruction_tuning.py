@@ -12,9 +12,9 @@ import pandas as pd
 
 from maemi_core.code_version import code_version
 from maemi_core.config import MaemiConfig
-from maemi_core.evaluation.classification_metrics import loss_curve_figure
+from maemi_core.vision.classification_metrics import loss_curve_figure
 from maemi_core.model.maemi_model import build_model, save_package
-from maemi_core.registry.tracking import TrackingContext
+from maemi_core.tracking import TrackingContext
 from maemi_core.teacher.instruction_set import stable_slice
 from maemi_core.training.maemi_training import (
     Example, ImageStore, MaemiTrainingConfig, TrainingPoint, build_examples, train_maemi,
@@ -53,7 +53,7 @@ def warm_start_from_champion(model, cfg: MaemiConfig, log: Callable[[str], None]
     import torch
     from safetensors.torch import load_file
 
-    from maemi_core.registry.model_registry import CHAMPION, alias_version, download_package, registered_model_name
+    from maemi_core.model_registry import CHAMPION, alias_version, download_package, registered_model_name
 
     name = registered_model_name(cfg.dataset.name)
     if alias_version(name, CHAMPION) is None:
@@ -171,7 +171,7 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
     import mlflow
 
     from maemi_core.data.manifest import manifest_hash
-    from maemi_core.registry.model_registry import log_and_register, registered_model_name
+    from maemi_core.model_registry import log_and_register, registered_model_name
 
     m = cfg.model
     model = build_model(cfg)

@@ -24,7 +24,7 @@ from maemi_core.model.dyqlora_fa import sample_rank, set_active_rank, step_withi
 from maemi_core.model.frozen_activations import use_returning_allocator
 from maemi_core.model.maemi_model import MaemiModel
 from maemi_core.model.prompts import prompt_ids
-from maemi_core.training.checkpoints import load_checkpoint, save_checkpoint
+from maemi_core.checkpoints import load_checkpoint, save_checkpoint
 from maemi_core.training.data_parallel import SINGLE, World
 
 

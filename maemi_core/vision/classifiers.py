@@ -2,7 +2,7 @@
 with, trained on the same splits, evaluated on the test split, and compared on validation.
 
 Models (names used in reports and MLflow):
-- ``vit``: :mod:`maemi_core.vision.vit`, trained by :mod:`maemi_core.training.classifier_training`;
+- ``vit``: :mod:`maemi_core.vision.vit`, trained by :mod:`maemi_core.vision.classifier_training`;
 - ``efficientnet_lite0``: the pretrained ImageNet EfficientNet-Lite0 from PyPI, frozen, with a
   logistic-regression probe (C chosen on validation);
 - ``efficientnet_lite0_finetune``: its last blocks fine-tuned (:mod:`maemi_core.vision.efficientnet_finetune`);
@@ -36,11 +36,11 @@ from sklearn.preprocessing import StandardScaler
 from maemi_core.config import MaemiConfig
 from maemi_core.data.manifest import manifest_hash
 from maemi_core.data.transforms import cached_image_array
-from maemi_core.evaluation.classification_metrics import (
+from maemi_core.vision.classification_metrics import (
     classification_summary, confusion_matrix_figure, loss_curve_figure, per_class_table,
 )
-from maemi_core.registry.tracking import TrackingContext
-from maemi_core.training.classifier_training import EpochRecord, predict_logits, train_classifier
+from maemi_core.tracking import TrackingContext
+from maemi_core.vision.classifier_training import EpochRecord, predict_logits, train_classifier
 from maemi_core.vision.efficientnet_lite0 import EfficientNetLite0Encoder, cached_pooled_features
 from maemi_core.vision.multiscale_views import dihedral_features, tile_features
 from maemi_core.vision.texture_baseline import (

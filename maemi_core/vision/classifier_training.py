@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from maemi_core.config import ClassifierTrainingConfig
 from maemi_core.data.transforms import augment, standardize
-from maemi_core.training.checkpoints import TrainingProgress, load_checkpoint
+from maemi_core.checkpoints import TrainingProgress, load_checkpoint
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Optional
 import mlflow
 from mlflow.tracking import MlflowClient
 
-PYFUNC_FILE = Path(__file__).resolve().parent / "maemi_pyfunc.py"
+PYFUNC_FILE = Path(__file__).resolve().parent / "registry" / "maemi_pyfunc.py"
 CHALLENGER, CHAMPION = "challenger", "champion"
 
 
