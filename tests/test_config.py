@@ -96,3 +96,14 @@ def test_cli_prints_counts_and_reports_bad_profiles(tmp_path, messy_imagefolder,
     assert "| cracked " in out and "truncated" in out
     assert main(["--config", str(tmp_path / "nope.yaml"), "manifest"]) == 2
     assert "MAEMI_CONFIG" in capsys.readouterr().err
+
+
+def test_the_configuration_reference_is_generated_from_the_code():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "config_reference.py"), "--check"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    page = (REPO / "docs" / "configuration_reference.md").read_text()
+    assert "`model.train_budget.tokens`" in page and "`promotion.require_grounding`" in page
