@@ -48,10 +48,19 @@ from maemi_core.vision.texture_baseline import (
 )
 from maemi_core.vision.vit import PaperViT, PaperViTConfig
 from maemi_core.run_isolation import stage_dir
-from maemi_core.vision.model_selection import choose_c, choose_columns_and_c, majority_top1
+from maemi_core.vision.model_selection import (
+    CvCandidate, GroupedSelection, choose_c, choose_columns_and_c, majority_top1, select_by_grouped_cv,
+)
 
 ASSET = "vit_classifier"
 ENCODERS = ("vit", "efficientnet_lite0")     # the models vision.encoder can name
+PROBE_CS = (0.01, 0.1, 1.0)                  # the probes' C candidates
+SVM_CS = (1.0, 10.0, 100.0)                  # the texture SVM's C candidates
+# The options grouped cross-validation chooses among (the ViT, trained from scratch, is not
+# cross-validated: one training per fold is too slow on a CPU).
+CV_OPTIONS = ("efficientnet_lite0", "efficientnet_lite0_tiles", "efficientnet_lite0_tta",
+              "efficientnet_lite0_finetune", "classical")
+CV_FOLDS = 5
 
 
 @dataclass
@@ -187,6 +196,11 @@ def _encode_vit(model: PaperViT, images_u8: np.ndarray, batch_size: int = 64) ->
     return np.concatenate(out) if out else np.empty((0, model.cfg.dim), np.float32)
 
 
+def probe_model(c: float):
+    """The probes' classifier: standardised features, logistic regression, balanced class weights."""
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000, class_weight="balanced"))
+
+
 def train_efficientnet_probe(cfg: MaemiConfig, data: VisionData, variant: str = "efficientnet_lite0") -> ModelReport:
     """The frozen EfficientNet-Lite0 + logistic-regression probe. ``variant``:
     ``efficientnet_lite0`` (the whole image at 224 px), ``efficientnet_lite0_tiles`` (plus the
@@ -201,10 +215,8 @@ def train_efficientnet_probe(cfg: MaemiConfig, data: VisionData, variant: str = 
     y = {s: data.split(s)[1] for s in ("train", "val", "test")}
     g = data.groups()
 
-    def make(c: float):
-        return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000, class_weight="balanced"))
-
-    sel = choose_c(make, (0.01, 0.1, 1.0), feats["train"], y["train"], g["train"], feats["val"], y["val"], g["val"],
+    make = probe_model
+    sel = choose_c(make, PROBE_CS, feats["train"], y["train"], g["train"], feats["val"], y["val"], g["val"],
                    cfg.vision.grouped_cv_below)
     c, val_acc, val_majority = sel.c, sel.val_top1, sel.majority_top1
     probe = make(c).fit(feats["train"], y["train"])
@@ -315,7 +327,7 @@ def train_classical(cfg: MaemiConfig, data: VisionData) -> ModelReport:
     g = data.groups()
     sets = [tuple(s) for s in (cfg.vision.classical_feature_sets or DEFAULT_FEATURE_SETS)]
     columns = {"+".join(s): feature_set_columns(s) for s in sets}
-    chosen = choose_columns_and_c(svm_model, (1.0, 10.0, 100.0), columns, feats["train"], y["train"], g["train"],
+    chosen = choose_columns_and_c(svm_model, SVM_CS, columns, feats["train"], y["train"], g["train"],
                                   feats["val"], y["val"], g["val"], cfg.vision.grouped_cv_below)
     sel, cols = chosen.selection, columns[chosen.name]
     c, val_acc = sel.c, sel.val_top1
@@ -337,6 +349,210 @@ def train_classical(cfg: MaemiConfig, data: VisionData) -> ModelReport:
     return report
 
 
+# --- choosing among models and options by grouped cross-validation ----------------------------
+
+def grouped_selection_applies(cfg: MaemiConfig, data: VisionData) -> bool:
+    """Whether the choice among models and options is made by grouped CV over train+val: the
+    manifest names sample groups (``dataset.group_by``), the validation split has fewer images than
+    ``vision.grouped_cv_below`` (the rule for C) and train+val hold at least ``CV_FOLDS`` groups."""
+    m = data.manifest
+    if "sample" not in m or not m["sample"].notna().any():
+        return False
+    g = data.groups()
+    return len(g["val"]) < cfg.vision.grouped_cv_below and len(np.unique(np.concatenate([g["train"], g["val"]]))) >= CV_FOLDS
+
+
+def _group_column(data: VisionData) -> np.ndarray:
+    return data.manifest["group_id" if "group_id" in data.manifest else "image_id"].astype(str).to_numpy()
+
+
+def _cached_dihedral_features(cfg: MaemiConfig, data: VisionData) -> np.ndarray:
+    """(8, N, 1280) pooled features of the 8 rotations/flips of every image, memoised per data version."""
+    from maemi_core.data.transforms import save_cache_npy
+
+    path = cfg.workdir_path / "cache" / f"dihedral_{manifest_hash(data.manifest)}.npy"
+    if path.is_file():
+        feats = np.load(path)
+        if feats.shape[1] == len(data.images):
+            return feats
+    feats = dihedral_features(EfficientNetLite0Encoder(), data.images, cfg.vision.embed_batch_size).astype(np.float32)
+    save_cache_npy(path, feats, "dihedral_*.npy")
+    return feats
+
+
+def _cached_texture_features(cfg: MaemiConfig, data: VisionData) -> np.ndarray:
+    """:func:`texture_feature_matrix` of every image, memoised per data version."""
+    from maemi_core.data.transforms import save_cache_npy
+
+    path = cfg.workdir_path / "cache" / f"texture_{manifest_hash(data.manifest)}.npy"
+    if path.is_file():
+        feats = np.load(path)
+        if len(feats) == len(data.images):
+            return feats
+    feats = texture_feature_matrix(data.images)
+    save_cache_npy(path, feats, "texture_*.npy")
+    return feats
+
+
+def model_candidates(cfg: MaemiConfig, data: VisionData, options, log: Callable[[str], None] = lambda m: None,
+                     seed: int = 0) -> list[CvCandidate]:
+    """Every configuration of ``options`` (names of ``CV_OPTIONS``) that grouped CV scores: the
+    probes at each of ``PROBE_CS`` (tiles: each scale of ``vision.tile_scales`` and all of them;
+    test-time views: the probe fitted on upright images or on all 8 views), the texture SVM at each
+    feature set and each of ``SVM_CS``, and the fine-tuned top (early stopping on one grouped split
+    of each fold's training images). ``fit_predict`` takes indices into the manifest and returns
+    (n, classes) scores. Features are computed once per image (cached per data version)."""
+    unknown = [o for o in options if o not in CV_OPTIONS]
+    if unknown:
+        raise ValueError(f"options {unknown} cannot be cross-validated; choose from {list(CV_OPTIONS)}")
+    y, n_cls = data.labels, len(data.class_names)
+    key, cache = manifest_hash(data.manifest), cfg.workdir_path / "cache"
+    out: list[CvCandidate] = []
+
+    def probe(x: np.ndarray, c: float):
+        def fit_predict(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
+            return _full_proba(probe_model(c).fit(x[tr], y[tr]), x[te], n_cls)
+        return fit_predict
+
+    pooled_feats = None
+    if {"efficientnet_lite0", "efficientnet_lite0_tiles"} & set(options):
+        log("grouped CV: EfficientNet-Lite0 features")
+        pooled_feats = cached_pooled_features(data.images, cache, key, cfg.vision.embed_batch_size)
+    for option in (o for o in CV_OPTIONS if o in options):
+        if option == "efficientnet_lite0":
+            out += [CvCandidate(f"{option} C={c:g}", option, {"C": c}, probe(pooled_feats, c)) for c in PROBE_CS]
+        elif option == "efficientnet_lite0_tiles":
+            log(f"grouped CV: tile features at scales {list(cfg.vision.tile_scales)}")
+            feats, d = _cached_tile_features(cfg, data, pooled_feats), pooled_feats.shape[1]
+            scales = [int(s) for s in cfg.vision.tile_scales]
+            column_sets = {str(s): np.r_[0:d, d * (j + 1): d * (j + 2)] for j, s in enumerate(scales)}
+            if len(scales) > 1:
+                column_sets["+".join(map(str, scales))] = np.arange(feats.shape[1])
+            for name, cols in column_sets.items():
+                x = np.ascontiguousarray(feats[:, cols])
+                out += [CvCandidate(f"{option} scales={name} C={c:g}", option, {"tile_scales": name, "C": c},
+                                    probe(x, c)) for c in PROBE_CS]
+        elif option == "efficientnet_lite0_tta":
+            log("grouped CV: features of the 8 rotations/flips")
+            views = _cached_dihedral_features(cfg, data)
+
+            def tta(c: float, fit_views: int):
+                def fit_predict(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
+                    xs = views[:fit_views, tr].reshape(-1, views.shape[2])
+                    m = probe_model(c).fit(xs, np.tile(y[tr], fit_views))
+                    return np.mean([_full_proba(m, v[te], n_cls) for v in views], axis=0)
+                return fit_predict
+            for fit_views in (1, len(views)):
+                out += [CvCandidate(f"{option} fit on {'upright' if fit_views == 1 else f'{fit_views} views'} C={c:g}",
+                                    option, {"fit_views": fit_views, "C": c}, tta(c, fit_views)) for c in PROBE_CS]
+        elif option == "efficientnet_lite0_finetune":
+            out.append(_finetune_candidate(cfg, data, log, seed))
+        elif option == "classical":
+            log("grouped CV: texture features")
+            feats = _cached_texture_features(cfg, data)
+            sets = [tuple(s) for s in (cfg.vision.classical_feature_sets or DEFAULT_FEATURE_SETS)]
+            for fs in sets:
+                cols = feature_set_columns(fs)
+                x = np.ascontiguousarray(feats[:, cols])
+
+                def svm(c: float, x=x):
+                    def fit_predict(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
+                        return svm_scores(svm_model(c).fit(x[tr], y[tr]), x[te], n_cls)
+                    return fit_predict
+                out += [CvCandidate(f"{option} {'+'.join(fs)} C={c:g}", option,
+                                    {"feature_set": "+".join(fs), "C": c}, svm(c)) for c in SVM_CS]
+    return out
+
+
+def _finetune_candidate(cfg: MaemiConfig, data: VisionData, log: Callable[[str], None], seed: int) -> CvCandidate:
+    import tempfile
+
+    from maemi_core.vision.efficientnet_finetune import (
+        TunedTop, cached_trunk_features, dihedral_maps, first_tuned_block, map_inputs,
+    )
+    from maemi_core.vision.model_selection import grouped_folds
+
+    log(f"grouped CV: trunk maps for fine-tuning the last {cfg.vision.finetune_blocks} blocks")
+    t, encoder = cfg.vision.finetune_train, EfficientNetLite0Encoder()
+    first = first_tuned_block(encoder, cfg.vision.finetune_blocks)
+    maps = cached_trunk_features(data.images, cfg.workdir_path / "cache", manifest_hash(data.manifest), first)
+    y, groups, n_cls = data.labels, _group_column(data), len(data.class_names)
+
+    def fit_predict(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
+        # Early stopping on held-out samples of the training part: one grouped split of it.
+        n_groups = len(np.unique(groups[tr]))
+        fit, stop = grouped_folds(y[tr], groups[tr], min(CV_FOLDS, n_groups), seed=seed)[0]
+        torch.manual_seed(t.seed)
+        model = TunedTop(encoder, first, n_cls)
+        with tempfile.TemporaryDirectory() as tmp:
+            train_classifier(model, np.asarray(maps[tr[fit]]), y[tr[fit]], np.asarray(maps[tr[stop]]), y[tr[stop]], t,
+                             Path(tmp) / "checkpoint.pt", "grouped-cv", inputs=map_inputs, augment_batch=dihedral_maps)
+        return torch.softmax(predict_logits(model, np.asarray(maps[te]), inputs=map_inputs), dim=1).numpy()
+
+    return CvCandidate(f"efficientnet_lite0_finetune blocks={cfg.vision.finetune_blocks}", "efficientnet_lite0_finetune",
+                       {"finetune_blocks": cfg.vision.finetune_blocks, "lr": t.lr, "max_epochs": t.max_epochs},
+                       fit_predict)
+
+
+@dataclass
+class GroupedModelChoice:
+    selection: GroupedSelection         # the CV table (mean +- std over folds per candidate) and the winner
+    chosen: dict                        # the winner's row of the table
+    test: dict                          # the winner refitted on train+val, scored once on the test split
+
+
+def choose_model_by_grouped_cv(cfg: MaemiConfig, data: VisionData, options, folds: int = CV_FOLDS,
+                               repeats: int = 1, seed: int = 0, log: Callable[[str], None] = lambda m: None,
+                               score_test: bool = True) -> GroupedModelChoice:
+    """Score every candidate of ``options`` (:func:`model_candidates`) by grouped CV over
+    train+val, choose the best mean, refit it on all of train+val and score it once on the test
+    split: top-1 on every test image, on those of samples (groups) that train+val also holds and
+    on those of samples it never saw. The test split plays no part in the choice; with
+    ``score_test`` off it is not touched at all (``test`` is empty)."""
+    split = data.manifest["split"].to_numpy()
+    tv, te = np.flatnonzero(split != "test"), np.flatnonzero(split == "test")
+    groups = _group_column(data)
+    raw = model_candidates(cfg, data, options, log, seed)
+    wrapped = [CvCandidate(c.name, c.option, c.params, lambda a, b, f=c.fit_predict: f(tv[a], tv[b])) for c in raw]
+    sel = select_by_grouped_cv(wrapped, data.labels[tv], groups[tv], folds, repeats, seed, log)
+    chosen = sel.row(sel.best)
+    if not score_test:
+        return GroupedModelChoice(sel, chosen, {})
+    scores = next(c for c in raw if c.name == sel.best).fit_predict(tv, te)
+    y_te = data.labels[te]
+    seen = np.isin(groups[te], groups[tv])
+    hits = scores.argmax(1) == y_te
+    summary = classification_summary(sel.best, y_te, scores, data.class_names)
+    test = {"top1": summary["top1"], "macro_f1": summary["macro_f1"], "n_test": int(len(te)),
+            "top1_unseen_samples": float(hits[~seen].mean()) if (~seen).any() else float("nan"),
+            "n_unseen_samples": int((~seen).sum()),
+            "top1_seen_samples": float(hits[seen].mean()) if seen.any() else float("nan"),
+            "n_seen_samples": int(seen.sum()),
+            "majority_top1": majority_top1(data.labels[tv], y_te)}
+    return GroupedModelChoice(sel, chosen, test)
+
+
+def cv_table_markdown(choice: GroupedModelChoice) -> str:
+    """The CV table (best first) with the winner and its test scores."""
+    t = choice.selection.table.sort_values("cv_top1", ascending=False, kind="stable")
+    lines = ["| candidate | grouped CV top-1 (mean +- std over folds) | majority class |", "|---|---|---|"]
+    for _, r in t.iterrows():
+        mark = " **(chosen)**" if r["candidate"] == choice.selection.best else ""
+        lines.append(f"| `{r['candidate']}`{mark} | {r['cv_top1']:.3f} +- {r['cv_top1_std']:.3f} | "
+                     f"{r['majority_top1']:.3f} |")
+    s = choice.test
+    lines += ["", f"Chosen by {choice.selection.method}: `{choice.selection.best}`, CV top-1 "
+              f"{choice.chosen['cv_top1']:.3f} +- {choice.chosen['cv_top1_std']:.3f}."]
+    if not s:
+        return "\n".join(lines) + " Not scored on the test split.\n"
+    lines[-1] += (f" Refitted on train+val, on the test split: top-1 {s['top1']:.3f} ({s['n_test']} images; "
+                  f"macro-F1 {s['macro_f1']:.3f}), {s['top1_unseen_samples']:.3f} on the {s['n_unseen_samples']} "
+                  f"images of samples train+val does not hold"
+                  + (f", {s['top1_seen_samples']:.3f} on the {s['n_seen_samples']} of samples it holds"
+                     if s["n_seen_samples"] else "") + f" (majority class {s['majority_top1']:.3f}).")
+    return "\n".join(lines) + "\n"
+
+
 @dataclass
 class ClassifierSuiteResult:
     reports: list[ModelReport]
@@ -344,6 +560,7 @@ class ClassifierSuiteResult:
     per_class: pd.DataFrame
     best_encoder_on_val: Optional[str]    # None: every encoder is below the majority class on validation
     paths: dict[str, Path]
+    grouped_cv: Optional[GroupedModelChoice] = None   # the choice by grouped CV, when groups are few
 
     def report(self, name: str) -> ModelReport:
         return next(r for r in self.reports if r.name == name)
@@ -421,6 +638,21 @@ def train_classifiers(cfg: MaemiConfig, manifest: pd.DataFrame, tracker: Optiona
                  f"answering {majority!r}; it learned less than the class frequencies (collapsed or untrained)"
                  + ("; not eligible as the encoder" if name in ENCODERS and s["val_below_majority"] else ""))
 
+    # Few sample groups: the choice among the cross-validated rows and their options is made on
+    # grouped folds over train+val, each candidate reported with its mean and spread over folds.
+    grouped = None
+    cv_options = [r.name for r in reports if r.name in CV_OPTIONS]
+    if cv_options and grouped_selection_applies(cfg, data):
+        log(f"choosing among {', '.join(cv_options)} and their options by grouped cross-validation")
+        grouped = choose_model_by_grouped_cv(cfg, data, cv_options, log=log)
+        for r in reports:
+            if r.name in cv_options:
+                b = grouped.selection.best_of(r.name)
+                r.summary |= {"cv_top1": b["cv_top1"], "cv_top1_std": b["cv_top1_std"], "cv_candidate": b["candidate"]}
+        log(f"chosen by {grouped.selection.method}: {grouped.selection.best} (CV top-1 "
+            f"{grouped.chosen['cv_top1']:.4f} +- {grouped.chosen['cv_top1_std']:.4f}; test top-1 "
+            f"{grouped.test['top1']:.4f}, {grouped.test['top1_unseen_samples']:.4f} on unseen samples)")
+
     classification = pd.DataFrame([r.summary for r in reports])
     # How much validation flattered each model: with sample groups (dataset.group_by) validation is
     # sample-disjoint from training, and this gap is what tells a leak from a good model.
@@ -457,11 +689,39 @@ def train_classifiers(cfg: MaemiConfig, manifest: pd.DataFrame, tracker: Optiona
         f"{', '.join(f'`{m}`' for m in below['val']) or 'none'}.\n\n"
         f"Encoder in use: `{cfg.vision.encoder}`; better on validation (cosine k-NN, then top-1), among encoders "
         f"not below the majority class: " + (f"`{best}`" if best else "none") + ".\n")
+    if grouped is not None:
+        paths["cv_selection_csv"], paths["cv_selection_md"] = rdir / "cv_selection.csv", rdir / "cv_selection.md"
+        table = grouped.selection.table.copy()
+        table["params"] = table["params"].map(lambda p: json.dumps(p, sort_keys=True))
+        table["fold_top1"] = table["fold_top1"].map(lambda f: json.dumps([round(v, 4) for v in f]))
+        table.to_csv(paths["cv_selection_csv"], index=False)
+        paths["cv_selection_md"].write_text(f"# Models and options by grouped cross-validation ({cfg.dataset.name})\n\n"
+                                            + cv_table_markdown(grouped))
+        with paths["classification_md"].open("a") as fh:
+            fh.write(f"\nChosen among the rows and their options by {grouped.selection.method}: "
+                     f"`{grouped.selection.best}` (CV top-1 {grouped.chosen['cv_top1']:.4f} +- "
+                     f"{grouped.chosen['cv_top1_std']:.4f}); refitted on train+val, test top-1 "
+                     f"{grouped.test['top1']:.4f} ({grouped.test['top1_unseen_samples']:.4f} on the "
+                     f"{grouped.test['n_unseen_samples']} images of unseen samples). Every candidate: "
+                     f"`cv_selection.md`.\n")
+        if tracker is not None:
+            with tracker.run(ASSET, model="grouped_cv_selection"):
+                mlflow.log_params({"chosen": grouped.selection.best, "chosen_by": grouped.selection.method,
+                                   "chosen_option": grouped.chosen["option"]})
+                mlflow.log_metrics({"cv_top1": grouped.chosen["cv_top1"], "cv_top1_std": grouped.chosen["cv_top1_std"]}
+                                   | {f"test_{k}": float(v) for k, v in grouped.test.items()
+                                      if not (isinstance(v, float) and np.isnan(v))})
+                for key in ("cv_selection_csv", "cv_selection_md"):
+                    mlflow.log_artifact(str(paths[key]), artifact_path="reports")
     paths["per_class_md"].write_text(f"# Per-class precision / recall / F1 ({cfg.dataset.name})\n\n"
                                      + per_class.to_markdown(index=False, floatfmt=".4f") + "\n")
     paths["summary"].write_text(json.dumps({
         "encoder": cfg.vision.encoder, "best_encoder_on_val": best, "class_names": data.class_names,
         "majority_class": majority, "below_majority_on_test": below["test"], "below_majority_on_val": below["val"],
         "data_version": manifest_hash(manifest), "models": [r.summary for r in reports],
+        "grouped_cv": None if grouped is None else {
+            "method": grouped.selection.method, "chosen": grouped.selection.best, "option": grouped.chosen["option"],
+            "params": grouped.chosen["params"], "cv_top1": grouped.chosen["cv_top1"],
+            "cv_top1_std": grouped.chosen["cv_top1_std"], "test": grouped.test},
     }, indent=2, default=float))
-    return ClassifierSuiteResult(reports, classification, per_class, best, paths)
+    return ClassifierSuiteResult(reports, classification, per_class, best, paths, grouped)

@@ -13,10 +13,13 @@ has learned less than the class frequencies.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from sklearn.model_selection import GroupKFold
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
@@ -91,3 +94,101 @@ def choose_columns_and_c(make_model: Callable[[float], object], cs: tuple[float,
         if best is None or sel.val_top1 > best[1].val_top1:
             best = (name, sel)
     return ColumnSelection(best[0], best[1], scores)
+
+
+# --- choosing among models and options by grouped cross-validation ----------------------------
+#
+# With few sample groups (tens of micrographs, each present as dozens of shifted copies) a single
+# validation split holds a handful of samples per class: which model wins on it is mostly which
+# samples landed there. Every candidate (a model with its options and C) is then scored on the
+# same leave-samples-out folds over train+val, and the choice is made on the mean over folds; the
+# spread over folds (std) says how much of a difference between two candidates is noise.
+
+
+def grouped_folds(y: np.ndarray, groups: np.ndarray, folds: int = 5, repeats: int = 1,
+                  seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Leave-groups-out folds over all images: every group is held out exactly once per repeat and
+    is never on both sides of a fold. Groups are dealt to folds so that each fold holds about the
+    same class mix (``StratifiedGroupKFold``, shuffled with ``seed + repeat``); ``repeats`` > 1
+    deals them again differently, which averages out the luck of one dealing."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y, groups = np.asarray(y), np.asarray(groups)
+    n_groups = len(np.unique(groups))
+    if folds < 2 or n_groups < folds:
+        raise ValueError(f"grouped cross-validation needs at least {max(folds, 2)} sample groups "
+                         f"({folds} folds), got {n_groups}")
+    out = []
+    for r in range(repeats):
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + r)
+        for tr, te in splitter.split(np.zeros(len(y)), y, groups):
+            if set(groups[tr]) & set(groups[te]):      # never: the splitter keeps groups whole
+                raise AssertionError("a sample group on both sides of a fold")
+            out.append((tr, te))
+    return out
+
+
+@dataclass
+class CvCandidate:
+    """One choice to score: ``fit_predict(train_idx, held_out_idx)`` fits on the images at
+    ``train_idx`` (indices into the arrays the selection is given) and returns, for each image at
+    ``held_out_idx``, its predicted class or its (n, classes) scores (the prediction is the argmax)."""
+    name: str                  # unique, e.g. "efficientnet_lite0 C=0.1"
+    option: str                # the report row it belongs to (a vision.baselines name)
+    params: dict
+    fit_predict: Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass
+class GroupedSelection:
+    best: str                  # the candidate with the best CV mean (ties: the earlier candidate)
+    table: "pd.DataFrame"      # one row per candidate, in the order given
+    method: str
+    folds: list                # the (train_idx, held_out_idx) pairs every candidate was scored on
+
+    def row(self, name: str) -> dict:
+        return self.table.set_index("candidate").loc[name].to_dict() | {"candidate": name}
+
+    def best_of(self, option: str) -> dict:
+        """The row of ``option``'s best candidate."""
+        rows = self.table[self.table["option"] == option]
+        if rows.empty:
+            raise KeyError(option)
+        return self.row(str(rows.loc[rows["cv_top1"].idxmax(), "candidate"]))
+
+
+def _predicted(out) -> np.ndarray:
+    out = np.asarray(out)
+    return out.argmax(1) if out.ndim == 2 else out
+
+
+def select_by_grouped_cv(candidates: list[CvCandidate], y: np.ndarray, groups: np.ndarray, folds: int = 5,
+                         repeats: int = 1, seed: int = 0,
+                         log: Callable[[str], None] = lambda m: None) -> GroupedSelection:
+    """Score every candidate on the same grouped folds (:func:`grouped_folds`): top-1 per fold, its
+    mean and std over folds, and the majority-class top-1 on the same folds (each fold's training
+    majority on its held-out images). The best mean wins; ties go to the earlier candidate, so list
+    the simpler ones first."""
+    import pandas as pd
+
+    if not candidates:
+        raise ValueError("no candidate to choose from")
+    names = [c.name for c in candidates]
+    if len(set(names)) != len(names):
+        raise ValueError(f"candidate names must be unique: {names}")
+    y = np.asarray(y)
+    splits = grouped_folds(y, groups, folds, repeats, seed)
+    majority = [float((y[te] == np.bincount(y[tr]).argmax()).mean()) for tr, te in splits]
+    rows = []
+    for cand in candidates:
+        per_fold = [float((_predicted(cand.fit_predict(tr, te)) == y[te]).mean()) for tr, te in splits]
+        rows.append({"candidate": cand.name, "option": cand.option, "params": cand.params,
+                     "cv_top1": float(np.mean(per_fold)), "cv_top1_std": float(np.std(per_fold)),
+                     "fold_top1": per_fold, "majority_top1": float(np.mean(majority))})
+        log(f"{cand.name}: grouped CV top-1 {rows[-1]['cv_top1']:.3f} +- {rows[-1]['cv_top1_std']:.3f}")
+    table = pd.DataFrame(rows)
+    best = names[int(np.argmax(table["cv_top1"].to_numpy()))]     # argmax: the first of equal means
+    n_groups = len(np.unique(groups))
+    method = (f"grouped {folds}-fold CV over train+val ({n_groups} groups"
+              + (f", {repeats} dealings" if repeats > 1 else "") + ")")
+    return GroupedSelection(best, table, method, splits)
