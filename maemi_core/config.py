@@ -63,6 +63,8 @@ class DatasetConfig(_Strict):
     pixel_size_nm: Optional[float] = None
     # Sample groups (maemi_core/data/sample_groups.py): a regular expression on the path below the
     # root whose first group names the sample; all images of a sample share a split. null: none.
+    # auto: no names; shifted, cropped, rotated and mirrored copies of one image are found by their
+    # pixels (maemi_core/data/near_copies.py) and grouped.
     group_by: Optional[str] = None
     # With test_root: images in root of a sample that is also in the test set are reported; true
     # removes them from train/val (rejected as same_sample_as_test).
@@ -81,7 +83,7 @@ class DatasetConfig(_Strict):
             )
         if self.max_per_class is not None and self.max_per_class < 1:
             raise ValueError("dataset.max_per_class must be a positive integer or null")
-        if self.group_by:
+        if self.group_by and self.group_by != "auto":
             import re
 
             try:

@@ -22,7 +22,7 @@ from maemi_core.config import ConfigError, MaemiConfig
 from maemi_core.data.databar import detect_databar
 from maemi_core.data.image_io import ImageRejected, inspect_image, load_gray_array, sha256_file
 from maemi_core.data.sources import Candidate, list_candidates
-from maemi_core.data.sample_groups import group_ids, relative_path, sample_names
+from maemi_core.data.sample_groups import AUTO_GROUPS, earlier_group_ids, group_ids, relative_path, sample_names
 from maemi_core.data.splits import SPLITS, assign_split
 from maemi_core.run_isolation import stage_dir
 
@@ -127,9 +127,14 @@ def build_manifest(
             f"see the rejected table for the reasons"
         )
     # Sample groups: every image of one sample shares the split of its group (hash of the group id).
-    manifest["sample"] = sample_names([relative_path(p, s, cfg) for p, s in zip(manifest["path"], manifest["source"])],
-                                      ds.group_by)
-    manifest["group_id"] = group_ids(list(manifest["image_id"]), list(manifest["sample"]))
+    if ds.group_by == AUTO_GROUPS:      # near copies by their pixels; ids kept from the last manifest
+        from maemi_core.data.near_copies import near_copy_group_ids
+
+        manifest["group_id"], manifest["sample"] = near_copy_group_ids(manifest, cfg, earlier_group_ids(cfg), log)
+    else:
+        manifest["sample"] = sample_names([relative_path(p, s, cfg) for p, s in zip(manifest["path"], manifest["source"])],
+                                          ds.group_by)
+        manifest["group_id"] = group_ids(list(manifest["image_id"]), list(manifest["sample"]))
     test_groups = set(manifest.loc[manifest["forced_split"] == "test", "group_id"])
     manifest["split"] = [
         "test" if forced == "test" else assign_split(

@@ -16,15 +16,17 @@ earlier manifest, and any of them that moved to val or test would be scored as u
 - A file without a name (no ``group_by``, or no match) is a group of its own whose id is its
   image id: the only member it will ever have, so no later file can change it.
 
-Not done here: finding near copies by their pixels (shifted, cropped, flipped copies with no
-shared name). Perceptual hashes and thumbnail correlation were measured on ELPV
-(bench/near_copy_detection.py) and cannot tell distinct cells from copies there, so grouping
-is by name only, and every group without a name has exactly one member. A detector added
-later must not take the smallest member id as a group's id (a new copy whose hash sorts first
-would rename the group and re-draw the split of all its members): a detected group keeps the
-id an earlier manifest gave any of its members (when it merges several earlier groups, the id
-of the one with the most images, ties to the smallest id, so that most earlier images stay
-put), and only a group none of whose members was seen before takes the smallest member id.
+Near copies by their pixels (``dataset.group_by: auto``, :mod:`maemi_core.data.near_copies`):
+shifted, cropped, rotated and mirrored copies with no shared name form a group found by local
+features (ORB, verified by a RANSAC similarity transform and by the pixels of the overlap). A
+detected group must not simply take its smallest member id (a new copy whose hash sorts first
+would rename the group and re-draw the split of all its members): a detected group keeps the id
+an earlier manifest gave any of its members (when it merges several earlier groups, the id of
+the one with the most images, ties to the smallest id, so that most earlier images stay put),
+and only a group none of whose members was seen before takes the smallest member id
+(:func:`detected_group_ids`; the earlier manifest is the latest published one,
+:func:`earlier_group_ids`). An image without copies is then a group of its own whose id is its
+image id, as without grouping.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from pathlib import Path
 from typing import Optional
 
 import pandas as pd
+
+# dataset.group_by value that groups near copies by their pixels instead of by name.
+AUTO_GROUPS = "auto"
 
 
 def relative_path(path: str, source: str, cfg) -> str:
@@ -75,6 +80,39 @@ def sample_group_id(sample: str) -> str:
 def group_ids(image_ids: list[str], samples: list[Optional[str]]) -> list[str]:
     """One id per image: the hash of its sample's name, or its own image id when it has none."""
     return [sample_group_id(s) if s is not None else iid for iid, s in zip(image_ids, samples)]
+
+
+def detected_group_ids(image_ids: list[str], components: list, earlier: Optional[dict[str, str]] = None) -> list[str]:
+    """One id per image for groups found by their pixels (``components``: one label per image,
+    equal labels = one group), stable across builds by the rule above: a group keeps the id
+    ``earlier`` (image id -> group id of an earlier manifest) gave its members - of several, the
+    one most of its members had, ties to the smallest id - and a group none of whose members
+    was seen before takes its smallest member id (a group of one: its own image id)."""
+    earlier = earlier or {}
+    members: dict = {}
+    for iid, comp in zip(image_ids, components):
+        members.setdefault(comp, []).append(iid)
+    gid_of: dict = {}
+    for comp, ids in members.items():
+        seen: dict[str, int] = {}
+        for iid in ids:
+            if iid in earlier:
+                seen[earlier[iid]] = seen.get(earlier[iid], 0) + 1
+        gid_of[comp] = min(seen, key=lambda g: (-seen[g], g)) if seen else min(ids)
+    return [gid_of[comp] for comp in components]
+
+
+def earlier_group_ids(cfg) -> dict[str, str]:
+    """image id -> group id in the latest published manifest (``<workdir>/raw_images``), empty
+    when there is none: the ids a new build keeps."""
+    path = cfg.workdir_path / "raw_images" / "manifest.parquet"
+    if not path.is_file():
+        return {}
+    try:
+        old = pd.read_parquet(path, columns=["image_id", "group_id"])
+    except (OSError, ValueError, KeyError):     # unreadable, or from before sample groups
+        return {}
+    return dict(zip(old["image_id"], old["group_id"]))
 
 
 def group_table(manifest: pd.DataFrame, top: int = 20) -> pd.DataFrame:
