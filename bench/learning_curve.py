@@ -313,26 +313,19 @@ def probe_reference(cfg, manifest: pd.DataFrame, image_ids: list[str], y: np.nda
             "zero_shot_macro_auc": _macro_auc(y, sc, len(class_names)), **_auc_interval(y, sc, len(class_names))}
 
 
-def _auc_interval(y: np.ndarray, scores: np.ndarray, n_classes: int, n_boot: int = 500) -> dict:
+def _auc_interval(y: np.ndarray, scores: np.ndarray, n_classes: int) -> dict:
     """95% percentile-bootstrap interval of the macro AUC over the evaluation images."""
-    rng = np.random.default_rng(0)
-    draws = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(y), len(y))
-        draws.append(_macro_auc(y[idx], scores[idx], n_classes))
-    draws = np.array([d for d in draws if np.isfinite(d)])
-    if not len(draws):
-        return {"zero_shot_macro_auc_ci_low": float("nan"), "zero_shot_macro_auc_ci_high": float("nan")}
-    return {"zero_shot_macro_auc_ci_low": float(np.percentile(draws, 2.5)),
-            "zero_shot_macro_auc_ci_high": float(np.percentile(draws, 97.5))}
+    from maemi_core.model.category_scoring import macro_auc_interval
+
+    lo, hi = macro_auc_interval(y, scores, normalise=False)
+    return {"zero_shot_macro_auc_ci_low": lo, "zero_shot_macro_auc_ci_high": hi}
 
 
 def _macro_auc(y: np.ndarray, scores: np.ndarray, n_classes: int) -> float:
-    """Mean one-vs-rest ROC AUC over the classes present (with both outcomes) in ``y``."""
-    from sklearn.metrics import roc_auc_score
+    """Mean one-vs-rest ROC AUC of the raw category scores over the classes present in ``y``."""
+    from maemi_core.model.category_scoring import macro_auc
 
-    aucs = [roc_auc_score(y == c, scores[:, c]) for c in range(n_classes) if 0 < (y == c).sum() < len(y)]
-    return float(np.mean(aucs)) if aucs else float("nan")
+    return macro_auc(y, scores, normalise=False)
 
 
 def figure(df: pd.DataFrame, path: Path, dataset: str, majority: float | None = None, split: str = "test",

@@ -99,16 +99,21 @@ RAW_IMAGES_CHECKS = [raw_images_no_split_leakage, raw_images_class_balance, raw_
                      raw_images_sample_groups]
 
 
+def _vision_summary(context, maemi_config: MaemiConfigResource) -> tuple:
+    """(profile, the vision stage's summary.json) as this check's run sees them."""
+    from maemi_core.vision.classifiers import vision_dir
+
+    cfg = maemi_config.load(context)
+    return cfg, json.loads((vision_dir(cfg) / "summary.json").read_text())
+
+
 @dg.asset_check(asset=vit_classifier,
                 description="Warns when the encoder MAEMI reads (vision.encoder) is not the one that did better on "
                             "validation (cosine k-NN, then top-1). The choice stays the profile's: switching the "
                             "encoder retrains MAEMI from scratch (adapters of one encoder do not fit another).")
 def vit_classifier_encoder_is_validation_winner(context: dg.AssetCheckExecutionContext,
                                                 maemi_config: MaemiConfigResource) -> dg.AssetCheckResult:
-    from maemi_core.vision.classifiers import vision_dir
-
-    cfg = maemi_config.load(context)
-    summary = json.loads((vision_dir(cfg) / "summary.json").read_text())
+    cfg, summary = _vision_summary(context, maemi_config)
     best, used = summary["best_encoder_on_val"], cfg.vision.encoder
     rows = pd.DataFrame([{k: m.get(k) for k in ("model", "val_knn_top1", "val_top1", "val_majority_top1",
                                                 "val_below_majority", "top1")} for m in summary["models"]
@@ -133,10 +138,7 @@ def vit_classifier_encoder_is_validation_winner(context: dg.AssetCheckExecutionC
                             "untrained model, which is never chosen as the encoder.")
 def vit_classifier_not_below_majority(context: dg.AssetCheckExecutionContext,
                                       maemi_config: MaemiConfigResource) -> dg.AssetCheckResult:
-    from maemi_core.vision.classifiers import vision_dir
-
-    cfg = maemi_config.load(context)
-    summary = json.loads((vision_dir(cfg) / "summary.json").read_text())
+    _, summary = _vision_summary(context, maemi_config)
     models = summary["models"]
     if any("val_below_majority" not in m for m in models):     # a report from before the majority columns
         return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN,

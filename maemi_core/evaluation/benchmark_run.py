@@ -242,11 +242,12 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
                 cls_rows.append(summary)
                 per_class_frames.append(per_class)
                 hits[model_name] = (y_pred == np.array([class_names.index(x) for x in labels])).astype(float)
+        label_of = _labels_of(records, image_ids)
         # Always the most frequent train category: what a model that ignores the image at best scores.
         train_labels = manifest.loc[manifest["split"] == "train", "label"]
         if len(train_labels):
             majority = train_labels.value_counts().sort_index().idxmax()
-            labels = [by_label[i] for i in image_ids] if (by_label := _labels_of(records, image_ids)) else []
+            labels = list(label_of.values())
             if labels:
                 onehot = np.zeros((len(labels), len(class_names)))
                 onehot[:, class_names.index(majority)] = 1.0
@@ -255,7 +256,7 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
                 cls_rows.append(summary)
                 per_class_frames.append(per_class)
                 hits["majority"] = (y_pred == np.array([class_names.index(x) for x in labels])).astype(float)
-        y_all = np.array([class_names.index(x) for x in _labels_of(records, image_ids).values()])
+        y_all = np.array([class_names.index(x) for x in label_of.values()])
         weights = balanced_weights(y_all) if len(y_all) else np.zeros(0)
     if cls_rows:
         cls = pd.DataFrame(cls_rows)[CLASSIFICATION_COLUMNS]

@@ -235,6 +235,7 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
     with tracker.run(ASSET) as active:
         if cfg.operations.warm_start_from_champion:
             warm["version"] = warm_start_from_champion(model, cfg, log)
+        recipe = training_config(cfg, warm_start=warm["version"] is not None)
         mlflow.log_params({
             "warm_start_from": warm["version"] or "none",
             "lm_profile": m.lm_profile, "vision_encoder": cfg.vision.encoder, "r_min": m.r_min, "r_max": m.r_max,
@@ -242,8 +243,7 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
             "xattn_every": m.xattn_every, "xattn_heads": m.xattn_heads, "xattn_head_dim": m.xattn_head_dim,
             "lr": m.lr, "gate_lr_multiplier": m.gate_lr_multiplier, "micro_batch": m.micro_batch,
             "effective_batch": m.effective_batch, "max_len": m.max_len,
-            "train_budget": json.dumps(training_config(cfg, warm["version"] is not None).budget),
-            "decay_fraction": training_config(cfg, warm["version"] is not None).decay_fraction,
+            "train_budget": json.dumps(recipe.budget), "decay_fraction": recipe.decay_fraction,
             "train_tasks": ",".join(m.train_tasks), "prompt_pack": cfg.dataset.prompt_pack,
             "prompt_pack_version": pack_version, "data_hash": data_hash, "manifest_version": manifest_hash(manifest),
             "trainable_parameters": counts["trainable"],
