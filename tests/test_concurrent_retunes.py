@@ -70,6 +70,8 @@ def test_two_retunes_at_once_each_register_benchmark_and_judge_their_own_version
     own: dict[str, str] = {}
     for run in retunes:
         folder = cfg.workdir_path / "runs" / run.run_id
+        failed = [out[-6000:] for out in outs if "STEP_FAILURE" in out]
+        assert (folder / "model" / "registered.json").is_file(), "a retune step failed:\n" + "\n=====\n".join(failed)
         registered = json.loads((folder / "model" / "registered.json").read_text())
         bench = json.loads((folder / "reports" / "benchmark.json").read_text())
         assert registered["dagster_run_id"] == run.run_id
