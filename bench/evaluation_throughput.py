@@ -46,8 +46,9 @@ def main() -> None:
         model = load_package(package)
     else:
         from maemi_core.model.maemi_model import build_model
+        from maemi_core.vision.classifiers import vit_dir
         print(f"no package at {package}: timing the untrained model")
-        model = build_model(cfg).eval()
+        model = build_model(cfg, vit_dir(cfg)).eval()
     records = load_instruction_set(cfg)
     manifest = load_manifest(cfg)
     answerer = Answerer(model, manifest, cfg.evaluation.batch_size)

@@ -95,6 +95,7 @@ def main() -> None:
     from maemi_core.evaluation.benchmark_tables import bootstrap_ci
     from maemi_core.evaluation.text_metrics import score_pairs
     from maemi_core.model.maemi_model import build_model
+    from maemi_core.vision.classifiers import vit_dir
     from maemi_core.tracking import resolve_tracking_uri, tracked_run
     from maemi_core.teacher.instruction_set import load_instruction_set
     from maemi_core.checkpoints import load_checkpoint, save_checkpoint
@@ -106,7 +107,7 @@ def main() -> None:
     manifest = load_manifest(cfg)
     records = load_instruction_set(cfg)
     budgets = [float(b) for b in args.budgets.split(",")]
-    model = build_model(cfg)
+    model = build_model(cfg, vit_dir(cfg))
     data = tuning_data(cfg, manifest, records, model.tokenizer)
     train_ex, val_ex, images = data.train, data.val, data.images
     media = MediaCache(model, images)

@@ -49,12 +49,13 @@ def main() -> None:
     from maemi_core.config import load_config
     from maemi_core.model.dyqlora_fa import set_active_rank
     from maemi_core.model.maemi_model import build_model
+    from maemi_core.vision.classifiers import vit_dir
 
     ceiling = matmul_ceiling()
     print(f"threads {args.threads}: fp32 matmul ceiling {ceiling:.1f} GFLOP/s (2048^3, best of 5)")
 
     cfg = load_config("configs/default.yaml")
-    model = build_model(cfg)
+    model = build_model(cfg, vit_dir(cfg))
     model.train()
     model.vision.eval()
     set_active_rank(model, cfg.model.r_max)

@@ -104,7 +104,7 @@ def retune_fingerprint(cfg) -> dict:
     import hashlib
 
     from maemi_core.code_version import ASSET_ENTRIES, code_version
-    from maemi_core.data.sources import list_candidates
+    from maemi_core.data.manifest import list_candidates
 
     data = hashlib.sha256()
     for c in sorted(list_candidates(cfg), key=lambda c: str(c.path)):

@@ -34,9 +34,9 @@ def register_tiny_models(root: Path, aliases: tuple[str, ...] = ("champion",), m
     from mlflow.tracking import MlflowClient
 
     from maemi_core.model.maemi_model import build_model, save_package
+    from maemi_core.vision.classifiers import vit_dir
     from maemi_core.model_registry import log_and_register, registered_model_name
     from maemi_core.tracking import TrackingContext
-    from maemi_core.run_isolation import stage_dir
     from maemi_core.vision.vit import PaperViT, PaperViTConfig
 
     root.mkdir(parents=True, exist_ok=True)
@@ -57,9 +57,9 @@ def register_tiny_models(root: Path, aliases: tuple[str, ...] = ("champion",), m
     versions: dict[str, str] = {}
     for seed, alias in enumerate(aliases):
         torch.manual_seed(seed)
-        PaperViT(PaperViTConfig(num_classes=len(CLASSES))).save(stage_dir(cfg, "vision") / "vit", CLASSES)
+        PaperViT(PaperViTConfig(num_classes=len(CLASSES))).save(vit_dir(cfg), CLASSES)
         cfg.model.seed = seed
-        model = build_model(cfg)
+        model = build_model(cfg, vit_dir(cfg))
         # A random LM with tied embeddings copies its last prompt token (a newline: an empty
         # answer); with the final norm negated its greedy answer is words.
         if lm_profile == "tiny":

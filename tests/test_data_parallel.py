@@ -13,6 +13,7 @@ from maemi_core.config import load_config
 from maemi_core.data.sources import list_elpv
 from maemi_core.model.generation import generate_answers
 from maemi_core.model.maemi_model import build_model
+from maemi_core.vision.classifiers import vit_dir
 from maemi_core.training.data_parallel import train_in_processes
 from maemi_core.training.maemi_training import ImageStore, MaemiTrainingConfig, build_examples, train_maemi
 from tests.conftest import REPO
@@ -33,8 +34,8 @@ def setup(tmp_path):
     records = [{"id": f"r{k}", "image_ids": [f"i{k % 6}"],
                 "conversations": [{"from": "human", "value": "<image>\nDescribe the cell."},
                                   {"from": "gpt", "value": f"{words[k % 3]} ({k % 6})"}]} for k in range(24)]
-    model = build_model(cfg)
-    twin = build_model(cfg)              # the same seeds: the same model
+    model = build_model(cfg, vit_dir(cfg))
+    twin = build_model(cfg, vit_dir(cfg))              # the same seeds: the same model
     ref = model.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in twin.state_dict().items())
     train, _ = build_examples(records[:16], model.tokenizer, 64)

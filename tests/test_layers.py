@@ -13,8 +13,9 @@ CORE = Path(__file__).resolve().parents[1] / "maemi_core"
 LAYER = {"data": 0, "vision": 1, "teacher": 2, "model": 3, "training": 4, "evaluation": 5, "registry": 6}
 
 
-def imports() -> list[tuple[str, str]]:
-    """(importing module, imported module) for every maemi_core import in maemi_core."""
+def imports(into_layers_only: bool = True) -> list[tuple[str, str]]:
+    """(importing module, imported module) for every maemi_core import in maemi_core (only those
+    of a layer's modules unless ``into_layers_only`` is false)."""
     out = []
     for path in CORE.rglob("*.py"):
         module = ".".join(path.relative_to(CORE.parent).with_suffix("").parts).removesuffix(".__init__")
@@ -26,7 +27,7 @@ def imports() -> list[tuple[str, str]]:
                 names = [a.name for a in node.names]
             else:
                 continue
-            out += [(module, n) for n in names if n.startswith("maemi_core.") and _package(n)]
+            out += [(module, n) for n in names if n.startswith("maemi_core.") and (_package(n) or not into_layers_only)]
     return out
 
 
@@ -46,3 +47,26 @@ def test_the_base_modules_import_no_layer():
     base = sorted({(a, b) for a, b in imports() if a.count(".") == 1 and _package(b)
                    and a not in ("maemi_core.cli", "maemi_core.code_version")})
     assert not base, "a base module imports a layer:\n" + "\n".join(f"  {a} -> {b}" for a, b in base)
+
+
+def test_no_module_imports_itself_through_others():
+    """No import cycle among maemi_core's modules either, inside a subpackage included (such a
+    cycle works only while every import in it stays inside a function)."""
+    graph: dict[str, set[str]] = {}
+    for a, b in imports(into_layers_only=False):
+        graph.setdefault(a, set()).add(b)
+    cycles, state = [], {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for nxt in sorted(graph.get(module, ())):
+            if state.get(nxt) == "open":
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, "import cycles:\n" + "\n".join("  " + " -> ".join(c) for c in cycles)

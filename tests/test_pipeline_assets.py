@@ -349,6 +349,7 @@ def test_the_pipelines_trainer_and_the_learning_curve_bench_give_identical_weigh
 
     from maemi_core.data.manifest import load_manifest
     from maemi_core.model.maemi_model import build_model
+    from maemi_core.vision.classifiers import vit_dir
     from maemi_core.run_isolation import scoped
     from maemi_core.teacher.instruction_set import load_instruction_set
     from maemi_core.threads import fit_threads
@@ -364,7 +365,7 @@ def test_the_pipelines_trainer_and_the_learning_curve_bench_give_identical_weigh
     summary = tune_and_register(step, manifest, records)
     pipeline_weights = load_file(str(Path(summary["package"]) / "adapter.safetensors"))
 
-    model = build_model(cfg)
+    model = build_model(cfg, vit_dir(cfg))
     data = tuning_data(cfg, manifest, records, model.tokenizer)
     recipe = training_config(cfg)
     unit, amount = recipe.budget

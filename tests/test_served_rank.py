@@ -26,7 +26,7 @@ def package(tmp_path_factory):
     import torch
 
     from maemi_core.model.maemi_model import build_model, save_package
-    from maemi_core.run_isolation import stage_dir
+    from maemi_core.vision.classifiers import vit_dir
     from maemi_core.vision.vit import PaperViT, PaperViTConfig
 
     root = tmp_path_factory.mktemp("served")
@@ -41,8 +41,8 @@ def package(tmp_path_factory):
     }))
     cfg = load_config(profile)
     torch.manual_seed(0)
-    PaperViT(PaperViTConfig(num_classes=2)).save(stage_dir(cfg, "vision") / "vit", ["defective", "functional"])
-    return save_package(build_model(cfg), cfg, root / "package")
+    PaperViT(PaperViTConfig(num_classes=2)).save(vit_dir(cfg), ["defective", "functional"])
+    return save_package(build_model(cfg, vit_dir(cfg)), cfg, root / "package")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from maemi_core.config import ConfigError, MaemiConfig
 from maemi_core.data.databar import detect_databar
 from maemi_core.data.image_io import ImageRejected, inspect_image, load_gray_array, sha256_file
-from maemi_core.data.sources import Candidate, list_candidates
+from maemi_core.data.incoming import incoming_candidates
+from maemi_core.data.sources import Candidate, list_elpv, list_imagefolder
 from maemi_core.data.sample_groups import AUTO_GROUPS, earlier_group_ids, group_ids, relative_path, sample_names
 from maemi_core.data.splits import SPLITS, assign_split
 from maemi_core.run_isolation import stage_dir
@@ -49,6 +50,19 @@ class ManifestResult:
     @property
     def data_version(self) -> str:
         return manifest_hash(self.manifest)
+
+
+def list_candidates(cfg: MaemiConfig) -> list[Candidate]:
+    """The configured dataset's files plus those of every ingested fab batch (incoming.py)."""
+    ds = cfg.dataset
+    if ds.kind == "elpv":
+        cands = list_elpv()
+    else:
+        cands = list_imagefolder(cfg.resolve(ds.root), source="imagefolder")
+        if ds.test_root:
+            cands += list_imagefolder(cfg.resolve(ds.test_root), source="imagefolder_test", forced_split="test")
+    return cands + incoming_candidates(cfg)
+
 
 
 def manifest_hash(manifest: pd.DataFrame) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from maemi_core.config import ConfigError, MaemiConfig
+from maemi_core.config import ConfigError
 
 # The ELPV defect-probability buckets, named so that text models can talk about them.
 ELPV_LABELS = {
@@ -117,16 +117,3 @@ def empty_class_folders(root: Path) -> list[str]:
     return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
                   and not any(p.is_file() and p.name.lower() not in _IGNORED_NAMES for p in d.rglob("*")))
 
-
-def list_candidates(cfg: MaemiConfig) -> list[Candidate]:
-    """The configured dataset's files plus those of every ingested fab batch (incoming.py)."""
-    from maemi_core.data.incoming import incoming_candidates
-
-    ds = cfg.dataset
-    if ds.kind == "elpv":
-        cands = list_elpv()
-    else:
-        cands = list_imagefolder(cfg.resolve(ds.root), source="imagefolder")
-        if ds.test_root:
-            cands += list_imagefolder(cfg.resolve(ds.test_root), source="imagefolder_test", forced_split="test")
-    return cands + incoming_candidates(cfg)

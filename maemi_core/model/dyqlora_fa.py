@@ -246,6 +246,11 @@ def training_numerics(model: nn.Module):
             m.fast_kernel = v
 
 
+# The two numerics a package may serve with (its ``inference_kernel``; chosen by inference_kernel.py).
+FAST_KERNEL = "dynamic_int8"        # int8 weights and activations (torch.ops.quantized.linear_dynamic)
+EXACT_KERNEL = "weight_only_int8"   # the training numerics: int8 weights, fp32 activations
+
+
 def set_fast_kernel(model: nn.Module, enabled: bool) -> None:
     for m in dylora_layers(model):
         m.fast_kernel = enabled

@@ -16,10 +16,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from maemi_core.model.dyqlora_fa import EXACT_KERNEL as EXACT
+from maemi_core.model.dyqlora_fa import FAST_KERNEL as FAST
 from maemi_core.model.dyqlora_fa import training_numerics
-
-FAST = "dynamic_int8"        # int8 weights and activations (torch.ops.quantized.linear_dynamic)
-EXACT = "weight_only_int8"   # the training numerics: int8 weights, fp32 activations
 MAX_LOSS_DELTA = 0.02
 MIN_EXACT_MATCH = 0.9
 

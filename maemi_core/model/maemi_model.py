@@ -27,7 +27,6 @@ from maemi_core.data.transforms import standardize
 from maemi_core.model.dyqlora_fa import DEFAULT_TARGETS, apply_dyqlora_fa, dylora_layers
 from maemi_core.model.frozen_activations import use_lean_swiglu
 from maemi_core.model.gated_cross_attention import GatedCrossAttention, GatedXAttnDecoderLayer, media_attention_mask
-from maemi_core.run_isolation import stage_dir
 
 from maemi_core.model.prompts import ENCODE_TOKEN, IMAGE_TOKEN  # noqa: F401 (the model's new tokens)
 # Buffers fitted by training (``media_standardize``) that travel with the trained parameters.
@@ -64,6 +63,7 @@ class MaemiModel(nn.Module):
         self.encode_token_id = tokenizer.convert_tokens_to_ids(ENCODE_TOKEN)
         self.lm = lm
         self.vision = vision_encoder
+        self.vit_dir: Optional[Path] = None   # where the trained ViT was read from (it travels in the package)
         for p in list(self.lm.parameters()) + list(self.vision.parameters()):
             p.requires_grad_(False)
         self.vision.eval()
@@ -241,17 +241,19 @@ def _vision_encoder(kind: str, vit_dir: Optional[str]):
     return vit, vit.cfg.dim
 
 
-def build_model(cfg) -> MaemiModel:
+def build_model(cfg, vit_dir: Optional[Path] = None) -> MaemiModel:
     """A fresh (untrained) MAEMI model for a profile: LM per ``model.lm_profile``, vision per
-    ``vision.encoder`` (the ViT trained by vit_classifier, or EfficientNet-Lite0)."""
+    ``vision.encoder`` (EfficientNet-Lite0, or the ViT that vit_classifier saved in ``vit_dir``)."""
     from maemi_core.model.language_model import load_language_model
 
     lm, tok = load_language_model(cfg.model.lm_profile, cfg.resolve(cfg.model.lm_cache) if cfg.model.lm_cache else None,
                                   cfg.model.lm_path, cfg.model.seed)
-    vit_dir = stage_dir(cfg, "vision") / "vit"
-    vision, vis_dim = _vision_encoder(cfg.vision.encoder, str(vit_dir) if vit_dir.is_dir() else None)
+    use_vit = cfg.vision.encoder == "vit" and vit_dir is not None and Path(vit_dir).is_dir()
+    vision, vis_dim = _vision_encoder(cfg.vision.encoder, str(vit_dir) if use_vit else None)
     torch.manual_seed(cfg.model.seed)
-    return MaemiModel(lm, tok, vision, vis_dim, model_config_from(cfg))
+    model = MaemiModel(lm, tok, vision, vis_dim, model_config_from(cfg))
+    model.vit_dir = Path(vit_dir) if use_vit else None
+    return model
 
 
 def save_package(model: MaemiModel, cfg, directory, extra_meta: Optional[dict] = None) -> Path:
@@ -277,7 +279,7 @@ def save_package(model: MaemiModel, cfg, directory, extra_meta: Optional[dict] =
             "served_rank_cache": cfg.model.served_rank_cache, "dataset": cfg.dataset.name,
             "crop_databar": bool(cfg.dataset.crop_databar), **(extra_meta or {})}
     if cfg.vision.encoder == "vit":
-        shutil.copytree(stage_dir(cfg, "vision") / "vit", d / "vit",
+        shutil.copytree(model.vit_dir, d / "vit",
                         ignore=shutil.ignore_patterns("checkpoint.pt", "history.csv"))
     if cfg.model.lm_profile == "tiny":
         lm_dir = d / "lm"
@@ -311,11 +313,11 @@ def load_package(directory, lm_cache: Optional[str] = None) -> MaemiModel:
         raise ValueError(f"adapter does not fit the model: unexpected {missing.unexpected_keys[:5]}")
     model.max_new_tokens = meta.get("max_new_tokens", 96)
     model.package_meta = meta
-    from maemi_core.model.dyqlora_fa import DEFAULT_MERGED_CACHE, set_fast_kernel, set_merged_cache_size
-    from maemi_core.model.inference_kernel import FAST
+    model.vit_dir = d / "vit" if (d / "vit").is_dir() else None
+    from maemi_core.model.dyqlora_fa import DEFAULT_MERGED_CACHE, FAST_KERNEL, set_fast_kernel, set_merged_cache_size
 
     set_merged_cache_size(model, int(meta.get("served_rank_cache", DEFAULT_MERGED_CACHE)))
 
     # Packages from before the kernel decision carry no choice: serve the training numerics.
-    set_fast_kernel(model, meta.get("inference_kernel") == FAST)
+    set_fast_kernel(model, meta.get("inference_kernel") == FAST_KERNEL)
     return model.eval()

@@ -14,6 +14,7 @@ from maemi_core.code_version import code_version
 from maemi_core.config import MaemiConfig
 from maemi_core.vision.classification_metrics import loss_curve_figure
 from maemi_core.model.maemi_model import build_model, save_package
+from maemi_core.vision.classifiers import vit_dir
 from maemi_core.tracking import TrackingContext
 from maemi_core.teacher.instruction_set import stable_slice
 from maemi_core.training.maemi_training import (
@@ -174,7 +175,7 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
     from maemi_core.model_registry import log_and_register, registered_model_name
 
     m = cfg.model
-    model = build_model(cfg)
+    model = build_model(cfg, vit_dir(cfg))
     data = tuning_data(cfg, manifest, records, model.tokenizer)
     train_recs, val_recs, train_ex, val_ex, images = data.train_recs, data.val_recs, data.train, data.val, data.images
     counts = model.parameter_counts()

@@ -25,7 +25,7 @@ from maemi_core.model.frozen_activations import use_returning_allocator
 from maemi_core.model.maemi_model import MaemiModel
 from maemi_core.model.prompts import prompt_ids
 from maemi_core.checkpoints import load_checkpoint, save_checkpoint
-from maemi_core.training.data_parallel import SINGLE, World
+from maemi_core.training.process_group import SINGLE, World
 
 
 @dataclass

@@ -100,6 +100,11 @@ def vision_dir(cfg: MaemiConfig) -> Path:
     return stage_dir(cfg, "vision")
 
 
+def vit_dir(cfg: MaemiConfig) -> Path:
+    """Where vit_classifier keeps the trained ViT (the encoder of the ``vit`` profiles)."""
+    return vision_dir(cfg) / "vit"
+
+
 
 def load_vision_data(cfg: MaemiConfig, manifest: pd.DataFrame) -> VisionData:
     class_names = sorted(manifest["label"].unique())

@@ -34,7 +34,9 @@ def load_encoder(cfg: MaemiConfig) -> torch.nn.Module:
     else:
         from maemi_core.vision.vit import PaperViT
 
-        directory = stage_dir(cfg, "vision") / "vit"
+        from maemi_core.vision.classifiers import vit_dir
+
+        directory = vit_dir(cfg)
         if not (directory / "model.safetensors").is_file():
             raise FileNotFoundError(f"no trained ViT in {directory}: materialize vit_classifier first")
         encoder, _ = PaperViT.load(directory)
