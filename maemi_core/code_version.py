@@ -39,6 +39,9 @@ ASSET_ENTRIES: dict[str, tuple[str, ...]] = {
     "benchmark_tables": ("data.manifest", "evaluation.benchmark_run", "evaluation.benchmark_tables",
                          "registry.registered_benchmark", "teacher.instruction_set", "run_isolation", "threads"),
     "model_promotion": ("registry.model_promotion",),
+    "paper_baseline": ("data.manifest", "vision.paper_baselines.baseline_training", "vision.paper_baselines.paper_tables",
+                       "run_isolation", "threads"),
+    "paper_tables": ("data.manifest", "vision.paper_baselines.paper_tables", "run_isolation"),
 }
 
 

@@ -415,6 +415,21 @@ class PromotionConfig(_Strict):
         return value
 
 
+class PaperBaselinesConfig(_Strict):
+    # The paper's Tables 7 and 8 (job paper_baselines; maemi_core/vision/paper_baselines/): every
+    # row trains from scratch on the manifest's splits under the same budget.
+    image_size: int = 96                # the rows' input size (the pipeline's vision models read 224)
+    model_size: Literal["default", "tiny"] = "default"   # each row's widths and depths (zoo.py); tiny: tests
+    epochs: int = 30                    # per row; training stops at epochs or minutes, whichever comes first
+    minutes: float = 3.0                # per row, wall time on this profile's machine
+    batch_size: int = 32
+    lr: float = 1e-3                    # AdamW (weight decay 0.05) for supervised rows and pretraining
+    graph_grid: int = 8                 # Table 8: each image as a graph of grid x grid patches
+    graph_hidden: int = 64
+    graph_layers: int = 3
+    seed: int = 0
+
+
 class MaemiConfig(_Strict):
     dataset: DatasetConfig
     workdir: str
@@ -426,6 +441,7 @@ class MaemiConfig(_Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     operations: OperationsConfig = Field(default_factory=OperationsConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    paper_baselines: PaperBaselinesConfig = Field(default_factory=PaperBaselinesConfig)
 
     # Filled in by load_config, not read from YAML.
     config_name: str = ""

@@ -28,9 +28,11 @@ input fingerprint equals the published copy's adopts that copy (``reusable`` / `
 link in its run folder) instead of recomputing: materializing everything twice trains nothing
 and asks the teacher nothing.
 
-``stage`` names: raw_images, vision, embeddings, demonstrations, instructions, model, reports.
+``stage`` names: raw_images, vision, embeddings, demonstrations, instructions, model, reports,
+paper_tables.
 Shared on purpose (content-addressed or append-only, safe for concurrent runs): ``cache/``
-(keyed by manifest hash), the teacher cache ``cache/teacher_cache.sqlite``, ``incoming_ingested/`` (one file per batch) and
+(keyed by manifest hash), the teacher cache ``cache/teacher_cache.sqlite``, ``incoming_ingested/`` (one file per batch),
+``paper_baselines/<row>/<input fingerprint>/`` (one folder per row and inputs) and
 ``registry/`` (promotion lock and log).
 """
 
@@ -45,7 +47,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-STAGES = ("raw_images", "vision", "embeddings", "demonstrations", "instructions", "model", "reports")
+STAGES = ("raw_images", "vision", "embeddings", "demonstrations", "instructions", "model", "reports", "paper_tables")
 COMPLETE = ".complete"
 RUNS = "runs"
 

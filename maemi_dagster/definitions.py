@@ -5,7 +5,7 @@ import os
 import dagster as dg
 
 from maemi_core.config import TeacherConfig
-from maemi_dagster.assets import data, evaluation, model, operations, teacher, vision
+from maemi_dagster.assets import data, evaluation, model, operations, paper_baselines, teacher, vision
 from maemi_dagster.automation import JOBS, SCHEDULES, SENSORS
 from maemi_dagster.checks import EVALUATION_CHECKS, INSTRUCTION_SET_CHECKS, RAW_IMAGES_CHECKS, VISION_CHECKS
 from maemi_dagster.executor import executor
@@ -16,7 +16,7 @@ from maemi_dagster.resources import MaemiConfigResource, MLflowResource, Teacher
 _KEY_ENV = TeacherConfig().api_key_env
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([data, vision, teacher, model, evaluation, operations]),
+    assets=dg.load_assets_from_modules([data, vision, teacher, model, evaluation, operations, paper_baselines]),
     asset_checks=[*RAW_IMAGES_CHECKS, *VISION_CHECKS, *INSTRUCTION_SET_CHECKS, *EVALUATION_CHECKS],
     jobs=JOBS,
     sensors=SENSORS,

@@ -13,7 +13,7 @@ from maemi_dagster.definitions import defs
 from tests.conftest import REPO
 
 EXPECTED_ASSETS = {"raw_images", "vit_classifier", "image_embeddings", "demonstration_sets", "instruction_set",
-                   "maemi_model", "benchmark_tables", "model_promotion", "fab_batch"}
+                   "maemi_model", "benchmark_tables", "model_promotion", "fab_batch", "paper_baseline", "paper_tables"}
 EXPECTED_CHECKS = {"raw_images_no_split_leakage", "raw_images_class_balance", "raw_images_rejected_fraction",
                    "raw_images_sample_groups",
                    "vit_classifier_encoder_is_validation_winner", "vit_classifier_not_below_majority",
@@ -29,7 +29,7 @@ def test_definitions_list_the_expected_assets_and_checks():
     assert EXPECTED_CHECKS <= checks
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
-        assert node.group_name in {"data", "vision", "teacher", "model", "evaluation", "registry"}
+        assert node.group_name in {"data", "vision", "teacher", "model", "evaluation", "registry", "paper_baselines"}
         assert node.description and node.code_version and node.owners
         assert len(node.code_version) == 12 and node.code_version != "1"    # derived from the core code it runs
 

@@ -69,6 +69,8 @@ def train_classifier(
     stop_after_epoch: Optional[int] = None,
     inputs: Callable[[np.ndarray], torch.Tensor] = image_inputs,
     augment_batch: Callable[[torch.Tensor, torch.Generator], torch.Tensor] = augment,
+    max_minutes: Optional[float] = None,
+    extra_loss: Optional[Callable[[nn.Module], torch.Tensor]] = None,
 ) -> TrainingResult:
     """Train ``model`` in place; on return it holds the best-validation weights.
 
@@ -76,9 +78,12 @@ def train_classifier(
     checkpoint (used by tests of resume). ``inputs`` turns a slice of the training arrays into
     the model's input batch (default: uint8 images, standardised) and ``augment_batch`` augments
     it when ``cfg.augment`` (default: the orientation-free image augmentation); a model trained
-    on cached features passes its own.
+    on cached features passes its own. ``max_minutes`` ends training after the epoch that
+    reaches it (wall time of this call: a resumed run starts a new clock); ``extra_loss(model)``
+    is added to each step's loss (a model's own auxiliary objective).
     """
-    num_classes = int(model.head.out_features)
+    num_classes = int(getattr(model, "num_classes", None) or model.head.out_features)
+    t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     weights = class_weights(train_labels, num_classes) if cfg.class_weighting else None
@@ -109,6 +114,8 @@ def train_classifier(
             if cfg.augment:
                 x = augment_batch(x, gen)
             loss = F.cross_entropy(model(x), y_train[idx], weight=weights, label_smoothing=cfg.label_smoothing)
+            if extra_loss is not None:
+                loss = loss + extra_loss(model)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -129,6 +136,8 @@ def train_classifier(
         if stop:
             break
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            break
+        if max_minutes is not None and (time.perf_counter() - t_start) / 60 >= max_minutes:
             break
     model.load_state_dict(best_state)
     return result
