@@ -123,3 +123,32 @@ def test_one_row_of_each_family_trains_through_the_job_and_a_failing_partition_f
     # the row's scores are those it recorded for the test images
     folder = cfg.workdir_path / "paper_baselines" / "GraphConv" / row_fingerprint(cfg, "GraphConv")
     assert np.load(folder / "test_scores.npy").shape == (12, 4)
+
+
+def test_a_second_run_of_the_same_row_waits_for_the_first(tmp_path, profile_factory):
+    """Two runs of one partition never train the same row into the same folder at once: the
+    second waits for the first (then reuses its result) and gives up with LockTimeout."""
+    import threading
+
+    from maemi_core.shared_database import LockTimeout
+    from maemi_dagster.assets.paper_baselines import row_lock
+
+    cfg = profile_factory()
+    folder = tmp_path / "paper_baselines" / "SqueezeNet" / "abc"
+    held, release = threading.Event(), threading.Event()
+
+    def first():
+        with row_lock(cfg, folder, timeout_s=5):
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert held.wait(5)
+    with pytest.raises(LockTimeout, match="another run"):
+        with row_lock(cfg, folder, timeout_s=1.5):
+            pass
+    release.set()
+    t.join()
+    with row_lock(cfg, folder, timeout_s=5):
+        pass

@@ -2,7 +2,11 @@
 be materialized, retried and compared alone; under the Celery executor, partitions launched
 together run on different workers), and ``paper_tables`` over all of them."""
 
+import contextlib
+import fcntl
 import json
+import time
+from pathlib import Path
 
 import dagster as dg
 import mlflow
@@ -36,6 +40,34 @@ def row_fingerprint(cfg, method: str) -> str:
                        method)
 
 
+@contextlib.contextmanager
+def row_lock(cfg, folder: Path, timeout_s: float):
+    """One training of a row and its inputs at a time: a second run of the same partition waits,
+    then reuses the first one's result (across hosts: the shared database's advisory lock)."""
+    from maemi_core.shared_database import LockTimeout, advisory_lock, shared_database_url
+
+    url = shared_database_url(cfg)
+    if url:
+        with advisory_lock(url, f"paper_baseline:{folder.parent.name}:{folder.name}", timeout_s=timeout_s):
+            yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as fh:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LockTimeout(f"{folder} was being trained by another run for {timeout_s:g} s") from None
+                time.sleep(1.0)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def budget(cfg) -> Budget:
     b = cfg.paper_baselines
     return Budget(b.epochs, b.minutes, b.batch_size, b.lr, b.seed, b.model_size, b.image_size, b.graph_grid,
@@ -63,6 +95,12 @@ def paper_baseline(context: dg.AssetExecutionContext, maemi_config: MaemiConfigR
     method = context.partition_key
     fp = row_fingerprint(cfg, method)
     folder = result_dir(cfg, method, fp)
+    # a run of the same row that is training holds the lock for at most its budget and scoring
+    with row_lock(cfg, folder, timeout_s=60 * (2 * cfg.paper_baselines.minutes + 30)):
+        return _train_or_reuse(context, cfg, method, fp, folder, mlflow_tracking)
+
+
+def _train_or_reuse(context, cfg, method: str, fp: str, folder: Path, mlflow_tracking) -> dg.MaterializeResult:
     if (folder / "result.json").is_file():
         result = json.loads((folder / "result.json").read_text())
         context.log.info(f"{method}: reusing the result for the same data, code and budget ({folder})")
@@ -78,7 +116,8 @@ def paper_baseline(context: dg.AssetExecutionContext, maemi_config: MaemiConfigR
     try:
         with tracker.run(f"paper_baseline-{method}"):
             mlflow.log_params({"row": method, **{f"budget.{k}": v for k, v in b.__dict__.items()}})
-            result = train_row(row(method), data, b, folder, log=context.log.info)
+            result = train_row(row(method), data, b, folder, log=context.log.info,
+                               checkpoints=folder / "runs" / (getattr(cfg, "_run_scope", None) or "local"))
             history = pd.read_csv(folder / "history.csv")
             if "val_loss" not in history:
                 history["val_loss"] = float("nan")      # pretraining: no validation loss

@@ -25,7 +25,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -130,15 +130,19 @@ class Budget:
 
 
 def train_row(row: Row, data: SplitData, budget: Budget, out: Path,
-              log: Callable[[str], None] = lambda m: None) -> dict:
+              log: Callable[[str], None] = lambda m: None, checkpoints: Optional[Path] = None) -> dict:
     """Train, select and score ``row``; writes ``history.csv`` and ``test_scores.npy`` under
-    ``out`` (and its checkpoint) and returns the table row."""
+    ``out`` and returns the table row. Checkpoints go to ``checkpoints`` (default ``out``): one
+    folder per run, so two runs of the same row never resume each other's training, while a
+    re-execution of a killed run resumes its own."""
     from maemi_core.config import ClassifierTrainingConfig
     from maemi_core.vision.classifier_training import image_inputs, predict_logits, train_classifier
 
     if row.unavailable:
         raise RuntimeError(f"{row.method} cannot run here: {row.unavailable}")
     out.mkdir(parents=True, exist_ok=True)
+    checkpoints = checkpoints or out
+    checkpoints.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(budget.seed)
     c = len(data.class_names)
     t0 = time.perf_counter()
@@ -151,13 +155,13 @@ def train_row(row: Row, data: SplitData, budget: Budget, out: Path,
     on_epoch = lambda r: log(f"{row.method} epoch {r.epoch}: train {r.train_loss:.4f} val {r.val_loss:.4f} "   # noqa: E731
                                  f"val top-1 {r.val_acc:.3f} ({r.images_per_s:.0f} images/s)")
     if row.kind == "supervised" and row.method == "Distillation":
-        scores, history, params = _distill(data, budget, tcfg, out, fingerprint, on_epoch, log)
+        scores, history, params = _distill(data, budget, tcfg, checkpoints, fingerprint, on_epoch, log)
     elif row.kind == "supervised":
         from maemi_core.vision.paper_baselines.zoo import build_supervised
 
         model = build_supervised(row.method, c, budget.image_size, budget.model_size)
         progress = train_classifier(model, data.images["train"], data.labels["train"], data.images["val"],
-                                    data.labels["val"], tcfg, out / "checkpoint.pt", fingerprint, on_epoch=on_epoch,
+                                    data.labels["val"], tcfg, checkpoints / "checkpoint.pt", fingerprint, on_epoch=on_epoch,
                                     max_minutes=budget.minutes)
         scores = predict_logits(model, data.images["test"]).numpy()
         history, params = pd.DataFrame([h.__dict__ for h in progress.history]), _params(model)
@@ -169,7 +173,7 @@ def train_row(row: Row, data: SplitData, budget: Budget, out: Path,
         batcher = GraphBatcher.fitted(feats["train"], budget.graph_grid)
         model = GraphClassifier(row.method, feats["train"].shape[-1], budget.graph_hidden, budget.graph_layers, c)
         progress = train_classifier(model, feats["train"], data.labels["train"], feats["val"], data.labels["val"],
-                                    tcfg.model_copy(update={"augment": False}), out / "checkpoint.pt", fingerprint,
+                                    tcfg.model_copy(update={"augment": False}), checkpoints / "checkpoint.pt", fingerprint,
                                     on_epoch=on_epoch, inputs=batcher, max_minutes=budget.minutes,
                                     extra_loss=lambda m: m.extra_loss())
         scores = predict_logits(model, feats["test"], inputs=batcher).numpy()
@@ -206,7 +210,7 @@ def train_row(row: Row, data: SplitData, budget: Budget, out: Path,
     return result
 
 
-def _distill(data: SplitData, budget: Budget, tcfg, out: Path, fingerprint: str, on_epoch, log):
+def _distill(data: SplitData, budget: Budget, tcfg, checkpoints: Path, fingerprint: str, on_epoch, log):
     """DeiT: a ResNet teacher (half the budget), then the distillable ViT against it."""
     import torch.nn.functional as F
 
@@ -219,7 +223,7 @@ def _distill(data: SplitData, budget: Budget, tcfg, out: Path, fingerprint: str,
     half = max(1, budget.epochs // 2)
     teacher = build_supervised("ResNet", c, budget.image_size, budget.model_size)
     train_classifier(teacher, data.images["train"], data.labels["train"], data.images["val"], data.labels["val"],
-                     tcfg.model_copy(update={"max_epochs": half}), out / "teacher_checkpoint.pt", fingerprint + "teacher",
+                     tcfg.model_copy(update={"max_epochs": half}), checkpoints / "teacher_checkpoint.pt", fingerprint + "teacher",
                      on_epoch=on_epoch, max_minutes=budget.minutes / 2)
     teacher.eval().requires_grad_(False)
     student = build_supervised("Distillation", c, budget.image_size, budget.model_size).net
