@@ -7,6 +7,8 @@ One module-scoped stack; the tests run in file order and build on each other:
 1. the tiny pipeline runs end to end through the run queue, its steps on both workers; one worker
    is SIGKILLed while it runs a step, and the run still completes with every asset materialized
    exactly once (the broker re-delivers the unacknowledged step to the other worker);
+   then two partitions of ``paper_baseline`` (the paper's Tables 7/8), launched as one backfill,
+   run at once on the two workers;
 2. the model is registered in the server's registry, promoted under the shared database's lock,
    and served from ``models:/...@champion`` through the server; teacher answers are in PostgreSQL;
 3. two ``retune`` runs submitted at once are serialised by the queue;
@@ -186,6 +188,38 @@ def test_pipeline_through_the_queue_on_two_workers_survives_a_killed_worker(stac
     assert info["materializations"] and set(info["materializations"].values()) == {1}, info["materializations"]
     for asset in ("raw_images", "instruction_set", "maemi_model", "benchmark_tables", "model_promotion"):
         assert info["materializations"].get(asset) == 1, asset
+
+
+def test_paper_baseline_partitions_run_on_two_workers_at_once(stack):
+    """Two rows of the paper's tables, launched together as a backfill, run at the same time on
+    different workers (the torch pool allows two, as for two hosts with one torch worker each)."""
+    up = stack.script("up")                       # brings back a worker an earlier test killed
+    assert up.returncode == 0, up.stdout + up.stderr
+    limit = stack.dagster("instance", "concurrency", "set", "maemi_torch", "2")
+    assert limit.returncode == 0, limit.stdout + limit.stderr
+    try:
+        out = stack.dagster("job", "backfill", "-j", "paper_baselines", "--partitions", "SqueezeNet,GraphConv",
+                            "-w", str(REPO / "workspace.yaml"), "--noprompt")
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        deadline = time.time() + RUN_TIMEOUT_S
+        while True:
+            ids = json.loads(stack.query("""
+import json
+import dagster as dg
+inst = dg.DagsterInstance.get()
+print(json.dumps([r.run_id for r in inst.get_runs(dg.RunsFilter(job_name="paper_baselines"))]))"""))
+            infos = [_run_info(stack, i) for i in ids]
+            if len(ids) == 2 and all(i["status"] in FINISHED for i in infos):
+                break
+            assert time.time() < deadline, infos
+            time.sleep(3)
+    finally:
+        stack.dagster("instance", "concurrency", "set", "maemi_torch", "1")
+    assert all(i["status"] == "SUCCESS" for i in infos), infos
+    workers = {i["workers"]["paper_baseline"][-1].split("@")[0] for i in infos}
+    assert workers == {"worker1", "worker2"}, infos
+    first, second = sorted(infos, key=lambda i: i["start"])
+    assert second["start"] < first["end"], (first, second)       # they overlapped
 
 
 def test_registry_promotion_lock_and_serving_through_the_server(stack):
