@@ -116,3 +116,29 @@ def advisory_lock(url: str, name: str, timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
                 cur.execute("SELECT pg_advisory_unlock(%s)", (key,))
     finally:
         conn.close()
+
+
+@contextmanager
+def host_file_lock(path, timeout_s: float, what: str, poll_s: float = 0.05) -> Iterator[None]:
+    """Exclusive across the processes of this host (``fcntl.flock`` on ``path``): waits at most
+    ``timeout_s``, then raises :class:`LockTimeout` naming ``what`` is held."""
+    import fcntl
+    import time
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout_s
+    with open(path, "a+") as fh:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LockTimeout(f"{what} was held by another process for {timeout_s:g} s") from None
+                time.sleep(poll_s)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -38,11 +38,9 @@ the model version and as a row in ``<workdir>/registry/promotion_log.csv``.
 
 from __future__ import annotations
 
-import fcntl
 import math
 import os
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -243,25 +241,13 @@ def registry_lock(path: "Path | SharedLock", timeout_s: float = 600.0):
         with _THREAD_LOCK, advisory_lock(path.url, f"registry:{path.name}"):
             yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout_s
+    from maemi_core.shared_database import host_file_lock
+
     if not _THREAD_LOCK.acquire(timeout=timeout_s):
         raise LockTimeout(f"the registry lock {path} was held by another thread of this process for {timeout_s:g} s")
     try:
-        with open(path, "a+") as fh:
-            while True:
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise LockTimeout(f"the registry lock {path} was held by another process for "
-                                          f"{timeout_s:g} s; nothing was promoted") from None
-                    time.sleep(0.05)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with host_file_lock(path, timeout_s, f"the registry lock {path} (nothing was promoted)"):
+            yield
     finally:
         _THREAD_LOCK.release()
 

@@ -3,9 +3,7 @@ be materialized, retried and compared alone; under the Celery executor, partitio
 together run on different workers), and ``paper_tables`` over all of them."""
 
 import contextlib
-import fcntl
 import json
-import time
 from pathlib import Path
 
 import dagster as dg
@@ -44,28 +42,15 @@ def row_fingerprint(cfg, method: str) -> str:
 def row_lock(cfg, folder: Path, timeout_s: float):
     """One training of a row and its inputs at a time: a second run of the same partition waits,
     then reuses the first one's result (across hosts: the shared database's advisory lock)."""
-    from maemi_core.shared_database import LockTimeout, advisory_lock, shared_database_url
+    from maemi_core.shared_database import advisory_lock, host_file_lock, shared_database_url
 
     url = shared_database_url(cfg)
     if url:
         with advisory_lock(url, f"paper_baseline:{folder.parent.name}:{folder.name}", timeout_s=timeout_s):
             yield
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+") as fh:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise LockTimeout(f"{folder} was being trained by another run for {timeout_s:g} s") from None
-                time.sleep(1.0)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with host_file_lock(folder / ".lock", timeout_s, f"{folder} (another run training this row)", poll_s=1.0):
+        yield
 
 
 def budget(cfg) -> Budget:

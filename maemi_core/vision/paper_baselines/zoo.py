@@ -28,7 +28,7 @@ Where the rows come from:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch.nn as nn
 
@@ -246,11 +246,3 @@ def row(method: str) -> Row:
         return BY_METHOD[method]
     except KeyError:
         raise KeyError(f"no row {method!r} in the paper's tables; one of {', '.join(BY_METHOD)}") from None
-
-
-def partition_key(method: str) -> str:
-    """Dagster partition keys allow letters, digits, '-' and '_': the paper's names already fit."""
-    return method
-
-
-BUILDERS: dict[str, Callable] = {"supervised": build_supervised}
