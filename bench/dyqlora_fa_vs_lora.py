@@ -146,7 +146,9 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    torch.set_num_threads(args.threads)
+    from maemi_core.threads import use_threads
+
+    use_threads(args.threads)          # subnormals flushed before torch starts its threads
     if args.variant:
         print(json.dumps(train_variant(args.variant, args.batch, args.seq, args.steps, args.glibc_default)))
         return

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from maemi_core.threads import use_threads
+
 from maemi_core.config import load_config
 from maemi_core.data.manifest import load_manifest
 from maemi_core.evaluation.answering import Answerer, DecodeStats, benchmark_records
@@ -38,7 +40,7 @@ def main() -> None:
     parts = set(args.parts.split(","))
     if not parts <= {"decoding", "likelihoods", "metrics"}:
         raise SystemExit(f"--parts {args.parts}: choose from decoding, likelihoods, metrics")
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads)          # subnormals flushed before torch starts its threads
     cfg = load_config(args.config)
     package = Path(args.package) if args.package else cfg.workdir_path / "model" / "package"
     if package.is_dir():

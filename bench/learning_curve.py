@@ -46,6 +46,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from maemi_core.threads import use_threads
+
 
 def _replace_atomically(path: Path, write) -> None:
     """``write(tmp)`` to a unique file beside ``path``, then rename it over ``path``: a run killed
@@ -83,7 +85,7 @@ def main() -> None:
     last = max(float(b) for b in args.budgets.split(","))
     if not 0 <= args.decay <= last:
         raise SystemExit(f"--decay {args.decay:g}: give 0 (constant rate) up to the last budget ({last:g} {args.unit})")
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads)          # subnormals flushed before torch starts its threads
     if args.replot:
         return replot(args)
 

@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from maemi_core.threads import use_threads
+
 
 def matmul_ceiling(n: int = 2048, repeats: int = 5) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -42,7 +44,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads)          # subnormals flushed before torch starts its threads
 
     from torch.utils.flop_counter import FlopCounterMode
 

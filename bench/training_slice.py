@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from maemi_core.threads import use_threads
+
 
 def parse_weights(text: str) -> dict[str, int]:
     if text.strip() in ("", "even"):
@@ -36,7 +38,7 @@ def main() -> None:
     ap.add_argument("--tasks", default="vqa,caption")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads)          # subnormals flushed before torch starts its threads
 
     import pandas as pd
 

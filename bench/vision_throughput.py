@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+
+from maemi_core.threads import use_threads
 import torch.nn.functional as F
 
 from maemi_core.data.sources import list_elpv
@@ -66,7 +68,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads)          # subnormals flushed before torch starts its threads
     n = args.batches * args.batch_size
     cands = list_elpv()[:n]
     images = build_image_array(pd.DataFrame({"path": [str(c.path) for c in cands], "crop_bottom": 0}), 224)

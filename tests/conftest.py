@@ -20,6 +20,14 @@ from maemi_core.data.sources import list_elpv  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """The tests compute as the pipeline's steps do: subnormals flushed on every torch thread, set
+    before torch starts any (maemi_core.threads)."""
+    from maemi_core.threads import flush_denormals
+
+    flush_denormals()
+
+
 @contextlib.contextmanager
 def served_model(model_uri: str, env: dict, cwd=None, timeout: float = 300):
     """``mlflow models serve`` of ``model_uri`` on a free loopback port, yielding the port once

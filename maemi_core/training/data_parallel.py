@@ -32,6 +32,7 @@ from typing import Callable, Optional
 
 import torch
 
+from maemi_core.threads import use_threads
 from maemi_core.training.process_group import init_world
 
 
@@ -97,7 +98,7 @@ def main(job_dir: str) -> None:
     from maemi_core.training.maemi_training import ImageStore, MaemiTrainingConfig, train_maemi
 
     job = Path(job_dir)
-    torch.set_num_threads(int(os.environ.get("MAEMI_DP_THREADS", "1")))
+    use_threads(int(os.environ.get("MAEMI_DP_THREADS", "1")))
     world = init_world()
     data = torch.load(job / "data.pt", weights_only=False)
     model = load_package(job / "model", data["lm_cache"])
