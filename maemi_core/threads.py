@@ -7,17 +7,23 @@ torch step run at a time across all runs (pool ``maemi_torch``, limit 1) and the
 one per run; ``operations.torch_steps_at_once`` states that number, and each step takes
 ``cores // torch_steps_at_once`` threads. Raise both together on a bigger machine.
 
-Subnormal floats are read and written as zero (x86 DAZ/FTZ) in every torch step. Without it, a
-network whose gradients shrink towards zero (one that collapsed to the label prior, or one without
-normalisation layers) spends most of its time in subnormal arithmetic: a training step of the
-collapsed AlexNet baseline took 0.84 s instead of 0.035 s (24x), and the paper baselines' epochs
-slowed by up to 20x within a run. The flag is per CPU thread and a thread inherits it from the one
-that starts it, so it must be set before torch starts its worker threads: ``use_threads`` (and
-``fit_threads``, which Dagster steps call first) set it at the start of a step or script.
+Subnormal floats are read and written as zero (x86 DAZ/FTZ) in torch's training arithmetic.
+Without it, a network whose gradients shrink towards zero (one that collapsed to the label prior,
+or one without normalisation layers) spends most of its time in subnormal arithmetic: a training
+step of the collapsed AlexNet baseline took 0.84 s instead of 0.035 s (24x), and the paper
+baselines' epochs slowed by up to 20x within a run. The flag is per CPU thread, and a thread
+inherits it from the one that starts it. It must not reach other code: under it scipy's cKDTree
+(in scikit-image's blob detection, which the measurement teacher runs in its worker threads)
+recursed until the process crashed. So ``use_threads`` (and ``fit_threads``, which every torch
+step calls first) starts torch's worker threads with the flag set and then clears it again in
+the calling thread, and the trainers set it in the calling thread only while they train
+(``subnormals_flushed``); numpy and scipy code, and threads started outside a trainer, compute
+as usual.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 
@@ -33,22 +39,29 @@ def step_threads(steps_at_once: int, cores: int | None = None) -> int:
     return max(1, (cores or available_cores()) // max(1, steps_at_once))
 
 
-def flush_denormals() -> bool:
-    """Treat subnormal floats as zero in this thread and the threads it starts from now on (False
-    where the CPU has no such mode)."""
+@contextlib.contextmanager
+def subnormals_flushed():
+    """Subnormals flushed in the calling thread for the block (or the decorated function), then
+    cleared again."""
     import torch
 
-    return torch.set_flush_denormal(True)
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def use_threads(n: int) -> int:
-    """Subnormals flushed, then ``n`` intra-op threads for torch (and OMP_NUM_THREADS for child
-    processes). Call it before the first torch operation of a step or script."""
+    """``n`` intra-op threads for torch (and OMP_NUM_THREADS for child processes), started with
+    subnormals flushed while the calling thread keeps its usual arithmetic. Call it before the
+    first torch operation of a step or script: threads torch started earlier keep their setting."""
     import torch
 
-    flush_denormals()
     torch.set_num_threads(n)
     os.environ["OMP_NUM_THREADS"] = str(n)
+    with subnormals_flushed():
+        torch.ones(1 << 18).mul_(2.0)     # a parallel op: torch starts its worker threads here
     return n
 
 

@@ -21,11 +21,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
-    """The tests compute as the pipeline's steps do: subnormals flushed on every torch thread, set
-    before torch starts any (maemi_core.threads)."""
-    from maemi_core.threads import flush_denormals
+    """The tests compute as the pipeline's steps do: torch's worker threads start with subnormals
+    flushed, the main thread flushes them only inside a trainer (maemi_core.threads)."""
+    import torch
 
-    flush_denormals()
+    from maemi_core.threads import subnormals_flushed
+
+    with subnormals_flushed():
+        torch.ones(1 << 18).mul_(2.0)
 
 
 @contextlib.contextmanager

@@ -170,38 +170,52 @@ def test_the_shipped_instance_limits_torch_steps_across_runs_and_threads_fit(tmp
 
 
 _SUBNORMAL_PROBE = """
-import sys, torch
+import sys, threading, numpy as np, torch
 from maemi_core.config import load_config
-from maemi_core.threads import fit_threads
+from maemi_core.threads import fit_threads, subnormals_flushed
 if sys.argv[1] == "fit":
     fit_threads(load_config("configs/tiny.yaml"))
 else:
     torch.set_num_threads(2)
-# 1e-30 * 1e-10 is subnormal in float32; a tensor this large is split over both threads, and the
-# gradient a tiny loss sends back through a layer is too.
-x = torch.full((1 << 20,), 1e-30)
-w = torch.nn.Parameter(torch.full((256, 256), 1e-20))
-(torch.randn(4096, 256) @ w).sum().mul(1e-22).backward()
 tiny = torch.finfo(torch.float32).tiny
-out = [x * 1e-10, w.grad * 1e-25]
-print(sum(int(((t != 0) & (t.abs() < tiny)).sum()) for t in out))
+
+def train_step():   # 1e-30 * 1e-10 is subnormal in float32: split over both threads, and backward
+    x = torch.full((1 << 20,), 1e-30)
+    w = torch.nn.Parameter(torch.full((256, 256), 1e-20))
+    (torch.randn(4096, 256) @ w).sum().mul(1e-22).backward()
+    return sum(int(((t != 0) & (t.abs() < tiny)).sum()) for t in (x * 1e-10, w.grad * 1e-25))
+
+def numpy_keeps_subnormals():
+    return bool(np.float32(1e-30) * np.float32(1e-10) != 0)
+
+if sys.argv[1] == "fit":
+    with subnormals_flushed():          # as the trainers run
+        torch_subnormals = train_step()
+else:
+    torch_subnormals = train_step()
+seen = []
+t = threading.Thread(target=lambda: seen.append(numpy_keeps_subnormals()))
+t.start(); t.join()
+print(torch_subnormals, int(numpy_keeps_subnormals()), int(seen[0]))
 """
 
 
-def test_a_torch_step_computes_no_subnormals_on_any_of_its_threads():
-    """Subnormal arithmetic made collapsed networks step 24x slower: fit_threads flushes them to
-    zero in the step's thread and in the worker threads torch starts after it."""
+def test_a_torch_step_trains_without_subnormals_and_other_code_keeps_them():
+    """Subnormal arithmetic made collapsed networks step 24x slower: after fit_threads, a trainer
+    computes none on any torch thread; numpy code in the step's thread and in threads it starts
+    afterwards keeps IEEE arithmetic (scipy's cKDTree crashed under the flag)."""
     import subprocess
     import sys
 
-    def subnormals(mode: str) -> int:
+    def probe(mode: str) -> list[int]:
         out = subprocess.run([sys.executable, "-c", _SUBNORMAL_PROBE, mode], cwd=REPO, capture_output=True,
                              text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "2"})
         assert out.returncode == 0, out.stderr[-2000:]
-        return int(out.stdout.split()[-1])
+        return [int(v) for v in out.stdout.split()[-3:]]
 
-    assert subnormals("plain") > 0          # the probe does produce them without the flag
-    assert subnormals("fit") == 0
+    torch_subnormals, _, _ = probe("plain")
+    assert torch_subnormals > 0          # the probe does produce them without the flag
+    assert probe("fit") == [0, 1, 1]
 
 
 def test_ingestion_never_follows_a_link_out_of_the_batch_and_lists_exactly_what_it_validated(project, elpv_paths):

@@ -26,6 +26,7 @@ from maemi_core.model.maemi_model import MaemiModel
 from maemi_core.model.prompts import prompt_ids
 from maemi_core.checkpoints import load_checkpoint, save_checkpoint
 from maemi_core.training.process_group import SINGLE, World
+from maemi_core.threads import subnormals_flushed
 
 
 @dataclass
@@ -337,6 +338,7 @@ class _Run:
         return {k: v for k, v in self.__dict__.items()}
 
 
+@subnormals_flushed()
 def train_maemi(model: MaemiModel, train: list[Example], val: list[Example], images: ImageStore,
                 cfg: MaemiTrainingConfig, checkpoint_path: str | Path, fingerprint: str,
                 on_point: Callable[[TrainingPoint], None] = lambda p: None,

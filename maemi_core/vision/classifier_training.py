@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from maemi_core.config import ClassifierTrainingConfig
 from maemi_core.data.transforms import augment, standardize
 from maemi_core.checkpoints import TrainingProgress, load_checkpoint
+from maemi_core.threads import subnormals_flushed
 
 
 @dataclass
@@ -58,6 +59,7 @@ def predict_logits(model: nn.Module, images_u8: np.ndarray, batch_size: int = 64
     return torch.cat(out) if out else torch.empty(0)
 
 
+@subnormals_flushed()
 def train_classifier(
     model: nn.Module,
     train_images: np.ndarray, train_labels: np.ndarray,

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from maemi_core.vision.paper_baselines.library_modules import import_submodule
+from maemi_core.threads import subnormals_flushed
 
 GCL_METHODS = ("GBT", "GRACE", "BGRL", "InfoGraph")
 
@@ -63,6 +64,7 @@ def _proj(d: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d, d), nn.ELU(), nn.Linear(d, d))
 
 
+@subnormals_flushed()
 def pretrain_graphs(method: str, features: np.ndarray, batcher, hidden: int, epochs: int, minutes: float,
                     batch_size: int, lr: float, seed: int,
                     log: Callable[[str], None] = lambda m: None) -> tuple[GCNEncoder, list[dict]]:

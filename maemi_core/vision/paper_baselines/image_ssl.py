@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from maemi_core.data.transforms import augment
 from maemi_core.vision.paper_baselines.library_modules import import_submodule
+from maemi_core.threads import subnormals_flushed
 
 RESNET_METHODS = ("Barlowtwins", "SimCLR", "byol", "moco", "simsiam")
 
@@ -177,6 +178,7 @@ class Objective(nn.Module):
             _ema(self.target_projector, self.projector, m)
 
 
+@subnormals_flushed()
 def pretrain(method: str, images: torch.Tensor, image_size: int, size: str, epochs: int, minutes: float,
              batch_size: int, lr: float, seed: int, log: Callable[[str], None] = lambda m: None,
              inputs: Optional[Callable[[np.ndarray], torch.Tensor]] = None) -> tuple[nn.Module, list[dict]]:
