@@ -12,9 +12,8 @@ Without it, a network whose gradients shrink towards zero (one that collapsed to
 or one without normalisation layers) spends most of its time in subnormal arithmetic: a training
 step of the collapsed AlexNet baseline took 0.84 s instead of 0.035 s (24x), and the paper
 baselines' epochs slowed by up to 20x within a run. The flag is per CPU thread, and a thread
-inherits it from the one that starts it. It must not reach other code: under it scipy's cKDTree
-(in scikit-image's blob detection, which the measurement teacher runs in its worker threads)
-recursed until the process crashed. So ``use_threads`` (and ``fit_threads``, which every torch
+inherits it from the one that starts it. It must not reach other code: under it scipy's cKDTree,
+called in the measurement teacher's worker threads, recursed until the process crashed. So ``use_threads`` (and ``fit_threads``, which every torch
 step calls first) starts torch's worker threads with the flag set and then clears it again in
 the calling thread, and the trainers set it in the calling thread only while they train
 (``subnormals_flushed``); numpy and scipy code, and threads started outside a trainer, compute
