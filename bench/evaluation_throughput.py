@@ -19,13 +19,12 @@ from pathlib import Path
 
 import torch
 
-from maemi_core.threads import use_threads
-
 from maemi_core.config import load_config
 from maemi_core.data.manifest import load_manifest
 from maemi_core.evaluation.answering import Answerer, DecodeStats, benchmark_records
 from maemi_core.evaluation.text_metrics import score_pairs
 from maemi_core.teacher.instruction_set import load_instruction_set
+from maemi_core.threads import use_threads
 
 
 def main() -> None:

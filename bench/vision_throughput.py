@@ -23,8 +23,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-
-from maemi_core.threads import use_threads
 import torch.nn.functional as F
 
 from maemi_core.data.sources import list_elpv
@@ -38,6 +36,7 @@ from maemi_core.vision.multiscale_views import dihedral_features, tile_features
 from maemi_core.vision.similarity_sampling import few_shot_demonstrations
 from maemi_core.vision.texture_baseline import texture_feature_matrix
 from maemi_core.vision.vit import PaperViT, PaperViTConfig
+from maemi_core.threads import use_threads
 
 
 def timed(fn, n_images: int) -> tuple[float, float]:

@@ -12,18 +12,20 @@ Without it, a network whose gradients shrink towards zero (one that collapsed to
 or one without normalisation layers) spends most of its time in subnormal arithmetic: a training
 step of the collapsed AlexNet baseline took 0.84 s instead of 0.035 s (24x), and the paper
 baselines' epochs slowed by up to 20x within a run. The flag is per CPU thread, and a thread
-inherits it from the one that starts it. It must not reach other code: under it scipy's cKDTree,
-called in the measurement teacher's worker threads, recursed until the process crashed. So ``use_threads`` (and ``fit_threads``, which every torch
-step calls first) starts torch's worker threads with the flag set and then clears it again in
-the calling thread, and the trainers set it in the calling thread only while they train
-(``subnormals_flushed``); numpy and scipy code, and threads started outside a trainer, compute
-as usual.
+inherits it from the one that starts it. It must not reach other code: under it scipy's
+cKDTree, called in the measurement teacher's worker threads, recursed until the process
+crashed. So ``use_threads`` (and ``fit_threads``, which every torch step calls first) starts
+torch's worker threads with the flag set and then clears it again in the calling thread, and
+the trainers set it in the calling thread only while they train (``subnormals_flushed``, which
+nests: a trainer called by another leaves the flag to the outer one); numpy and scipy code, and
+threads started outside a trainer, compute as usual.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 
 def available_cores() -> int:
@@ -38,17 +40,25 @@ def step_threads(steps_at_once: int, cores: int | None = None) -> int:
     return max(1, (cores or available_cores()) // max(1, steps_at_once))
 
 
+_FLUSH = threading.local()       # per thread, as the CPU flag: how many blocks want it set
+
+
 @contextlib.contextmanager
 def subnormals_flushed():
-    """Subnormals flushed in the calling thread for the block (or the decorated function), then
-    cleared again."""
+    """Subnormals flushed in the calling thread for the block (or the decorated function); the
+    outermost block clears the flag again."""
     import torch
 
-    torch.set_flush_denormal(True)
+    depth = getattr(_FLUSH, "depth", 0)
+    if depth == 0:
+        torch.set_flush_denormal(True)
+    _FLUSH.depth = depth + 1
     try:
         yield
     finally:
-        torch.set_flush_denormal(False)
+        _FLUSH.depth = depth
+        if depth == 0:
+            torch.set_flush_denormal(False)
 
 
 def use_threads(n: int) -> int:

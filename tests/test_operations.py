@@ -189,7 +189,9 @@ def numpy_keeps_subnormals():
     return bool(np.float32(1e-30) * np.float32(1e-10) != 0)
 
 if sys.argv[1] == "fit":
-    with subnormals_flushed():          # as the trainers run
+    with subnormals_flushed():          # as the trainers run, one calling another
+        with subnormals_flushed():
+            pass
         torch_subnormals = train_step()
 else:
     torch_subnormals = train_step()
