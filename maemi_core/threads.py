@@ -10,7 +10,7 @@ one per run; ``operations.torch_steps_at_once`` states that number, and each ste
 Subnormal floats are read and written as zero (x86 DAZ/FTZ) in torch's training arithmetic.
 Without it, a network whose gradients shrink towards zero (one that collapsed to the label prior,
 or one without normalisation layers) spends most of its time in subnormal arithmetic: a training
-step of the collapsed AlexNet baseline took 0.84 s instead of 0.035 s (24x), and the paper
+step of the collapsed AlexNet baseline took 0.825 s instead of 0.033 s (25x, bench/subnormal_floats.py), and the paper
 baselines' epochs slowed by up to 20x within a run. The flag is per CPU thread, and a thread
 inherits it from the one that starts it. It must not reach other code: under it scipy's
 cKDTree, called in the measurement teacher's worker threads, recursed until the process
