@@ -10,15 +10,15 @@ one per run; ``operations.torch_steps_at_once`` states that number, and each ste
 Subnormal floats are read and written as zero (x86 DAZ/FTZ) in torch's training arithmetic.
 Without it, a network whose gradients shrink towards zero (one that collapsed to the label prior,
 or one without normalisation layers) spends most of its time in subnormal arithmetic: a training
-step of the collapsed AlexNet baseline took 0.825 s instead of 0.033 s (25x, bench/subnormal_floats.py), and the paper
-baselines' epochs slowed by up to 20x within a run. The flag is per CPU thread, and a thread
-inherits it from the one that starts it. It must not reach other code: under it scipy's
-cKDTree, called in the measurement teacher's worker threads, recursed until the process
-crashed. So ``use_threads`` (and ``fit_threads``, which every torch step calls first) starts
-torch's worker threads with the flag set and then clears it again in the calling thread, and
-the trainers set it in the calling thread only while they train (``subnormals_flushed``, which
-nests: a trainer called by another leaves the flag to the outer one); numpy and scipy code, and
-threads started outside a trainer, compute as usual.
+step of the collapsed AlexNet baseline took 0.825 s instead of 0.033 s (25x,
+bench/subnormal_floats.py), and the paper baselines' epochs slowed by up to 20x within a run.
+The flag is per CPU thread, and a thread inherits it from the one that starts it. It must not
+reach other code: under it scipy's cKDTree, called in the measurement teacher's worker threads,
+recursed until the process crashed. So ``use_threads`` (and ``fit_threads``, which every torch
+step calls first) starts torch's worker threads with the flag set and then clears it again in
+the calling thread, and the trainers set it in the calling thread only while they train
+(``subnormals_flushed``, which nests: a trainer called by another leaves the flag to the outer
+one); numpy and scipy code, and threads started outside a trainer, compute as usual.
 """
 
 from __future__ import annotations
