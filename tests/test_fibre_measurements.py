@@ -224,3 +224,43 @@ def test_nanofiber_profile_says_how_to_get_the_data(tmp_path, monkeypatch, missi
     assert f"{missing} is not set" in message
     assert "cagriyardimci/Nanofiber_SEM_Dataset" in message or "docs/nanofiber.md" in message
     assert "<class>/<file>.png" in message
+
+
+# --- the benchmark reads the numbers back -------------------------------------------------------
+
+def test_the_benchmark_counts_an_answer_as_right_only_when_it_states_the_measured_number():
+    import pandas as pd
+
+    from maemi_core.evaluation.measurement_agreement import agreement_table, stated
+
+    facts = load_prompt_pack("sem").caption.facts
+    ref = _answer("caption", facts, fibres(10, beads=2, seed=2))
+    d, unit = stated(ref, "fibre_diameter")
+    assert unit == "px" and abs(d - 10) <= 1
+    in_nm = _answer("caption", facts, fibres(10, beads=2, seed=2), pixel_size_nm=20.0)
+    assert stated(in_nm, "fibre_diameter")[1] == "nm"
+    assert stated("0.25 um wide: median fibre diameter 0.25 um", "fibre_diameter") == (250.0, "nm")
+    assert stated("No beads (swellings) are found.", "bead_count") == (0.0, "")
+
+    answers = {
+        "copy": ref,                                                            # every number right
+        "close": ref.replace(f"median fibre diameter {d:.1f} px", f"median fibre diameter {d * 1.15:.1f} px"),
+        "far": ref.replace(f"median fibre diameter {d:.1f} px", f"median fibre diameter {d * 1.5:.1f} px"),
+        "wrong_unit": ref.replace(f"median fibre diameter {d:.1f} px", f"median fibre diameter {d:.1f} nm"),
+        "silent": "A fibre network of thin random fibres.",                     # states nothing
+    }
+    samples = pd.DataFrame([{"method": m, "record_id": "r1", "reference": ref, "answer": a}
+                            for m, a in answers.items()])
+    unrelated = pd.DataFrame([{"method": "copy", "record_id": "r2", "reference": "Cracks are visible.",
+                               "answer": "Cracks are visible."}])
+    table, per_record = agreement_table({"captioning": samples, "vqa": unrelated})
+    assert set(table["table"]) == {"captioning"}            # a reference without numbers asks for none
+    dia = table[table["quantity"] == "fibre_diameter"].set_index("method")
+    assert dia["within_tolerance"].to_dict() == {"close": 1.0, "copy": 1.0, "far": 0.0, "silent": 0.0,
+                                                 "wrong_unit": 0.0}
+    assert dia.loc["silent", "stated"] == 0.0 and dia.loc["far", "stated"] == 1.0
+    assert abs(dia.loc["far", "median_relative_error"] - 0.5) < 0.02
+    copy = table[table["method"] == "copy"].set_index("quantity")
+    assert {"fibre_diameter", "fibre_coverage", "bead_count", "bead_diameter", "orientation_coherence"} <= set(copy.index)
+    assert (copy["within_tolerance"] == 1.0).all()
+    assert len(per_record) == len(table)                    # one record per method and quantity here

@@ -31,6 +31,7 @@ from maemi_core.evaluation.benchmark_tables import (
 from maemi_core.evaluation.category_parser import parse_category
 from maemi_core.vision.classification_metrics import confusion_matrix_figure
 from maemi_core.evaluation.external_baselines import ask_baseline
+from maemi_core.evaluation.measurement_agreement import agreement_table
 from maemi_core.evaluation.text_metrics import METRICS, mean_std, score_pairs
 from maemi_core.teacher.instruction_set import stable_slice
 from maemi_core.run_isolation import stage_dir
@@ -144,6 +145,7 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
                               f"{decoding.no_repeat_ngram_size}-grams, the same for every method; int8 numerics: "
                               f"{numerics}."))
     _text_tables(run)
+    _measurement_table(run)
     scoring = _classification_table(run)
     _paired_differences_table(run)
     _qualitative_table(run)
@@ -223,6 +225,28 @@ def _text_tables(run: _Run) -> None:
         run.paths |= _write(bl, markdown_table(bl, f"Text tables by answer length ({cfg.dataset.name})",
                                                "Paper A.7: the same questions asked for a concise and a detailed answer "
                                                "(the length is part of the student prompt)."), out / "by_length")
+
+
+MEASUREMENT_TOLERANCE = 0.2
+
+
+def _measurement_table(run: _Run) -> None:
+    """Whether the answers state the teacher's measured numbers (fibre diameter, coverage, beads...)
+    within 20%: METEOR does not see a wrong number. Absent when no reference states one."""
+    table, per_record = agreement_table(run.samples_by_table, MEASUREMENT_TOLERANCE)
+    if not len(table):
+        return
+    per_record.to_csv(run.out / "samples" / "measurements.csv", index=False)
+    run.tables["measurements"] = table
+    intro = (f"Records of the text tables whose reference (the teacher's answer) states a measured quantity; "
+             f"`within_tolerance`: the answer states it within {MEASUREMENT_TOLERANCE:.0%} of the reference's "
+             f"value (an answer that states no value is a miss), with its 95% bootstrap interval; `stated`: the "
+             f"share of answers that state a value at all. Per record: `samples/measurements.csv`.{run.source}")
+    run.paths |= _write(table, markdown_table(table, f"Measured quantities in the answers ({run.cfg.dataset.name})",
+                                              intro), run.out / "measurements")
+    for _, r in table[table["quantity"] == "fibre_diameter"].iterrows():
+        run.log(f"{r['table']} {r['method']}: fibre diameter within {MEASUREMENT_TOLERANCE:.0%} on "
+                f"{r['within_tolerance']:.2f} of {r['n']} records")
 
 
 # 4. classification: every model on the same test images (paper Tables 7 and 9) ----------------------

@@ -60,7 +60,7 @@ def benchmark_tables(context: dg.AssetExecutionContext, config: Recompute, maemi
         if name in result.tables:
             t = result.tables[name]
             meta[f"table_{name}"] = table_md(t[[c for c in SHOWN + ["rank", "tokens_per_s"] if c in t]].round(4), index=False)
-    for name in ("classification", "per_class", "vqa_by_family"):
+    for name in ("classification", "per_class", "vqa_by_family", "measurements"):
         if name in result.tables:
             meta[f"table_{name}"] = table_md(result.tables[name].round(4), index=False)
     if "qualitative" in result.tables:
