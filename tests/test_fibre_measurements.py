@@ -241,6 +241,7 @@ def test_the_benchmark_counts_an_answer_as_right_only_when_it_states_the_measure
     assert stated(in_nm, "fibre_diameter")[1] == "nm"
     assert stated("0.25 um wide: median fibre diameter 0.25 um", "fibre_diameter") == (250.0, "nm")
     assert stated("No beads (swellings) are found.", "bead_count") == (0.0, "")
+    assert stated(float("nan"), "bead_count") is None          # an empty answer read back from CSV
 
     answers = {
         "copy": ref,                                                            # every number right

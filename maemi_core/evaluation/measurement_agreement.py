@@ -36,8 +36,9 @@ def stated(text: str, quantity: str) -> Optional[tuple[float, str]]:
     """The first value of ``quantity`` that ``text`` states, as ``(value, unit)`` with lengths in nm
     when a physical unit is given ('px' stays pixels, '' for unitless), or None."""
     best: Optional[tuple[int, float, str]] = None
+    text = text if isinstance(text, str) else ""        # an empty answer read back from CSV is NaN
     for pattern in QUANTITIES[quantity]:
-        m = re.search(pattern, text or "", flags=re.IGNORECASE)
+        m = re.search(pattern, text, flags=re.IGNORECASE)
         if not m or (best is not None and m.start() >= best[0]):
             continue
         value = 0.0 if m.group(1).lower() == "no" else float(m.group(1))
