@@ -69,9 +69,17 @@ def use_threads(n: int) -> int:
 
     torch.set_num_threads(n)
     os.environ["OMP_NUM_THREADS"] = str(n)
+    start_workers_flushed()
+    return n
+
+
+def start_workers_flushed() -> None:
+    """Start torch's intra-op worker threads with subnormals flushed (they keep the flag); the
+    calling thread's arithmetic is left as it was."""
+    import torch
+
     with subnormals_flushed():
         torch.ones(1 << 18).mul_(2.0)     # a parallel op: torch starts its worker threads here
-    return n
 
 
 def fit_threads(cfg) -> int:

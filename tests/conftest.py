@@ -23,12 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 def pytest_configure(config):
     """The tests compute as the pipeline's steps do: torch's worker threads start with subnormals
     flushed, the main thread flushes them only inside a trainer (maemi_core.threads)."""
-    import torch
+    from maemi_core.threads import start_workers_flushed
 
-    from maemi_core.threads import subnormals_flushed
-
-    with subnormals_flushed():
-        torch.ones(1 << 18).mul_(2.0)
+    start_workers_flushed()
 
 
 @contextlib.contextmanager

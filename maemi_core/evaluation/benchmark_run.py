@@ -31,7 +31,7 @@ from maemi_core.evaluation.benchmark_tables import (
 from maemi_core.evaluation.category_parser import parse_category
 from maemi_core.vision.classification_metrics import confusion_matrix_figure
 from maemi_core.evaluation.external_baselines import ask_baseline
-from maemi_core.evaluation.measurement_agreement import agreement_table
+from maemi_core.evaluation.measurement_agreement import TOLERANCE as MEASUREMENT_TOLERANCE, agreement_table
 from maemi_core.evaluation.text_metrics import METRICS, mean_std, score_pairs
 from maemi_core.teacher.instruction_set import stable_slice
 from maemi_core.run_isolation import stage_dir
@@ -225,9 +225,6 @@ def _text_tables(run: _Run) -> None:
         run.paths |= _write(bl, markdown_table(bl, f"Text tables by answer length ({cfg.dataset.name})",
                                                "Paper A.7: the same questions asked for a concise and a detailed answer "
                                                "(the length is part of the student prompt)."), out / "by_length")
-
-
-MEASUREMENT_TOLERANCE = 0.2
 
 
 def _measurement_table(run: _Run) -> None:

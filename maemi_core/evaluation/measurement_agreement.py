@@ -1,8 +1,9 @@
 """Do the answers state the measured numbers? For every text record whose reference (the
 measurement teacher's answer) states a quantity such as the median fibre diameter, the stated
 value in a method's answer is compared with the reference's: within a relative tolerance
-(default 20%) or not, and a record whose answer states no value counts as a miss. METEOR cannot
-tell "median fibre diameter 5.7 px" from "median fibre diameter 57 px"; this table can.
+(:data:`TOLERANCE`, 20%) or not, and a record whose answer states no value counts as a miss.
+METEOR cannot tell "median fibre diameter 5.7 px" from "median fibre diameter 57 px"; this table
+can.
 
 The patterns follow the sentences of :mod:`maemi_core.teacher.measurement_teacher`; a reference
 that states none of them (another teacher, another prompt pack) gives no rows.
@@ -30,6 +31,7 @@ QUANTITIES: dict[str, list[str]] = {
     "orientation_coherence": [rf"orientation coherence {_NUM}"],
 }
 _TO_NM = {"nm": 1.0, "um": 1000.0, "µm": 1000.0}
+TOLERANCE = 0.2     # relative: a stated value within 20% of the reference's counts as right
 
 
 def stated(text: str, quantity: str) -> Optional[tuple[float, str]]:
@@ -49,7 +51,7 @@ def stated(text: str, quantity: str) -> Optional[tuple[float, str]]:
     return None if best is None else (best[1], best[2])
 
 
-def agreement_samples(samples: pd.DataFrame, tolerance: float = 0.2) -> pd.DataFrame:
+def agreement_samples(samples: pd.DataFrame, tolerance: float = TOLERANCE) -> pd.DataFrame:
     """One row per (method, record, quantity) whose reference states the quantity: the reference's
     and the answer's value, their relative error and whether it is within ``tolerance``."""
     rows = []
@@ -72,7 +74,7 @@ def agreement_samples(samples: pd.DataFrame, tolerance: float = 0.2) -> pd.DataF
                                        "stated", "relative_error", "within_tolerance"])
 
 
-def agreement_table(samples_by_table: dict[str, pd.DataFrame], tolerance: float = 0.2) -> tuple[pd.DataFrame, pd.DataFrame]:
+def agreement_table(samples_by_table: dict[str, pd.DataFrame], tolerance: float = TOLERANCE) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per text table, method and quantity: the records whose reference states it (``n``), the share
     of answers that state it, the share within ``tolerance`` with its 95% bootstrap interval, and the
     median relative error of the stated values. Also returns the per-record rows."""
