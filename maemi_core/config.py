@@ -345,10 +345,11 @@ class EvaluationConfig(_Strict):
     # Classification: every model scores the same test images by likelihood; null: every test image.
     classification_max_images: Optional[int] = None
     # How category likelihoods are compared (maemi_core/model/category_scoring.py): auto chooses among
-    # raw, mean (length-normalised) and calibrated (content-free image subtracted) on validation
-    # images after training; the choice travels with the model. The benchmark reports all three.
-    category_scoring: Literal["auto", "raw", "mean", "calibrated"] = "auto"
-    scoring_val_images: int = Field(128, ge=2)
+    # raw, mean (length-normalised), calibrated (content-free image subtracted) and fitted (matrix
+    # scaling fitted on validation images) by validation log-loss after training; the choice and the
+    # fitted weights travel with the model. The benchmark reports every scoring.
+    category_scoring: Literal["auto", "raw", "mean", "calibrated", "fitted"] = "auto"
+    scoring_val_images: Optional[int] = Field(None, ge=2)   # validation images that choose it; null: all
     # Decoding controls, the same for every method of a table (greedy decoding repeats sentences).
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0

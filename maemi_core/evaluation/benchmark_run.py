@@ -289,7 +289,7 @@ def _classification_table(run: _Run) -> str:
              "answer without a category counts as wrong, column `unparsed`). `zero_shot:maemi_gates_closed` and "
              "`zero_shot:base_lm`: the same scoring without the image / without tuning. "
              f"Category scores: `{scoring}` (chosen on validation images after training; "
-             "`maemi_zero_shot[raw|mean|calibrated]`: each scoring of the same likelihoods, see "
+             "`maemi_zero_shot[raw|mean|calibrated|fitted]`: each scoring of the same likelihoods, see "
              "maemi_core/model/category_scoring.py). `majority`: always the most frequent train category. "
              "`balanced_accuracy`: mean recall over the categories; `macro_auc`: one-vs-rest ROC AUC of "
              "the normalised category scores with a 95% bootstrap interval (0.5: the image is not used). "
@@ -347,7 +347,7 @@ def _maemi_rows(run: _Run, class_names: list[str], scoring: str) -> tuple[list, 
                                                                                 task == "classify_zero_shot"))
             sc = everyway[scoring]
             if meth == MAEMI and task == "classify_zero_shot":     # every scoring, beside the model's own
-                for name in SCORINGS:
+                for name in (n for n in SCORINGS if n in everyway):
                     summary, _, _ = likelihood_classification(f"{method}[{name}]", labels, everyway[name], class_names)
                     rows.append(summary)
             generated = gen_recs = None

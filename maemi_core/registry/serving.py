@@ -81,7 +81,7 @@ def category_probabilities(model, model_uri: str, arrays: list[np.ndarray],
                            rank: Optional[int] = None) -> tuple[list[str], str, np.ndarray]:
     """(category names, scoring, (len(arrays), C) probabilities): per image ((3, S, S) uint8), a
     softmax over the model's category scores, compared the way the benchmark measured them
-    (the package's ``category_scoring``: raw, length-normalised or calibrated log-likelihoods,
+    (the package's ``category_scoring``: raw, length-normalised, calibrated or fitted log-likelihoods,
     see maemi_core/model/category_scoring.py)."""
     from maemi_core.model.category_scoring import package_scoring, score
     from maemi_core.model.generation import candidate_log_likelihoods

@@ -101,20 +101,29 @@ def choose_inference_kernel(model, val_recs: list[dict], val_ex, images: ImageSt
 def choose_category_scoring(model, records: list[dict], manifest: pd.DataFrame, images: ImageStore, cfg: MaemiConfig,
                             log: Callable[[str], None]) -> dict:
     """How this model's category likelihoods are compared (maemi_core/model/category_scoring.py):
-    the profile's fixed choice, or (``auto``) the best on validation images."""
+    the profile's fixed choice, or (``auto``) the best on validation images; ``fitted`` (fixed or
+    chosen) is fitted on those images."""
     from maemi_core.model.category_scoring import choose_on_validation
     from maemi_core.training.maemi_training import MediaCache
 
     fixed = cfg.evaluation.category_scoring
-    if fixed != "auto":
+    if fixed not in ("auto", "fitted"):
         return {"chosen": fixed, "reason": "evaluation.category_scoring"}
     media = MediaCache(model, images)
     got = choose_on_validation(model, records, sorted(manifest["label"].unique()),
                                lambda recs: media.stacked([r["image_ids"] for r in recs]),
-                               batch_size=cfg.evaluation.batch_size, limit=cfg.evaluation.scoring_val_images)
-    if "val_balanced_accuracy" in got:
-        log(f"category scoring: {got['chosen']} (balanced accuracy on {got['n']} validation images: "
-            + ", ".join(f"{k} {v:.3f}" for k, v in got["val_balanced_accuracy"].items()) + ")")
+                               batch_size=cfg.evaluation.batch_size, limit=cfg.evaluation.scoring_val_images,
+                               seed=cfg.model.seed)
+    if fixed == "fitted":
+        if not got.get("fitted"):
+            raise ValueError("evaluation.category_scoring is fitted, but the validation images lack a category "
+                             f"({got.get('note') or got.get('reason')}): set it to auto or add validation images")
+        got |= {"chosen": "fitted", "reason": "evaluation.category_scoring"}
+    if "validation" in got:
+        log(f"category scoring: {got['chosen']} (on {got['n']} validation images, log-loss / top-1 / balanced "
+            "accuracy / macro AUC: " + "; ".join(
+                f"{k} {v['log_loss']:.3f} / {v['top1']:.3f} / {v['balanced_accuracy']:.3f} / {v['macro_auc']:.3f}"
+                for k, v in got["validation"].items()) + ")" + (f"; {got['note']}" if got.get("note") else ""))
     else:
         log(f"category scoring: raw ({got['reason']})")
     return got
