@@ -59,7 +59,8 @@ def main() -> None:
     detailed = detailed[:args.images or None]
     concise = {r["image_ids"][-1]: r for r in zs if r.get("length") == "concise"}
     y = np.array([classes.index(r["label"]) for r in detailed])
-    print(f"{len(detailed)} validation images; categories {dict(zip(classes, np.bincount(y, minlength=len(classes))))}")
+    print(f"{len(detailed)} validation images; categories "
+          f"{dict(zip(classes, np.bincount(y, minlength=len(classes)).tolist()))}")
 
     class Mirrored(ImageStore):
         def __init__(self, base: ImageStore, axis: int):
