@@ -4,7 +4,7 @@
         [--images 0] [--threads 2]
 
 For every validation zero-shot image (``--images N``: the first N by record id; 0: all) this
-scores the category names (:func:`maemi_core.generation.candidate_log_likelihoods`) under
+scores the category names (:func:`maemi_core.model.category_scoring.record_scores`) under
 several readouts of the same package:
 
 - ``trained``: the detailed classification question the package answers (what the benchmark
@@ -41,8 +41,7 @@ def main() -> None:
 
     from maemi_core.config import load_config
     from maemi_core.data.manifest import load_manifest
-    from maemi_core.model.category_scoring import log_softmax, out_of_fold_fitted, validation_metrics
-    from maemi_core.model.generation import candidate_log_likelihoods
+    from maemi_core.model.category_scoring import log_softmax, out_of_fold_fitted, record_scores, validation_metrics
     from maemi_core.model.maemi_model import load_package
     from maemi_core.teacher.instruction_set import load_instruction_set
     from maemi_core.training.maemi_training import ImageStore, MediaCache
@@ -73,12 +72,9 @@ def main() -> None:
     base = ImageStore.from_manifest(manifest, cfg.vision.image_size)
 
     def scores(recs, store, rank=None) -> np.ndarray:
-        media, bs = MediaCache(model, store), cfg.evaluation.batch_size
-        qs = [r["conversations"][0]["value"] for r in recs]
-        return np.concatenate([candidate_log_likelihoods(
-            model, qs[s:s + bs], [[] for _ in qs[s:s + bs]], classes, rank=rank, batch_size=bs,
-            media_of=lambda a, b, s=s: media.stacked([r["image_ids"] for r in recs[s + a:s + b]]))
-            for s in range(0, len(recs), bs)])
+        media = MediaCache(model, store)
+        return record_scores(model, recs, classes, lambda rs: media.stacked([r["image_ids"] for r in rs]),
+                             cfg.evaluation.batch_size, rank)
 
     mid = (cfg.model.r_min + cfg.model.r_max) // 2
     readouts: dict[str, np.ndarray] = {}

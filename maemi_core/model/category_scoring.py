@@ -183,7 +183,7 @@ def macro_auc(y: np.ndarray, scores: np.ndarray, normalise: bool = True) -> floa
     """Mean one-vs-rest ROC AUC over the classes present with both outcomes; 0.5 for scores that
     do not depend on the image. ``normalise``: log-likelihoods, turned into log-probabilities
     over the categories (log-softmax) first; else the scores as given (a classifier's)."""
-    s = scores - np.logaddexp.reduce(scores, axis=1, keepdims=True) if normalise else scores
+    s = log_softmax(scores) if normalise else scores
     aucs = [_auc(y == c, s[:, c]) for c in range(scores.shape[1]) if 0 < (y == c).sum() < len(y)]
     return float(np.mean(aucs)) if aucs else float("nan")
 
@@ -231,23 +231,29 @@ def choose(y: np.ndarray, by_scoring: dict[str, np.ndarray]) -> tuple[str, dict[
     return chosen, got
 
 
+def record_scores(model, recs: list[dict], class_names: list[str], media_of: Callable[[list[dict]], object],
+                  batch_size: int = 8, rank: Optional[int] = None) -> np.ndarray:
+    """(len(recs), C) raw category scores of each record's question with its images
+    (``media_of(records)``: their visual tokens, e.g. from a memo)."""
+    from maemi_core.model.generation import candidate_log_likelihoods
+
+    return candidate_log_likelihoods(model, [r["conversations"][0]["value"] for r in recs], [[] for _ in recs],
+                                     class_names, rank=rank, batch_size=batch_size,
+                                     media_of=lambda a, b: media_of(recs[a:b]))
+
+
 def choose_on_validation(model, records: list[dict], class_names: list[str], media_of: Callable[[list[dict]], object],
                          batch_size: int = 8, limit: Optional[int] = None, seed: int = 0) -> dict:
     """Score up to ``limit`` validation zero-shot records (None: all) every way, fit ``fitted``
     on them and choose (see :func:`choose`). ``media_of(records)``: their visual tokens. Returns
     what the package stores: the choice, each scoring's validation metrics, ``fitted``'s weights."""
-    from maemi_core.model.generation import candidate_log_likelihoods
-
     recs = [r for r in records if r["split"] == "val" and r["task"] == "classify_zero_shot"
             and r.get("length") != "concise" and r.get("label") in class_names]
     recs = sorted(recs, key=lambda r: r["id"])[:limit]
     if len({r["label"] for r in recs}) < 2:
         return {"chosen": "raw", "reason": "fewer than two categories among the validation images", "n": len(recs)}
     qs = [r["conversations"][0]["value"] for r in recs]
-    raw = np.concatenate([candidate_log_likelihoods(model, qs[s:s + batch_size], [[] for _ in qs[s:s + batch_size]],
-                                                    class_names, batch_size=batch_size,
-                                                    media_of=lambda a, b, s=s: media_of(recs[s + a:s + b]))
-                          for s in range(0, len(recs), batch_size)])
+    raw = record_scores(model, recs, class_names, media_of, batch_size)
     cf = content_free_scores(model, qs, class_names, batch_size=batch_size)
     y = np.array([class_names.index(r["label"]) for r in recs])
     candidates = variants(raw, name_lengths(model.tokenizer, class_names), cf)
