@@ -277,8 +277,8 @@ class ModelConfig(_Strict):
     # null: every train record of train_tasks, streamed epoch after epoch until the budget is spent;
     # a number: a stable hash-chosen slice of that many records
     max_train_records: Optional[int] = None
-    # How the slice is shared between tasks: records of a task per round-robin round (default 1).
-    # Only shapes the slice: with max_train_records null every record is used once per epoch.
+    # Records of a task per round-robin round of the slice (default 1); with max_train_records
+    # null (the stream), how many times each record of a task appears per epoch (oversampling).
     train_task_weights: dict[str, int] = Field(default_factory=dict)
     max_val_records: Optional[int] = None
     seed: int = 0

@@ -146,6 +146,25 @@ def test_training_slice_shares_records_between_tasks_by_weight():
     assert len(select_records(recs, "train", ["caption", "vqa"], 30, {"caption": 0, "vqa": 1})) == 20
 
 
+def test_the_training_stream_oversamples_tasks_by_weight():
+    """Without a slice (the stream), a task's weight is how many times each of its records comes
+    per epoch; the default weight is 1 and 0 drops the task."""
+    from maemi_core.training.instruction_tuning import select_records
+
+    recs = [_rec(i, t, split="train") for t in ("caption", "vqa", "classify_zero_shot") for i in range(5)]
+    tasks = ["caption", "vqa", "classify_zero_shot"]
+    plain = select_records(recs, "train", tasks, None)
+    stream = select_records(recs, "train", tasks, None, {"classify_zero_shot": 3, "vqa": 0})
+    count = lambda rs, t: sum(r["task"] == t for r in rs)   # noqa: E731
+    assert [count(plain, t) for t in tasks] == [5, 5, 5]
+    assert [count(stream, t) for t in tasks] == [5, 0, 15]
+    ids = [r["id"] for r in stream if r["task"] == "classify_zero_shot"]
+    assert {ids.count(i) for i in ids} == {3} and len(set(ids)) == 5
+    # the same records in any input order: the stream is reproducible for a seed
+    assert [r["id"] for r in select_records(list(reversed(recs)), "train", tasks, None,
+                                            {"classify_zero_shot": 3, "vqa": 0})] == [r["id"] for r in stream]
+
+
 def test_text_table_builders_on_fixed_records():
     recs = [_rec(i, "vqa", family=f"f{i % 2}") for i in range(4)]
     answers = {"maemi": [r["conversations"][1]["value"] for r in recs], "base_lm": ["no idea"] * 4}

@@ -33,9 +33,13 @@ def select_records(records: list[dict], split: str, tasks: list[str], limit: Opt
                    task_weights: Optional[dict[str, int]] = None) -> list[dict]:
     """Records of one split and the training tasks; with ``limit``, a stable slice by id hash
     that keeps every task represented (round-robin over tasks, ``task_weights`` records of a
-    task per round, default 1)."""
-    return stable_slice([r for r in records if r["split"] == split and r["task"] in tasks], limit,
-                        lambda r: r["task"], task_weights)
+    task per round, default 1). Without ``limit`` (the stream), ``task_weights`` oversamples:
+    every record of a task appears that many times per epoch (0 drops the task)."""
+    chosen = stable_slice([r for r in records if r["split"] == split and r["task"] in tasks], limit,
+                          lambda r: r["task"], task_weights)
+    if limit is not None or not task_weights:
+        return chosen
+    return [r for r in chosen for _ in range(max(0, int(task_weights.get(r["task"], 1))))]
 
 
 def package_meta(records: list[dict], manifest: pd.DataFrame) -> dict:
@@ -189,7 +193,9 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
     train_recs, val_recs, train_ex, val_ex, images = data.train_recs, data.val_recs, data.train, data.val, data.images
     counts = model.parameter_counts()
     log(f"MAEMI model: {counts['trainable']:,} trainable of {counts['total']:,} parameters; "
-        f"{model.n_adapted} DyQLoRA-FA layers; {len(train_recs)} train / {len(val_recs)} val records")
+        f"{model.n_adapted} DyQLoRA-FA layers; {len(train_recs)} train records per epoch "
+        f"({len({r['id'] for r in train_recs})} distinct; model.train_task_weights {m.train_task_weights or 'none'}) / "
+        f"{len(val_recs)} val records")
     data_hash = hashlib.sha256("".join(r["provenance"]["cache_key"] for r in train_recs + val_recs).encode()).hexdigest()[:16]
     warm: dict = {"version": None}
     out = model_dir(cfg)
