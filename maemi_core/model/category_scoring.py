@@ -183,9 +183,14 @@ def macro_auc(y: np.ndarray, scores: np.ndarray, normalise: bool = True) -> floa
     """Mean one-vs-rest ROC AUC over the classes present with both outcomes; 0.5 for scores that
     do not depend on the image. ``normalise``: log-likelihoods, turned into log-probabilities
     over the categories (log-softmax) first; else the scores as given (a classifier's)."""
-    s = log_softmax(scores) if normalise else scores
-    aucs = [_auc(y == c, s[:, c]) for c in range(scores.shape[1]) if 0 < (y == c).sum() < len(y)]
+    aucs = [v for v in per_class_auc(y, scores, normalise) if np.isfinite(v)]
     return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def per_class_auc(y: np.ndarray, scores: np.ndarray, normalise: bool = True) -> list[float]:
+    """One-vs-rest ROC AUC of each category's score (NaN for a category absent or alone)."""
+    s = log_softmax(scores) if normalise else scores
+    return [_auc(y == c, s[:, c]) if 0 < (y == c).sum() < len(y) else float("nan") for c in range(scores.shape[1])]
 
 
 def _auc(positive: np.ndarray, score: np.ndarray) -> float:

@@ -1,0 +1,142 @@
+"""Two or more trained packages side by side on the validation split (never test): did a change
+of the training recipe help?
+
+    .venv/bin/python bench/compare_packages.py --package before=DIR --package after=DIR
+        [--config configs/default.yaml] [--records 32] [--tasks caption,vqa] [--images 0] [--threads 2]
+
+Every package answers the same validation records of the profile's instruction set:
+
+- **classification**: every validation zero-shot image, the detailed question the benchmark
+  scores, category likelihoods at the package's deployment rank
+  (:func:`maemi_core.model.category_scoring.record_scores`). Reported raw and as the ``fitted``
+  matrix scaling judged out of fold (nested cross-validation, as ``maemi_model`` judges it; mean
+  of three fold seeds): top-1, balanced accuracy, macro AUC, log-loss, and the one-vs-rest AUC
+  of each category.
+- **text**: ``--records`` validation records of each of ``--tasks`` (the benchmark's stable
+  slice), greedy answers, METEOR against the teacher's answer.
+
+For every package after the first, the paired difference to the first on the same images and
+records, with a 95% bootstrap interval: macro AUC and log-loss of the raw and of the
+out-of-fold ``fitted`` scores (fold seed 0; images resampled), top-1 of the fitted scores, METEOR
+per task (records resampled). A recipe change is
+kept when these say so; the test split is not read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import numpy as np
+
+from maemi_core.threads import use_threads
+
+BOOT = 2000
+
+
+def paired_auc(y: np.ndarray, a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """macro AUC of ``a`` minus that of ``b`` (same images), with a percentile-bootstrap interval
+    over the images."""
+    from maemi_core.model.category_scoring import macro_auc
+
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(BOOT):
+        idx = rng.integers(0, len(y), len(y))
+        d = macro_auc(y[idx], a[idx]) - macro_auc(y[idx], b[idx])
+        if np.isfinite(d):
+            draws.append(d)
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return {"diff": macro_auc(y, a) - macro_auc(y, b), "ci_low": float(lo), "ci_high": float(hi)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--package", action="append", required=True, help="NAME=DIR (at least two; the first is the baseline)")
+    ap.add_argument("--records", type=int, default=32)
+    ap.add_argument("--images", type=int, default=0, help="the first N validation images by record id (0: all)")
+    ap.add_argument("--tasks", default="caption,vqa")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    packages = [p.split("=", 1) for p in args.package]
+    if len(packages) < 2 or any(len(p) != 2 for p in packages):
+        ap.error("give at least two packages as --package NAME=DIR")
+
+    from maemi_core.config import load_config
+    from maemi_core.data.manifest import load_manifest
+    from maemi_core.evaluation.answering import Answerer, benchmark_records, reference
+    from maemi_core.evaluation.benchmark_tables import paired_difference
+    from maemi_core.evaluation.text_metrics import score_pairs
+    from maemi_core.model.category_scoring import (fitted_folds, log_softmax, out_of_fold_fitted, per_class_auc, record_scores,
+                                                   validation_metrics)
+    from maemi_core.model.generation import DecodingConfig
+    from maemi_core.model.maemi_model import load_package
+    from maemi_core.teacher.instruction_set import load_instruction_set
+    from maemi_core.training.maemi_training import ImageStore, MediaCache
+
+    use_threads(args.threads)
+    cfg = load_config(args.config)
+    manifest = load_manifest(cfg)
+    records = load_instruction_set(cfg)
+    classes = sorted(manifest["label"].unique())
+    detailed = sorted([r for r in records if r["split"] == "val" and r["task"] == "classify_zero_shot"
+                       and r.get("label") in classes and r.get("length") != "concise"], key=lambda r: r["id"])[:args.images or None]
+    y = np.array([classes.index(r["label"]) for r in detailed])
+    if fitted_folds(y, len(classes)) == 0:
+        raise SystemExit(f"categories {dict(zip(classes, np.bincount(y, minlength=len(classes)).tolist()))} in these "
+                         "validation images: the fitted scoring needs at least 3 of each; use more --images")
+    text = {t: benchmark_records(records, t, args.records, split="val") for t in args.tasks.split(",")}
+    print(f"{len(detailed)} validation images {dict(zip(classes, np.bincount(y, minlength=len(classes)).tolist()))}; "
+          + ", ".join(f"{len(v)} {t} records" for t, v in text.items()), flush=True)
+    store = ImageStore.from_manifest(manifest, cfg.vision.image_size)
+
+    got: dict[str, dict] = {}
+    for name, path in packages:
+        t0 = time.perf_counter()
+        model = load_package(path, cfg.model.lm_cache and str(cfg.resolve(cfg.model.lm_cache)))
+        media = MediaCache(model, store)
+        raw = record_scores(model, detailed, classes, lambda rs: media.stacked([r["image_ids"] for r in rs]),
+                            cfg.evaluation.batch_size)
+        oof = [out_of_fold_fitted(raw, y, seed) for seed in range(3)]
+        answerer = Answerer(model, manifest, cfg.evaluation.batch_size,
+                            DecodingConfig(cfg.evaluation.repetition_penalty, cfg.evaluation.no_repeat_ngram_size))
+        meteor = {t: score_pairs(answerer.answer(recs, cfg.model.max_new_tokens, desc=f"{name}: {t}"),
+                                 [reference(r) for r in recs])["meteor"].to_numpy() for t, recs in text.items()}
+        got[name] = {"raw": raw, "oof": oof, "meteor": meteor}
+        fitted = {k: float(np.mean([validation_metrics(y, o)[k] for o in oof])) for k in validation_metrics(y, raw)}
+        per_class = dict(zip(classes, np.mean([per_class_auc(y, o) for o in oof], axis=0).tolist()))
+        got[name]["summary"] = {"raw": validation_metrics(y, raw), "fitted": fitted, "fitted_per_class_auc": per_class,
+                                "meteor": {t: float(v.mean()) for t, v in meteor.items()}}
+        s = got[name]["summary"]
+        print(f"{name}: raw top-1 {s['raw']['top1']:.3f} AUC {s['raw']['macro_auc']:.3f} log-loss {s['raw']['log_loss']:.3f} | "
+              f"fitted (out of fold) top-1 {fitted['top1']:.3f} BA {fitted['balanced_accuracy']:.3f} "
+              f"AUC {fitted['macro_auc']:.3f} log-loss {fitted['log_loss']:.3f} | per-category AUC "
+              + " ".join(f"{c} {v:.3f}" for c, v in per_class.items()) + " | METEOR "
+              + " ".join(f"{t} {v:.3f}" for t, v in s["meteor"].items()) + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+        del model, media, answerer
+        gc.collect()
+
+    base_name = packages[0][0]
+    base = got[base_name]
+    diffs = {}
+    for name, _ in packages[1:]:
+        g = got[name]
+        nll = lambda o: -log_softmax(o)[np.arange(len(y)), y]   # noqa: E731
+        d = {"raw_macro_auc": paired_auc(y, g["raw"], base["raw"]),
+             "raw_log_loss": paired_difference(nll(g["raw"]), nll(base["raw"])),
+             "fitted_macro_auc": paired_auc(y, g["oof"][0], base["oof"][0]),
+             "fitted_log_loss": paired_difference(nll(g["oof"][0]), nll(base["oof"][0])),
+             "fitted_top1": paired_difference(g["oof"][0].argmax(1) == y, base["oof"][0].argmax(1) == y),
+             **{f"meteor_{t}": paired_difference(g["meteor"][t], base["meteor"][t]) for t in text}}
+        diffs[name] = d
+        print(f"{name} - {base_name}: " + "; ".join(f"{k} {v['diff']:+.3f} [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}]"
+                                                  for k, v in d.items()), flush=True)
+    print(json.dumps({"n_images": len(y), "n_text": {t: len(v) for t, v in text.items()},
+                      "packages": {n: got[n]["summary"] for n, _ in packages}, "differences": diffs}))
+
+
+if __name__ == "__main__":
+    main()
