@@ -172,7 +172,10 @@ def tuning_data(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict], t
     train_recs = select_records(records, "train", m.train_tasks, m.max_train_records, m.train_task_weights)
     val_recs = select_records(records, "val", m.train_tasks, m.max_val_records)
     if not train_recs:
-        raise ValueError("no train records for model.train_tasks: materialize instruction_set first")
+        zeroed = sorted(t for t, w in m.train_task_weights.items() if w == 0)
+        raise ValueError("no train records for model.train_tasks"
+                         + (f" (model.train_task_weights sets {zeroed} to 0: give a task a weight above 0)" if zeroed else
+                            ": materialize instruction_set first"))
     train_ex, dropped_tr = build_examples(train_recs, tokenizer, m.max_len)
     val_ex, dropped_va = build_examples(val_recs, tokenizer, m.max_len)
     return TuningData(train_recs, val_recs, train_ex, val_ex, dropped_tr + dropped_va,
