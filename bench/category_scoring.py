@@ -41,7 +41,8 @@ def main() -> None:
 
     from maemi_core.config import load_config
     from maemi_core.data.manifest import load_manifest
-    from maemi_core.model.category_scoring import log_softmax, out_of_fold_fitted, record_scores, validation_metrics
+    from maemi_core.model.category_scoring import (log_softmax, out_of_fold_fitted, record_scores, validation_metrics,
+                                                   validation_records)
     from maemi_core.model.maemi_model import load_package
     from maemi_core.teacher.instruction_set import load_instruction_set
     from maemi_core.training.maemi_training import ImageStore, MediaCache
@@ -53,10 +54,9 @@ def main() -> None:
     model = load_package(args.package or str(cfg.workdir_path / "model" / "package"),
                          cfg.model.lm_cache and str(cfg.resolve(cfg.model.lm_cache)))
     classes = sorted(manifest["label"].unique())
-    zs = [r for r in records if r["split"] == "val" and r["task"] == "classify_zero_shot" and r.get("label") in classes]
-    detailed = sorted([r for r in zs if r.get("length") != "concise"], key=lambda r: r["id"])
-    detailed = detailed[:args.images or None]
-    concise = {r["image_ids"][-1]: r for r in zs if r.get("length") == "concise"}
+    detailed = validation_records(records, classes)[:args.images or None]
+    concise = {r["image_ids"][-1]: r for r in records if r["split"] == "val" and r["task"] == "classify_zero_shot"
+               and r.get("length") == "concise"}
     y = np.array([classes.index(r["label"]) for r in detailed])
     print(f"{len(detailed)} validation images; categories "
           f"{dict(zip(classes, np.bincount(y, minlength=len(classes)).tolist()))}")

@@ -33,24 +33,6 @@ import numpy as np
 
 from maemi_core.threads import use_threads
 
-BOOT = 2000
-
-
-def paired_auc(y: np.ndarray, a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict[str, float]:
-    """macro AUC of ``a`` minus that of ``b`` (same images), with a percentile-bootstrap interval
-    over the images."""
-    from maemi_core.model.category_scoring import macro_auc
-
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(BOOT):
-        idx = rng.integers(0, len(y), len(y))
-        d = macro_auc(y[idx], a[idx]) - macro_auc(y[idx], b[idx])
-        if np.isfinite(d):
-            draws.append(d)
-    lo, hi = np.percentile(draws, [2.5, 97.5])
-    return {"diff": macro_auc(y, a) - macro_auc(y, b), "ci_low": float(lo), "ci_high": float(hi)}
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,8 +52,9 @@ def main() -> None:
     from maemi_core.evaluation.answering import Answerer, benchmark_records, reference
     from maemi_core.evaluation.benchmark_tables import paired_difference
     from maemi_core.evaluation.text_metrics import score_pairs
-    from maemi_core.model.category_scoring import (fitted_folds, log_softmax, out_of_fold_fitted, per_class_auc, record_scores,
-                                                   validation_metrics)
+    from maemi_core.model.category_scoring import (fitted_folds, log_softmax, out_of_fold_fitted,
+                                                   paired_macro_auc_difference, per_class_auc, record_scores,
+                                                   validation_metrics, validation_records)
     from maemi_core.model.generation import DecodingConfig
     from maemi_core.model.maemi_model import load_package
     from maemi_core.teacher.instruction_set import load_instruction_set
@@ -82,8 +65,7 @@ def main() -> None:
     manifest = load_manifest(cfg)
     records = load_instruction_set(cfg)
     classes = sorted(manifest["label"].unique())
-    detailed = sorted([r for r in records if r["split"] == "val" and r["task"] == "classify_zero_shot"
-                       and r.get("label") in classes and r.get("length") != "concise"], key=lambda r: r["id"])[:args.images or None]
+    detailed = validation_records(records, classes)[:args.images or None]
     y = np.array([classes.index(r["label"]) for r in detailed])
     if fitted_folds(y, len(classes)) == 0:
         raise SystemExit(f"categories {dict(zip(classes, np.bincount(y, minlength=len(classes)).tolist()))} in these "
@@ -106,7 +88,8 @@ def main() -> None:
         meteor = {t: score_pairs(answerer.answer(recs, cfg.model.max_new_tokens, desc=f"{name}: {t}"),
                                  [reference(r) for r in recs])["meteor"].to_numpy() for t, recs in text.items()}
         got[name] = {"raw": raw, "oof": oof, "meteor": meteor}
-        fitted = {k: float(np.mean([validation_metrics(y, o)[k] for o in oof])) for k in validation_metrics(y, raw)}
+        per_seed = [validation_metrics(y, o) for o in oof]
+        fitted = {k: float(np.mean([m[k] for m in per_seed])) for k in per_seed[0]}
         per_class = dict(zip(classes, np.mean([per_class_auc(y, o) for o in oof], axis=0).tolist()))
         got[name]["summary"] = {"raw": validation_metrics(y, raw), "fitted": fitted, "fitted_per_class_auc": per_class,
                                 "meteor": {t: float(v.mean()) for t, v in meteor.items()}}
@@ -121,13 +104,13 @@ def main() -> None:
 
     base_name = packages[0][0]
     base = got[base_name]
+    nll = lambda o: -log_softmax(o)[np.arange(len(y)), y]   # noqa: E731
     diffs = {}
     for name, _ in packages[1:]:
         g = got[name]
-        nll = lambda o: -log_softmax(o)[np.arange(len(y)), y]   # noqa: E731
-        d = {"raw_macro_auc": paired_auc(y, g["raw"], base["raw"]),
+        d = {"raw_macro_auc": paired_macro_auc_difference(y, g["raw"], base["raw"]),
              "raw_log_loss": paired_difference(nll(g["raw"]), nll(base["raw"])),
-             "fitted_macro_auc": paired_auc(y, g["oof"][0], base["oof"][0]),
+             "fitted_macro_auc": paired_macro_auc_difference(y, g["oof"][0], base["oof"][0]),
              "fitted_log_loss": paired_difference(nll(g["oof"][0]), nll(base["oof"][0])),
              "fitted_top1": paired_difference(g["oof"][0].argmax(1) == y, base["oof"][0].argmax(1) == y),
              **{f"meteor_{t}": paired_difference(g["meteor"][t], base["meteor"][t]) for t in text}}

@@ -91,3 +91,17 @@ def test_served_scores_use_the_packages_fitted_weights_or_refuse_without_them():
     np.testing.assert_allclose(score(package, ["q"] * 300, names, "fitted", raw), apply_fitted(raw, fitted))
     with pytest.raises(ValueError, match="no fitted category scoring"):
         score(_Package({"category_scoring": {"chosen": "raw"}}), ["q"] * 300, names, "fitted", raw)
+
+
+def test_a_paired_macro_auc_difference_resamples_both_scorings_with_the_same_images():
+    from maemi_core.model.category_scoring import macro_auc, paired_macro_auc_difference
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 150)
+    informative = rng.normal(size=(150, 3))
+    informative[np.arange(150), y] += 1.5
+    blind = rng.normal(size=(150, 3))
+    d = paired_macro_auc_difference(y, informative, blind, n_boot=300)
+    assert d["diff"] == pytest.approx(macro_auc(y, informative) - macro_auc(y, blind))
+    assert 0 < d["ci_low"] < d["diff"] < d["ci_high"]
+    assert paired_macro_auc_difference(y, informative, informative, n_boot=50) == {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0}

@@ -72,6 +72,22 @@ def test_prompt_tokens_are_masked():
     assert ex.input_ids.count(model.image_token_id) == 1 and model.encode_token_id in ex.input_ids
 
 
+def test_an_oversampled_stream_repeats_each_example_as_its_record_and_counts_a_dropped_record_once():
+    from maemi_core.training.instruction_tuning import build_stream_examples, select_records
+
+    model = tiny_model()
+    long = "<image>\n" + "describe every grain boundary " * 40
+    records = [{"id": f"{t}-{k}", "task": t, "split": "train", "image_ids": ["i0"],
+                "conversations": [{"from": "human", "value": long if k == 0 and t == "vqa" else f"<image>\nquestion {k}"},
+                                  {"from": "gpt", "value": f"answer {t} {k}"}]}
+               for t in ("caption", "vqa") for k in range(3)]
+    stream = select_records(records, "train", ["caption", "vqa"], None, {"vqa": 3})
+    examples, dropped = build_stream_examples(stream, model.tokenizer, 64)
+    plain, plain_dropped = build_examples(stream, model.tokenizer, 64)
+    assert [(e.id, e.input_ids, e.labels) for e in examples] == [(e.id, e.input_ids, e.labels) for e in plain]
+    assert len(examples) == 3 + 2 * 3 and dropped == 1 and plain_dropped == 3
+
+
 def test_a_run_killed_mid_budget_resumes_and_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
     # 12 examples, 3 micro-batches of 4, 2 per optimizer step: 2 steps per epoch. A budget of 900
     # tokens crosses epochs and ends mid-epoch; the kill falls mid-epoch, between evaluation points.

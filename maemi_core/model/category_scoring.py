@@ -207,13 +207,29 @@ def _auc(positive: np.ndarray, score: np.ndarray) -> float:
 def macro_auc_interval(y: np.ndarray, scores: np.ndarray, n_boot: int = 500, level: float = 0.95,
                        seed: int = 0, normalise: bool = True) -> tuple[float, float]:
     """Percentile-bootstrap interval of :func:`macro_auc` over the images."""
+    return _image_bootstrap(len(y), lambda idx: macro_auc(y[idx], scores[idx], normalise), n_boot, level, seed)
+
+
+def paired_macro_auc_difference(y: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: int = 2000,
+                                level: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """:func:`macro_auc` of scores ``a`` minus that of ``b`` on the same images, with a
+    percentile-bootstrap interval (both resampled with the same images)."""
+    lo, hi = _image_bootstrap(len(y), lambda idx: macro_auc(y[idx], a[idx]) - macro_auc(y[idx], b[idx]),
+                              n_boot, level, seed)
+    return {"diff": macro_auc(y, a) - macro_auc(y, b), "ci_low": lo, "ci_high": hi}
+
+
+def _image_bootstrap(n: int, statistic: Callable[[np.ndarray], float], n_boot: int, level: float,
+                     seed: int) -> tuple[float, float]:
+    """Percentile interval of ``statistic(indices)`` over ``n_boot`` resamplings of ``n`` images
+    (draws that are not finite, e.g. a category missing from the draw, left out)."""
     rng = np.random.default_rng(seed)
-    draws = [macro_auc(y[idx], scores[idx], normalise) for idx in (rng.integers(0, len(y), len(y)) for _ in range(n_boot))]
+    draws = [statistic(idx) for idx in (rng.integers(0, n, n) for _ in range(n_boot))]
     draws = np.array([d for d in draws if np.isfinite(d)])
     if not len(draws):
         return float("nan"), float("nan")
-    a = (1 - level) / 2 * 100
-    return float(np.percentile(draws, a)), float(np.percentile(draws, 100 - a))
+    q = (1 - level) / 2 * 100
+    return float(np.percentile(draws, q)), float(np.percentile(draws, 100 - q))
 
 
 def log_loss(y: np.ndarray, scores: np.ndarray) -> float:
@@ -247,14 +263,19 @@ def record_scores(model, recs: list[dict], class_names: list[str], media_of: Cal
                                      media_of=lambda a, b: media_of(recs[a:b]))
 
 
+def validation_records(records: list[dict], class_names: list[str]) -> list[dict]:
+    """The validation zero-shot records the scoring is chosen on (the detailed question, the one
+    the benchmark scores), by record id."""
+    return sorted([r for r in records if r["split"] == "val" and r["task"] == "classify_zero_shot"
+                   and r.get("length") != "concise" and r.get("label") in class_names], key=lambda r: r["id"])
+
+
 def choose_on_validation(model, records: list[dict], class_names: list[str], media_of: Callable[[list[dict]], object],
                          batch_size: int = 8, limit: Optional[int] = None, seed: int = 0) -> dict:
     """Score up to ``limit`` validation zero-shot records (None: all) every way, fit ``fitted``
     on them and choose (see :func:`choose`). ``media_of(records)``: their visual tokens. Returns
     what the package stores: the choice, each scoring's validation metrics, ``fitted``'s weights."""
-    recs = [r for r in records if r["split"] == "val" and r["task"] == "classify_zero_shot"
-            and r.get("length") != "concise" and r.get("label") in class_names]
-    recs = sorted(recs, key=lambda r: r["id"])[:limit]
+    recs = validation_records(records, class_names)[:limit]
     if len({r["label"] for r in recs}) < 2:
         return {"chosen": "raw", "reason": "fewer than two categories among the validation images", "n": len(recs)}
     qs = [r["conversations"][0]["value"] for r in recs]

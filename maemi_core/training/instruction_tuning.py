@@ -42,6 +42,18 @@ def select_records(records: list[dict], split: str, tasks: list[str], limit: Opt
     return [r for r in chosen for _ in range(max(0, int(task_weights.get(r["task"], 1))))]
 
 
+def build_stream_examples(records: list[dict], tokenizer, max_len: int) -> tuple[list[Example], int]:
+    """:func:`build_examples` of a stream in which a record may come several times (task
+    weights): each record is tokenised once and its example repeated in the stream's order; the
+    count of records dropped as too long counts each record once."""
+    memo: dict[int, Optional[Example]] = {}
+    for r in records:
+        if id(r) not in memo:
+            built, _ = build_examples([r], tokenizer, max_len)
+            memo[id(r)] = built[0] if built else None
+    return [memo[id(r)] for r in records if memo[id(r)] is not None], sum(e is None for e in memo.values())
+
+
 def package_meta(records: list[dict], manifest: pd.DataFrame) -> dict:
     """What serving needs beyond the weights: the category names and the zero-shot
     classification question the model was tuned on (for ``maemi classify``)."""
@@ -176,7 +188,7 @@ def tuning_data(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict], t
         raise ValueError("no train records for model.train_tasks"
                          + (f" (model.train_task_weights sets {zeroed} to 0: give a task a weight above 0)" if zeroed else
                             ": materialize instruction_set first"))
-    train_ex, dropped_tr = build_examples(train_recs, tokenizer, m.max_len)
+    train_ex, dropped_tr = build_stream_examples(train_recs, tokenizer, m.max_len)
     val_ex, dropped_va = build_examples(val_recs, tokenizer, m.max_len)
     return TuningData(train_recs, val_recs, train_ex, val_ex, dropped_tr + dropped_va,
                       ImageStore.from_manifest(manifest, cfg.vision.image_size))
