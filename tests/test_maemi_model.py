@@ -361,3 +361,47 @@ def test_shared_prefix_stops_before_the_first_image_and_leaves_a_token_per_row()
     assert shared_prefix_length([[1, 2, 3], [1, 5]], img) == 1
     assert shared_prefix_length([[img, 1], [img, 1]], img) == 0
     assert shared_prefix_length([], img) == 0
+
+
+def test_a_training_batch_runs_its_shared_prefix_once_with_the_loss_and_gradients_of_full_rows():
+    """The training forward runs the batch's common prefix (the system turn) once and lets every
+    row attend to it through the cache: loss and every trained tensor's gradient equal those of
+    one full forward per row, token-weighted (float rounding only)."""
+    from maemi_core.model.dyqlora_fa import set_active_rank
+    from maemi_core.model.prompts import shared_prefix_length
+    from maemi_core.training.maemi_training import MediaCache, collate
+
+    model = tiny_model(quantize=True)
+    model.cfg.lora_dropout = 0.0
+    for m in model.modules():
+        if isinstance(m, DyLoRAFALinear):
+            m.dropout = 0.0
+    _opened(model).train()
+    set_active_rank(model, 5)
+    examples, store = _toy_data(model, 6)
+    examples[1].input_ids = examples[1].input_ids + examples[1].input_ids[-4:]      # rows of other lengths
+    examples[1].labels = examples[1].labels + examples[1].input_ids[-4:]
+    two = build_examples([{"id": "two", "image_ids": ["i0", "i1"], "conversations": [
+        {"from": "human", "value": "<image>\nThe first. <image>\nAnd the second, how does it differ?"},
+        {"from": "gpt", "value": "the second is darker"}]}], model.tokenizer, 128)[0][0]
+    batch_ex = [examples[0], examples[1], two, examples[2]]
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
+    media = MediaCache(model, store)
+    assert shared_prefix_length([e.input_ids for e in batch_ex], model.image_token_id) >= 10
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    batch = collate(batch_ex, pad, store, media)
+    assert int(batch["attention_mask"].sum(1).min()) < batch["input_ids"].shape[1]      # padded rows
+    shared = model(**batch).loss
+    got = grads(shared)
+    n = [sum(1 for x in e.labels[1:] if x != -100) for e in batch_ex]
+    ref_loss = sum(model(**collate([e], pad, store, media)).loss * k / sum(n) for e, k in zip(batch_ex, n))
+    ref = grads(ref_loss)
+    torch.testing.assert_close(shared, ref_loss, rtol=1e-5, atol=1e-5)
+    assert got.keys() == ref.keys() and any("xattn" in k for k in got) and any("lora_B" in k for k in got)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6, msg=k)
