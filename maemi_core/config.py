@@ -314,7 +314,12 @@ class ModelConfig(_Strict):
         bad = {k: v for k, v in self.train_task_weights.items() if k not in TEACHER_TASKS or v < 0}
         if bad:
             raise ValueError(f"model.train_task_weights {bad}: keys are tasks of {list(TEACHER_TASKS)}, "
-                             "values records per round (>= 0)")
+                             "values copies per epoch of the stream or records per round of a slice (>= 0)")
+        untrained = sorted(set(self.train_task_weights) - set(self.train_tasks))
+        if untrained:
+            raise ValueError(f"model.train_task_weights weights {untrained}, which model.train_tasks "
+                             f"{self.train_tasks} does not train: a weight there would do nothing; add the task to "
+                             "model.train_tasks or remove its weight")
         return self
 
 

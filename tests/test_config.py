@@ -70,6 +70,8 @@ def test_training_and_promotion_settings_that_cannot_work_are_refused_at_load(tm
         load_config(profile(promotion={"key_metrics": {"vqa.meteorr": 0.04}}))
     with pytest.raises(ConfigError, match="no_vision_baseline is off.*require_grounding: false"):
         load_config(profile(evaluation={"no_vision_baseline": False}, promotion={"first_must_beat_base_lm": False}))
+    with pytest.raises(ConfigError, match=r"weights \['heterogeneity'\], which model.train_tasks .* does not train"):
+        load_config(profile(model={"train_tasks": ["caption", "vqa"], "train_task_weights": {"heterogeneity": 3}}))
     with pytest.raises(ConfigError, match="max_epochs is no longer read.*train_budget"):
         load_config(profile(model={"max_epochs": 2}))
     with pytest.raises(ConfigError, match="exactly one of tokens, minutes or epochs"):
