@@ -10,10 +10,7 @@
    counted by ``torch.utils.flop_counter`` (forward + backward), wall time per micro-batch with
    the visual tokens computed in the step (as before) and read from the per-image cache (as
    training does now), and achieved GFLOP/s as a fraction of the ceiling.
-3. Micro-batches of chat-template prompts (every row starts with the system turn), each run with
-   its common prefix once, as training does, and with every row in full, alternating: time and
-   tokens/s of each, and how far their losses and gradients differ.
-4. A torch.profiler table of the step's most expensive operators.
+3. A torch.profiler table of the step's most expensive operators.
 """
 
 from __future__ import annotations
@@ -36,67 +33,6 @@ def matmul_ceiling(n: int = 2048, repeats: int = 5) -> float:
         a @ b
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best / 1e9
-
-
-def prefix_rows(model, args) -> None:
-    """Micro-batches as training builds them (the chat template's prompt, so every row starts with
-    its system turn; rows of different lengths, right-padded), each run with its common prefix
-    once (``share_prompt_prefix``, the default) and every row in full, alternating: time per
-    micro-batch (forward + backward), tokens/s over the real tokens, and how far the loss and the
-    gradients of the two runs differ."""
-    from maemi_core.model.prompts import prompt_ids, shared_prefix_length
-
-    tok = model.tokenizer
-    gen = torch.Generator().manual_seed(1)
-    words = "Describe the cracks, dark regions and busbars of this electroluminescence image of a solar cell".split()
-    rows, labels = [], []
-    for i in range(args.micro_batch):
-        question, n_prompt = "<image>\n", args.prompt + 8 * (i - args.micro_batch // 2)   # lengths vary by row
-        while len(prompt_ids(tok, question)) < n_prompt:
-            question += " " + words[len(question) % len(words)]
-        p = prompt_ids(tok, question)
-        a = torch.randint(0, model.base_vocab, (args.answer + 4 * i,), generator=gen).tolist()
-        rows.append(p + a)
-        labels.append([-100] * len(p) + a)
-    t = max(len(r) for r in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids = torch.tensor([r + [pad] * (t - len(r)) for r in rows])
-    lab = torch.tensor([r + [-100] * (t - len(r)) for r in labels])
-    attn = torch.tensor([[1] * len(r) + [0] * (t - len(r)) for r in rows])
-    media = model.encode_images(torch.randint(0, 255, (len(rows), args.images, 3, 224, 224), dtype=torch.uint8,
-                                              generator=gen))
-    real = int(attn.sum())
-    n_pre = shared_prefix_length(rows, model.image_token_id)
-
-    def step(share: bool):
-        model.share_prompt_prefix = share
-        model.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        out = model(ids, attn, None, labels=lab, media=media)
-        out.loss.backward()
-        dt = time.perf_counter() - t0
-        return dt, float(out.loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    times = {True: [], False: []}
-    last = {}
-    for k in range(2 * args.steps + 2):          # alternating; the first of each is a warm-up
-        share = k % 2 == 0
-        dt, loss, grads = step(share)
-        if k >= 2:
-            times[share].append(dt)
-        last[share] = (loss, grads)
-    model.share_prompt_prefix = True
-    worst = max(float((last[True][1][n] - g).abs().max() / g.abs().max().clamp_min(1e-12))
-                for n, g in last[False][1].items())
-    print(f"chat-template micro-batch: {len(rows)} rows of {min(len(r) for r in rows)}-{t} tokens ({real} real, "
-          f"{t * len(rows) - real} padding), a common prefix of {n_pre} tokens (the system turn and what follows "
-          "it up to the first image)")
-    for share, label in ((False, "every row in full"), (True, "common prefix once")):
-        s = statistics.median(times[share])
-        print(f"  {label:18s}: {s:.2f} s per micro-batch, {real / s:.0f} tokens/s (median of {len(times[share])})")
-    print(f"  ratio {statistics.median(times[False]) / statistics.median(times[True]):.3f}; loss {last[False][0]:.6f} "
-          f"in full, {last[True][0]:.6f} shared; largest gradient difference {worst:.1e} of the tensor's largest "
-          "gradient")
 
 
 def main() -> None:
@@ -164,8 +100,6 @@ def main() -> None:
         work = matmul + (0 if cached else encoder)
         print(f"  {label:22s}: {rows[cached]:.2f} s, {tokens / rows[cached]:.0f} tokens/s, "
               f"{work / rows[cached] / 1e9:.1f} GFLOP/s = {work / rows[cached] / 1e9 / ceiling:.0%} of the ceiling")
-
-    prefix_rows(model, args)
 
     from torch.profiler import ProfilerActivity, profile
 

@@ -19,7 +19,7 @@ import torch
 from maemi_core.model.dyqlora_fa import call_rank, dylora_layers
 from maemi_core.model.gated_cross_attention import media_attention_mask
 from maemi_core.model.maemi_model import MaemiModel
-from maemi_core.model.prompts import prompt_ids, shared_prefix_length  # noqa: F401 (re-exported)
+from maemi_core.model.prompts import prompt_ids
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,21 @@ def generate_answers(model: MaemiModel, questions: list[str], images: list[list[
             ends = (row == tok.eos_token_id).nonzero().flatten()
             token_counts.append(int(ends[0]) + 1 if len(ends) else len(row))
     return [tok.decode(row, skip_special_tokens=True).strip() for row in out]
+
+
+def shared_prefix_length(rows: list[list[int]], image_token_id: int) -> int:
+    """Tokens at the start of every row that no image can affect: the rows' common prefix, up to
+    (not including) the first ``<image>`` of any row, leaving at least one token per row. Their
+    keys and values are the same for every prompt (the chat template's system turn), so they can
+    be computed once for a batch."""
+    if not rows:
+        return 0
+    limit = min(len(r) for r in rows) - 1
+    n = 0
+    first = rows[0]
+    while n < limit and first[n] != image_token_id and all(r[n] == first[n] for r in rows):
+        n += 1
+    return n
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from maemi_core.model.dyqlora_fa import DEFAULT_TARGETS, apply_dyqlora_fa, dylor
 from maemi_core.model.frozen_activations import use_lean_swiglu
 from maemi_core.model.gated_cross_attention import GatedCrossAttention, GatedXAttnDecoderLayer, media_attention_mask
 
-from maemi_core.model.prompts import ENCODE_TOKEN, IMAGE_TOKEN, shared_prefix_length  # noqa: F401 (the new tokens)
+from maemi_core.model.prompts import ENCODE_TOKEN, IMAGE_TOKEN  # noqa: F401 (the model's new tokens)
 # Buffers fitted by training (``media_standardize``) that travel with the trained parameters.
 MEDIA_STATISTICS = ("media_mean", "media_std", "media_images")
 
@@ -54,10 +54,6 @@ class MaemiModelConfig:
 
 
 class MaemiModel(nn.Module):
-    # Training and validation batches run their common prompt prefix once (:meth:`_answer_states`);
-    # False: every row runs in full (bench/training_efficiency.py compares the two).
-    share_prompt_prefix: bool = True
-
     def __init__(self, lm: nn.Module, tokenizer, vision_encoder: nn.Module, vis_dim: int, cfg: MaemiModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -211,7 +207,8 @@ class MaemiModel(nn.Module):
                 return self.lm(inputs_embeds=self.embed(input_ids), attention_mask=attention_mask, use_cache=False)
             # Training/validation: vocabulary-sized logits only where an answer token is predicted
             # (a 49k-wide row per prompt token would dominate both time and memory).
-            hidden, labels = self._answer_states(input_ids, attention_mask, labels, media, mask)
+            hidden = self.lm.model(inputs_embeds=self.embed(input_ids), attention_mask=attention_mask,
+                                   use_cache=False).last_hidden_state                      # (B, T, D)
             targets = labels[:, 1:]                                                        # (B, T-1)
             keep = targets != -100
             logits = self.lm.lm_head(hidden[:, :-1][keep])                                 # (K, V)
@@ -219,32 +216,6 @@ class MaemiModel(nn.Module):
             return SimpleNamespace(loss=loss, logits=None)
         finally:
             self.condition(None, None)
-
-    def _answer_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                       media: Optional[torch.Tensor], mask: Optional[torch.Tensor]):
-        """Last hidden states of a right-padded training batch and the labels they align with.
-        The batch's common prefix before any image (the chat template's system turn, about a
-        sixth of an average training example) runs once, not once per row: its keys and values
-        are the same for every row, and the rows after it attend to them through the LM's cache,
-        so its gradient is summed over the rows (the same function and gradient as the full
-        forward, up to float rounding; test_maemi_model.py checks both). The prefix's own states
-        predict only prompt tokens, whose labels are -100."""
-        embeds = self.embed(input_ids)
-        lengths = attention_mask.sum(1).tolist()
-        n_pre = (shared_prefix_length([row[:n] for row, n in zip(input_ids.tolist(), lengths)], self.image_token_id)
-                 if self.share_prompt_prefix and input_ids.shape[0] > 1 and bool((attention_mask[:, :1] == 1).all())
-                 else 0)
-        if not n_pre:
-            return self.lm.model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                 use_cache=False).last_hidden_state, labels
-        if media is not None:   # no image precedes the prefix; the gated feed-forward still applies to it
-            self.condition(media[:1], torch.zeros((1, n_pre, media.shape[1]), dtype=torch.bool))
-        cache = self.lm.model(inputs_embeds=embeds[:1, :n_pre], use_cache=True).cache
-        cache.batch_repeat_interleave(input_ids.shape[0])
-        self.condition(media, None if mask is None else mask[:, n_pre:])
-        hidden = self.lm.model(inputs_embeds=embeds[:, n_pre:], attention_mask=attention_mask, cache=cache,
-                               use_cache=True).last_hidden_state                           # (B, T - n_pre, D)
-        return hidden, labels[:, n_pre:]
 
 
 # --- building, packaging, loading ---------------------------------------------------------------

@@ -24,18 +24,3 @@ def with_image_markers(question: str, n_images: int) -> str:
     """The question as the model is asked it: one ``<image>`` per image in front, unless the
     question places its own markers."""
     return question if IMAGE_TOKEN in question else IMAGE_TOKEN * n_images + "\n" + question
-
-
-def shared_prefix_length(rows: list[list[int]], image_token_id: int) -> int:
-    """Tokens at the start of every row that no image can affect: the rows' common prefix, up to
-    (not including) the first ``<image>`` of any row, leaving at least one token per row. Their
-    keys and values are the same for every prompt (the chat template's system turn), so they can
-    be computed once for a batch."""
-    if not rows:
-        return 0
-    limit = min(len(r) for r in rows) - 1
-    n = 0
-    first = rows[0]
-    while n < limit and first[n] != image_token_id and all(r[n] == first[n] for r in rows):
-        n += 1
-    return n
