@@ -364,6 +364,13 @@ def test_the_pipelines_trainer_and_the_learning_curve_bench_give_identical_weigh
     step = scoped(cfg, "recipe-comparison", "model")   # a run folder of its own, never a published copy
     summary = tune_and_register(step, manifest, records)
     pipeline_weights = load_file(str(Path(summary["package"]) / "adapter.safetensors"))
+    # A serving setting (the answer length) re-packages the finished run; it does not train it again.
+    served = step.model_copy(update={"model": step.model.model_copy(update={"max_new_tokens": 7})})
+    again = tune_and_register(served, manifest, records)
+    assert summary["steps"] > 0 and again["resumed_from_step"] == again["steps"] == summary["steps"]
+    assert json.loads((Path(again["package"]) / "maemi.json").read_text())["max_new_tokens"] == 7
+    assert all(torch.equal(v, load_file(str(Path(again["package"]) / "adapter.safetensors"))[k])
+               for k, v in pipeline_weights.items())
 
     model = build_model(cfg, vit_dir(cfg))
     data = tuning_data(cfg, manifest, records, model.tokenizer)

@@ -23,6 +23,8 @@ from maemi_core.training.maemi_training import (
 from maemi_core.run_isolation import stage_dir
 
 ASSET = "maemi_model"
+# model.* settings that only serving reads: outside the training checkpoint's fingerprint.
+SERVING_ONLY = {"max_new_tokens", "inference_kernel", "served_rank_cache"}
 
 
 def model_dir(cfg: MaemiConfig) -> Path:
@@ -226,7 +228,10 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
 
     def run() -> dict:
         tcfg = training_config(cfg, warm_start=warm["version"] is not None)
-        fingerprint = json.dumps({"data": data_hash, "model": m.model_dump(), "encoder": cfg.vision.encoder,
+        # What serving reads (answer length, numerics choice, merged-weight cache) does not change the
+        # trained weights: changing it re-packages the finished run instead of training it again.
+        fingerprint = json.dumps({"data": data_hash, "model": m.model_dump(exclude=SERVING_ONLY),
+                                  "encoder": cfg.vision.encoder,
                                   "encoder_weights": encoder_fingerprint(model),
                                   "train": asdict(tcfg), "warm_start": warm["version"]}, sort_keys=True)
         if m.processes > 1:
