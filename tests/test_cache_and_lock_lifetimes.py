@@ -4,6 +4,7 @@ lock instead of waiting forever), the PostgreSQL teacher cache when its schema l
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 
@@ -152,3 +153,34 @@ def test_the_postgres_teacher_cache_closes_its_connection_when_the_schema_lock_t
     cache_conn, lock_conn = server.connections[1:]
     assert cache_conn.statement_timeout_s == cache_module.PG_STATEMENT_TIMEOUT_S
     assert cache_conn.closed and lock_conn.closed
+
+
+def _open_and_write(path: str, barrier, results) -> None:
+    barrier.wait()
+    try:
+        with cache_module.TeacherCache(path) as cache:
+            cache.put(f"key-{os.getpid()}", "text", 1, 1, 1, {"kind": "test"})
+        results.put("ok")
+    except Exception as e:       # reported to the parent, which asserts on it
+        results.put(repr(e))
+
+
+def test_processes_opening_a_new_teacher_cache_at_once_all_get_it(tmp_path):
+    """Two runs that start at once open the same new cache file: both switch it to WAL, and sqlite
+    answers one of them "database is locked" at once, without its busy timeout (this failed half
+    of such starts of 8 processes before the retry). Every process must get the cache."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    for rep in range(8):
+        path = str(tmp_path / f"cache{rep}.sqlite")
+        barrier, results = ctx.Barrier(8), ctx.Queue()
+        procs = [ctx.Process(target=_open_and_write, args=(path, barrier, results)) for _ in range(8)]
+        for p in procs:
+            p.start()
+        got = [results.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+        assert got == ["ok"] * 8, got
+        with cache_module.TeacherCache(path) as cache:
+            assert len(cache) == 8

@@ -61,16 +61,40 @@ class TeacherCache(_Closing):
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=SQLITE_BUSY_TIMEOUT_S)
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("""CREATE TABLE IF NOT EXISTS answers (
-                key TEXT PRIMARY KEY, text TEXT NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER,
-                attempts INTEGER, teacher TEXT, created REAL)""")
-            self._db.execute("""CREATE TABLE IF NOT EXISTS failures (
-                key TEXT PRIMARY KEY, error TEXT, attempts INTEGER, teacher TEXT, last_at REAL)""")
-            self._db.commit()
+            self._create_schema()
         except BaseException:
             self._db.close()
             raise
+
+    def _create_schema(self) -> None:
+        """WAL mode and the tables, retried while another process holds the file's lock. Two runs
+        that open a new cache at once race to switch it to WAL; sqlite then answers one of them
+        "database is locked" at once, without its busy timeout (it would otherwise deadlock), so
+        that one waits a moment and tries again, for at most ``SQLITE_BUSY_TIMEOUT_S``."""
+        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+        delay = 0.02
+        while True:
+            try:
+                if str(self._db.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                    self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("""CREATE TABLE IF NOT EXISTS answers (
+                    key TEXT PRIMARY KEY, text TEXT NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER,
+                    attempts INTEGER, teacher TEXT, created REAL)""")
+                self._db.execute("""CREATE TABLE IF NOT EXISTS failures (
+                    key TEXT PRIMARY KEY, error TEXT, attempts INTEGER, teacher TEXT, last_at REAL)""")
+                self._db.commit()
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise sqlite3.OperationalError(
+                        f"teacher cache {self.path} stayed locked for {SQLITE_BUSY_TIMEOUT_S:.0f} s by another "
+                        f"process ({e}): is a run stuck? Stop it or wait, then start this one again") from e
+                if self._db.in_transaction:
+                    self._db.rollback()
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     def get(self, key: str) -> Optional[dict]:
         with self._lock:
