@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from maemi_core.model.dyqlora_fa import (
-    DyLoRAFALinear, apply_dyqlora_fa, quantize_int8, sample_rank, set_active_rank, set_deploy_rank,
+    DyLoRAFALinear, apply_dyqlora_fa, frozen_linear, quantize_int8, resolve_matmul_dtype, sample_rank, set_active_rank,
+    set_deploy_rank, set_matmul_dtype,
 )
 from maemi_core.model.gated_cross_attention import GatedCrossAttention, media_attention_mask
 
@@ -68,6 +69,57 @@ def test_gradients_match_autograd_reference():
     torch.testing.assert_close(gx, x2.grad)
     torch.testing.assert_close(gb, b2.grad)
     assert gb[5:].abs().sum() == 0  # truncation: rows beyond the sampled rank get no gradient
+
+
+def test_bf16_base_matmuls_stay_within_bf16_rounding_and_leave_the_adapter_and_serving_in_fp32():
+    torch.manual_seed(0)
+    layer = DyLoRAFALinear(nn.Linear(64, 48), 2, 8, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.train()
+    set_active_rank(layer, 8)
+    x = torch.randn(5, 64, requires_grad=True)
+    gy = torch.randn(5, 48)
+
+    def run(dtype):
+        set_matmul_dtype(layer, dtype)
+        x.grad, layer.lora_B.grad = None, None
+        y = layer(x)
+        y.backward(gy)
+        return y.detach(), x.grad.clone(), layer.lora_B.grad.clone()
+
+    y32, gx32, gb32 = run("float32")
+    y16, gx16, gb16 = run("bfloat16")
+    assert y16.dtype == gx16.dtype == torch.float32
+    # bf16 rounds the activations on their way in and the product on its way out (fp32 accumulation):
+    # about 2^-9 relative each, never more than 1% of the output.
+    for got, ref in ((y16, y32), (gx16, gx32)):
+        err = float((got - ref).norm() / ref.norm())
+        assert 0 < err < 1e-2
+    torch.testing.assert_close(gb16, gb32)            # the adapter's own matmuls stay fp32
+    assert (y16 - y32).norm() / y32.norm() < 1e-2 and (y16 - y32).norm() > 0
+    assert "_w_low" not in str(list(layer.state_dict()))   # the bf16 copy never reaches a checkpoint
+    layer.eval()
+    with torch.no_grad():                              # inference keeps the merged fp32 weight
+        torch.testing.assert_close(layer(x), y32, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="auto, float32 or bfloat16"):
+        resolve_matmul_dtype("float16")
+    assert resolve_matmul_dtype("auto") in ("float32", "bfloat16")
+
+
+def test_frozen_linear_in_bf16_sends_the_gradient_to_its_input_only():
+    torch.manual_seed(0)
+    head = nn.Linear(32, 100, bias=False).requires_grad_(False)
+    x = torch.randn(6, 32, requires_grad=True)
+    y = frozen_linear(x, head, torch.bfloat16)
+    y.sum().backward()
+    ref_y, ref_g = x.detach() @ head.weight.T, torch.ones(6, 100) @ head.weight
+    for got, ref in ((y.detach(), ref_y), (x.grad, ref_g)):
+        assert got.dtype == torch.float32 and 0 < float((got - ref).norm() / ref.norm()) < 1e-2
+    assert head.weight.grad is None
+    with torch.no_grad():
+        head.weight.mul_(2)                            # a new weight version: the bf16 copy is rebuilt
+    torch.testing.assert_close(frozen_linear(x, head, torch.bfloat16), 2 * y.detach(), rtol=1e-2, atol=1e-2)
 
 
 def test_dropout_mask_is_regenerated_not_stored():

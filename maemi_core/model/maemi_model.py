@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from maemi_core.data.transforms import standardize
-from maemi_core.model.dyqlora_fa import DEFAULT_TARGETS, apply_dyqlora_fa, dylora_layers
+from maemi_core.model.dyqlora_fa import (DEFAULT_TARGETS, MATMUL_DTYPES, apply_dyqlora_fa, dylora_layers,
+                                        frozen_linear, resolve_matmul_dtype, set_matmul_dtype)
 from maemi_core.model.frozen_activations import use_lean_swiglu
 from maemi_core.model.gated_cross_attention import GatedCrossAttention, GatedXAttnDecoderLayer, media_attention_mask
 
@@ -46,6 +47,7 @@ class MaemiModelConfig:
     alpha: float = 16.0
     lora_dropout: float = 0.05
     quantize: bool = True           # 8-bit frozen base weights
+    matmul_dtype: str = "float32"   # training's frozen-base matmuls: float32 or bfloat16 (resolved, never auto)
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     image_size: int = 224
 
@@ -88,7 +90,15 @@ class MaemiModel(nn.Module):
             layers[i] = GatedXAttnDecoderLayer(xattn, layers[i])
         self.n_adapted = apply_dyqlora_fa(lm.model.layers, cfg.targets, cfg.r_min, cfg.r_max, cfg.alpha,
                                           cfg.lora_dropout, cfg.quantize)
+        self.use_matmul_dtype(cfg.matmul_dtype)
         use_lean_swiglu(lm)   # the frozen MLPs keep 2 of their 3 activations for backward
+
+    def use_matmul_dtype(self, name: str) -> str:
+        """Training's frozen-base matmuls (every adapted layer and the LM head on the answer
+        positions) in ``name`` (auto, float32, bfloat16); returns the resolved name, kept in the
+        model config. Inference and validation loss are unaffected (fp32)."""
+        self.cfg.matmul_dtype = set_matmul_dtype(self.lm.model.layers, name)
+        return self.cfg.matmul_dtype
 
     # --- parameters -------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -211,7 +221,11 @@ class MaemiModel(nn.Module):
                                    use_cache=False).last_hidden_state                      # (B, T, D)
             targets = labels[:, 1:]                                                        # (B, T-1)
             keep = targets != -100
-            logits = self.lm.lm_head(hidden[:, :-1][keep])                                 # (K, V)
+            answer_hidden = hidden[:, :-1][keep]
+            if self.training and torch.is_grad_enabled():   # training steps: the profile's matmul dtype
+                logits = frozen_linear(answer_hidden, self.lm.lm_head, MATMUL_DTYPES[self.cfg.matmul_dtype])  # (K, V)
+            else:                                            # validation: the served numerics (fp32)
+                logits = self.lm.lm_head(answer_hidden)
             loss = F.cross_entropy(logits.float(), targets[keep])
             return SimpleNamespace(loss=loss, logits=None)
         finally:
@@ -225,7 +239,8 @@ def model_config_from(cfg) -> MaemiModelConfig:
     return MaemiModelConfig(xattn_every=m.xattn_every, xattn_heads=m.xattn_heads, xattn_head_dim=m.xattn_head_dim,
                             xattn_ff_mult=m.xattn_ff_mult, media_norm=m.media_norm,
                             media_standardize=m.media_standardize, r_min=m.r_min, r_max=m.r_max, alpha=m.alpha,
-                            lora_dropout=m.lora_dropout, quantize=m.quantize_8bit, image_size=cfg.vision.image_size)
+                            lora_dropout=m.lora_dropout, quantize=m.quantize_8bit,
+                            matmul_dtype=resolve_matmul_dtype(m.train_matmul_dtype), image_size=cfg.vision.image_size)
 
 
 def _vision_encoder(kind: str, vit_dir: Optional[str]):

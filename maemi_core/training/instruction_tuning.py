@@ -233,6 +233,7 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
         fingerprint = json.dumps({"data": data_hash, "model": m.model_dump(exclude=SERVING_ONLY),
                                   "encoder": cfg.vision.encoder,
                                   "encoder_weights": encoder_fingerprint(model),
+                                  "matmul_dtype": model.cfg.matmul_dtype,   # auto resolved on this machine
                                   "train": asdict(tcfg), "warm_start": warm["version"]}, sort_keys=True)
         if m.processes > 1:
             from maemi_core.training.data_parallel import train_in_processes
@@ -276,6 +277,7 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
             "warm_start_from": warm["version"] or "none",
             "lm_profile": m.lm_profile, "vision_encoder": cfg.vision.encoder, "r_min": m.r_min, "r_max": m.r_max,
             "alpha": m.alpha, "lora_dropout": m.lora_dropout, "quantization": "int8 weight-only" if m.quantize_8bit else "fp32",
+            "train_matmul_dtype": model.cfg.matmul_dtype,
             "xattn_every": m.xattn_every, "xattn_heads": m.xattn_heads, "xattn_head_dim": m.xattn_head_dim,
             "lr": m.lr, "gate_lr_multiplier": m.gate_lr_multiplier, "micro_batch": m.micro_batch,
             "effective_batch": m.effective_batch, "max_len": m.max_len,
