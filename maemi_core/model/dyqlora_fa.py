@@ -315,10 +315,11 @@ class DyLoRAFALinear(nn.Module):
 
 @contextmanager
 def training_numerics(model: nn.Module):
-    """Within the block every adapted layer computes exactly as in training (int8 weights
-    dequantised to fp32, fp32 activations), also in eval mode under ``no_grad``: validation
-    loss, early stopping and the best-epoch choice then measure the function that was trained,
-    not the dynamic-quantisation kernel that also rounds activations to int8."""
+    """Within the block every adapted layer computes with int8 weights dequantised to fp32 and
+    fp32 activations (training's numerics with ``matmul_dtype`` float32; with bfloat16 training
+    rounds its frozen-base matmuls, these do not), also in eval mode under ``no_grad``:
+    validation loss, early stopping and the best-epoch choice then measure the trained function
+    as served, not the dynamic-quantisation kernel that also rounds activations to int8."""
     layers = dylora_layers(model)
     saved = [m.fast_kernel for m in layers]
     try:

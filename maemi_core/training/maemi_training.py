@@ -247,7 +247,8 @@ def _to_model(batch: dict, model: MaemiModel) -> dict:
 def evaluate_loss(model: MaemiModel, examples: list[Example], pad_id: int, images: ImageStore, micro_batch: int,
                   exact: bool = True, media: Optional[MediaCache] = None, world: World = SINGLE) -> float:
     """Token-weighted mean answer loss at the deployment rank, with the training numerics
-    (int8 weights, fp32 activations): what early stopping and the best epoch are chosen on.
+    (int8 weights, fp32 activations, also when training multiplies in bf16): what early stopping and
+    the best epoch are chosen on.
     ``exact=False`` measures the layers' inference kernel instead (for the kernel decision)."""
     from contextlib import nullcontext
 
