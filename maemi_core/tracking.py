@@ -61,6 +61,28 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_root: Optional[P
         return exp.experiment_id
 
 
+# What a second writer gets when it inserts a row another process inserted first (sqlite,
+# PostgreSQL, MySQL): the row exists now, so the same call succeeds when it is made again.
+_RACED_INSERT = ("UNIQUE constraint failed", "duplicate key value", "Duplicate entry")
+
+
+def log_input(dataset, context: str, attempts: int = 3) -> None:
+    """``mlflow.log_input`` that survives two runs logging one dataset at once.
+
+    MLflow's store looks the dataset up and inserts it when missing, in two statements; two
+    processes logging the same (experiment, name, digest) together both miss it and the slower
+    insert fails on the table's unique key. Made again, the lookup finds the row and the run only
+    links to it. Any other error is raised at once.
+    """
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except mlflow.exceptions.MlflowException as e:
+            if attempt == attempts - 1 or not any(m in str(e) for m in _RACED_INSERT):
+                raise
+
+
 def run_name(asset: str, dagster_run_id: str) -> str:
     return f"{asset}-{dagster_run_id}"
 

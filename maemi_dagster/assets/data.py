@@ -10,6 +10,7 @@ from maemi_core.data.manifest import (
 from maemi_core.data.preview import preview_grid
 from maemi_core.data.sample_groups import group_table
 from maemi_core.run_isolation import publish
+from maemi_core.tracking import log_input
 from maemi_dagster.metadata import image_md, table_md
 from maemi_dagster.resources import MaemiConfigResource, MLflowResource
 
@@ -52,7 +53,7 @@ def raw_images(
             "n_duplicates": len(result.duplicates), "rejected_fraction": result.rejected_fraction,
             "imbalance_ratio": imbalance_ratio(result.manifest),
         })
-        mlflow.log_input(
+        log_input(
             mlflow.data.from_pandas(result.manifest.drop(columns=["path"]), name=cfg.dataset.name,
                                     digest=result.data_version),
             context="raw_images",
