@@ -82,6 +82,10 @@ class Stack:
             self.env[k] = v
         self.env["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 
+    def log_tail(self, name: str, chars: int = 4000) -> str:
+        log = self.dir / "logs" / f"{name}.log"
+        return log.read_text(errors="replace")[-chars:] if log.is_file() else f"(no {log})"
+
     def pids(self) -> dict[str, int]:
         d = self.dir / "pids"
         return {p.name: int(p.read_text()) for p in d.iterdir() if p.name != "postgres.datadir" and p.read_text().strip()}
@@ -319,7 +323,8 @@ def test_the_database_password_is_in_no_command_line_and_no_readable_file(stack)
     pids = stack.pids()
     assert {"mlflow", "daemon", "webserver", "redis"} <= set(pids)
     for name in ("mlflow", "daemon", "webserver", "redis"):   # the servers are running and were checked above
-        assert Path(f"/proc/{pids[name]}").is_dir(), name      # (a worker may be the one an earlier test killed)
+        # (a worker may be the one an earlier test killed); a server that died says why in its log
+        assert Path(f"/proc/{pids[name]}").is_dir(), f"{name} is not running; the end of its log:\n{stack.log_tail(name)}"
     # The MLflow server got its backend store from its environment, not from an option.
     mlflow_args = Path(f"/proc/{pids['mlflow']}/cmdline").read_bytes().split(b"\0")
     assert b"--backend-store-uri" not in mlflow_args
