@@ -66,7 +66,7 @@ def train_variant(variant: str, batch: int, seq: int, steps: int, glibc_default:
     import torch.nn.functional as F
 
     if not glibc_default:   # every variant gets the same allocator setting
-        from maemi_core.model.frozen_activations import use_returning_allocator
+        from maemi_core.allocator import use_returning_allocator
 
         use_returning_allocator()
     lm = build(variant)

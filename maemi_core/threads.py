@@ -63,10 +63,14 @@ def subnormals_flushed():
 
 def use_threads(n: int) -> int:
     """``n`` intra-op threads for torch (and OMP_NUM_THREADS for child processes), started with
-    subnormals flushed while the calling thread keeps its usual arithmetic. Call it before the
+    subnormals flushed while the calling thread keeps its usual arithmetic, and the allocator that
+    keeps freed tensor memory for the next tensor (maemi_core/allocator.py). Call it before the
     first torch operation of a step or script: threads torch started earlier keep their setting."""
     import torch
 
+    from maemi_core.allocator import use_keeping_allocator
+
+    use_keeping_allocator()
     torch.set_num_threads(n)
     os.environ["OMP_NUM_THREADS"] = str(n)
     start_workers_flushed()

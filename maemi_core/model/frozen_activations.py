@@ -1,42 +1,24 @@
-"""What the frozen base keeps for backward, and the allocator that gives the memory back.
+"""What the frozen base keeps for backward.
 
 DyQLoRA-FA's adapters keep only ``X A`` (r numbers per token), but the frozen base layers
 around them still keep activations for the gradient that flows through them to earlier
-adapters. Two measures, both exact (no approximation, no recomputation of matmuls):
+adapters. The measure here is exact (no approximation, no recomputation of matmuls):
 
 - **SwiGLU** (``down(silu(gate(x)) * up(x))``, the MLP of Llama-family LMs): autograd keeps
   ``gate(x)``, ``silu(gate(x))`` and ``up(x)``; :class:`SwiGLU` keeps ``gate(x)`` and ``up(x)``
   and recomputes the element-wise ``silu`` in backward (1536 of 4608 floats per token and
   layer fewer for SmolLM2).
-- **Returning allocator**: glibc keeps freed heap memory in its arenas, so a training loop's
-  resident size grows to the sum of two steps' activation peaks and never shrinks. With
-  ``mallopt(M_MMAP_THRESHOLD, 64 KiB)`` large tensors are mapped and unmapped, and the peak
-  is what is live. The benchmark applies it to every variant it compares.
+The allocator that gives freed activations back to the OS (the lowest peak) and the one that
+keeps them for reuse (speed) are in :mod:`maemi_core.allocator`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import types
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-M_MMAP_THRESHOLD = -3
-
-
-def use_returning_allocator(threshold: int = 1 << 16) -> bool:
-    """Large allocations go straight to mmap (freed memory returns to the OS). glibc only;
-    returns False where it does not apply."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        return bool(ctypes.CDLL(name).mallopt(M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):
-        return False
 
 
 class SwiGLU(torch.autograd.Function):

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from maemi_core.data.transforms import load_resized
 from maemi_core.model.dyqlora_fa import sample_rank, set_active_rank, step_within_rank, training_numerics
-from maemi_core.model.frozen_activations import use_returning_allocator
+from maemi_core.allocator import use_returning_allocator
 from maemi_core.model.maemi_model import MaemiModel
 from maemi_core.model.prompts import prompt_ids
 from maemi_core.checkpoints import load_checkpoint, save_checkpoint
