@@ -294,9 +294,11 @@ class ModelConfig(_Strict):
     low_memory_allocator: bool = False
     # generation
     max_new_tokens: int = 96
-    # auto: serve with the dynamic int8 kernel only if, on the validation records, it gives the
-    # same greedy answers and loss as the training numerics (maemi_core/model/inference_kernel.py)
-    inference_kernel: Literal["auto", "dynamic_int8", "weight_only_int8"] = "auto"
+    # auto: serve with a faster numerics (the dynamic int8 kernel, else bf16 matmuls on the int8
+    # weights where the CPU multiplies bf16 natively) only if, on the validation records, it gives
+    # the same greedy answers and loss as the training numerics in fp32 (weight_only_int8);
+    # maemi_core/model/inference_kernel.py
+    inference_kernel: Literal["auto", "dynamic_int8", "weight_only_int8_bf16", "weight_only_int8"] = "auto"
     # Served in the training numerics, every adapted layer keeps a merged fp32 weight per deployment
     # rank a request asks for: at most this many (least recently used dropped; each costs about the
     # LM's size in fp32). Travels in the package.

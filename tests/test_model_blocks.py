@@ -100,11 +100,48 @@ def test_bf16_base_matmuls_stay_within_bf16_rounding_and_leave_the_adapter_and_s
     assert (y16 - y32).norm() / y32.norm() < 1e-2 and (y16 - y32).norm() > 0
     assert "_w_low" not in str(list(layer.state_dict()))   # the bf16 copy never reaches a checkpoint
     layer.eval()
-    with torch.no_grad():                              # inference keeps the merged fp32 weight
+    with torch.no_grad():                              # inference keeps the merged fp32 weight by default
         torch.testing.assert_close(layer(x), y32, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="auto, float32 or bfloat16"):
         resolve_matmul_dtype("float16")
     assert resolve_matmul_dtype("auto") in ("float32", "bfloat16")
+
+
+def test_bf16_serving_computes_what_a_bf16_training_step_computes_and_training_numerics_undo_it():
+    from maemi_core.model.dyqlora_fa import BF16_KERNEL, EXACT_KERNEL, set_inference_kernel, training_numerics
+
+    torch.manual_seed(0)
+    layer = DyLoRAFALinear(nn.Linear(64, 48), 2, 8, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 5, 64)
+    set_matmul_dtype(layer, "bfloat16")
+    set_active_rank(layer, 8)
+    step = layer.train()(x).detach()                  # a bf16 training step's forward at rank 8
+    set_matmul_dtype(layer, "float32")
+    exact_step = layer(x).detach()
+    layer.eval()
+    set_inference_kernel(layer, BF16_KERNEL)
+    with torch.no_grad():
+        served = layer(x)
+        with training_numerics(layer):                # validation loss and the reference: fp32
+            reference = layer(x)
+        assert layer.serve_dtype == torch.bfloat16    # restored after the block
+    assert torch.equal(served, step)                  # the same operations in the same order
+    assert 0 < float((served - reference).norm() / reference.norm()) < 1e-2
+    torch.testing.assert_close(reference, exact_step, rtol=1e-5, atol=1e-5)
+    set_inference_kernel(layer, EXACT_KERNEL)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="weight_only_int8_bf16"):
+        set_inference_kernel(layer, "float16")
+    # An in-place change of the int8 weight (a reload into the same tensor) rebuilds the bf16 copy.
+    set_inference_kernel(layer, BF16_KERNEL)
+    with torch.no_grad():
+        layer.weight_q.mul_(-1)
+        flipped = layer(x)
+    adapter = (layer.alpha / 8) * (x @ layer.lora_A) @ layer.lora_B
+    torch.testing.assert_close(flipped - layer.bias - adapter, -(served - layer.bias - adapter), rtol=1e-5, atol=1e-5)
 
 
 def test_frozen_linear_in_bf16_sends_the_gradient_to_its_input_only():

@@ -117,19 +117,36 @@ def _dropout_mask(shape: torch.Size, p: float, seed: int, device) -> torch.Tenso
     return mask.ge_(p).div_(1.0 - p)
 
 
+def _low_mm(x: torch.Tensor, w_low: torch.Tensor) -> torch.Tensor:
+    """``x W^T`` with ``W`` held in a low-precision dtype (bf16): ``x`` rounded to it on the way
+    in, the product (accumulated in fp32 by the kernel) rounded to it on the way out (torch's CPU
+    ``mm`` has no fp32-output bf16 overload), returned in ``x``'s dtype."""
+    return (x.to(w_low.dtype) @ w_low.T).to(x.dtype)
+
+
+def _adapted(x, w_q, w_scale, bias, xa, b, scaling: float, w_low=None) -> torch.Tensor:
+    """``x W0^T + bias + scaling * xa B``, the layer's output from its input and the adapter's
+    r-dimensional ``xa``; the training step's forward and bf16 serving both compute it here.
+    ``w_low`` (``W0``'s int8 values in bf16): the base matmul in bf16, the row scale after;
+    else on the dequantised fp32 ``W0``. Every step after the base matmul works in place on its
+    output (one (tokens, d_out) tensor written, not four)."""
+    if w_low is not None:
+        y = _low_mm(x, w_low).mul_(w_scale.to(x.dtype))
+    else:
+        y = x @ _dequantized(w_q, w_scale, x.dtype).T                # transient dequantised W0
+    if bias is not None:
+        y.add_(bias)
+    y.view(-1, y.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), b, alpha=scaling)
+    return y
+
+
 class _DyQLoRAFAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_q, w_scale, bias, a, b, scaling: float, p: float, seed: int, w_low=None):
         # x (..., d_in); w_q (d_out, d_in) int8; a (d_in, r); b (r, d_out); w_low: w_q in bf16 or None
-        if w_low is not None:   # bf16 matmul on the exact int8 values, the row scale after
-            y = (x.to(w_low.dtype) @ w_low.T).to(x.dtype) * w_scale.to(x.dtype)
-        else:
-            y = x @ _dequantized(w_q, w_scale, x.dtype).T              # transient dequantised W0
-        if bias is not None:
-            y = y + bias
         xd = x * _dropout_mask(x.shape, p, seed, x.device) if p > 0 else x
         xa = xd @ a                                                      # (..., r): all that is kept
-        y = y + scaling * (xa @ b)
+        y = _adapted(x, w_q, w_scale, bias, xa, b, scaling, w_low)
         ctx.save_for_backward(xa, w_q, w_scale, a, b)
         ctx.scaling, ctx.p, ctx.seed, ctx.x_shape = scaling, p, seed, x.shape
         ctx.w_low = w_low
@@ -160,12 +177,23 @@ class _FrozenLowPrecisionLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_low):
         ctx.save_for_backward(w_low)
-        return (x.to(w_low.dtype) @ w_low.T).to(x.dtype)
+        return _low_mm(x, w_low)
 
     @staticmethod
     def backward(ctx, gy):
         (w_low,) = ctx.saved_tensors
         return (gy.to(w_low.dtype) @ w_low).to(gy.dtype), None
+
+
+def _low_copy(owner: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` in ``dtype``, kept on ``owner`` outside its state dict and rebuilt when the
+    weight is replaced or written in place (its storage or version counter moves) or another
+    dtype is asked for."""
+    key = (weight.data_ptr(), weight._version, dtype)
+    cached = owner.__dict__.get("_w_low")
+    if cached is None or cached[0] != key:
+        cached = owner.__dict__["_w_low"] = (key, weight.detach().to(dtype).contiguous())
+    return cached[1]
 
 
 def frozen_linear(x: torch.Tensor, layer: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
@@ -174,11 +202,7 @@ def frozen_linear(x: torch.Tensor, layer: nn.Linear, dtype: torch.dtype) -> torc
     version and kept beside it, outside the state dict."""
     if dtype == torch.float32 or layer.bias is not None or layer.weight.requires_grad:
         return layer(x)
-    key = (layer.weight.data_ptr(), layer.weight._version, dtype)
-    cached = layer.__dict__.get("_w_low")
-    if cached is None or cached[0] != key:
-        cached = layer.__dict__["_w_low"] = (key, layer.weight.detach().to(dtype).contiguous())
-    return _FrozenLowPrecisionLinear.apply(x, cached[1])
+    return _FrozenLowPrecisionLinear.apply(x, _low_copy(layer, layer.weight, dtype))
 
 
 class DyLoRAFALinear(nn.Module):
@@ -214,16 +238,19 @@ class DyLoRAFALinear(nn.Module):
         self.fast_kernel = False
         # Training's frozen-base matmuls: fp32 on the dequantised weight, or bf16 (module docstring).
         self.matmul_dtype = torch.float32
+        # Inference's frozen-base matmul (when not the fast kernel): fp32 on the merged weight, or
+        # bf16 on the int8 values with the scale and the fp32 adapter after, as a bf16 training
+        # step computes its forward (the BF16_KERNEL numerics, chosen by inference_kernel.py).
+        self.serve_dtype = torch.float32
 
-    def _low_precision_weight(self) -> Optional[torch.Tensor]:
-        """``weight_q`` in ``matmul_dtype`` (int8 values are exact in bf16; 2 bytes per weight),
-        built once and kept outside the state dict; None when training multiplies in fp32."""
-        if self.matmul_dtype == torch.float32:
+    def _low_precision_weight(self, dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+        """``weight_q`` in ``dtype`` (default: training's ``matmul_dtype``; int8 values are exact
+        in bf16, 2 bytes per weight), built once per weight version and kept outside the state
+        dict; None for fp32."""
+        dtype = self.matmul_dtype if dtype is None else dtype
+        if dtype == torch.float32:
             return None
-        w = self.__dict__.get("_w_low")
-        if w is None or w.dtype != self.matmul_dtype or w.device != self.weight_q.device:
-            w = self.__dict__["_w_low"] = self.weight_q.to(self.matmul_dtype).contiguous()
-        return w
+        return _low_copy(self, self.weight_q, dtype)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank=[{self.r_min},{self.r_max}], "
@@ -288,6 +315,12 @@ class DyLoRAFALinear(nn.Module):
         r = self.current_rank()
         inference = not self.training and not torch.is_grad_enabled()
         if inference and not self.fast_kernel:
+            w_low = self._low_precision_weight(self.serve_dtype) if x.dtype == torch.float32 else None
+            if w_low is not None:
+                # bf16 base on the int8 values, row scale after; the adapter in fp32 (not merged:
+                # bf16 would round the small update into the base's last bits).
+                return _adapted(x, self.weight_q, self.weight_scale, self.bias, x @ self.lora_A[:, :r],
+                                self.lora_B[:r], self.alpha / r, w_low)
             return torch.nn.functional.linear(x, self._inference_weight(r, x.dtype), self.bias)
         if self.fast_kernel and inference and x.dtype == torch.float32:
             packed = self._packed_int8()
@@ -321,24 +354,35 @@ def training_numerics(model: nn.Module):
     validation loss, early stopping and the best-epoch choice then measure the trained function
     as served, not the dynamic-quantisation kernel that also rounds activations to int8."""
     layers = dylora_layers(model)
-    saved = [m.fast_kernel for m in layers]
+    saved = [(m.fast_kernel, m.serve_dtype) for m in layers]
     try:
         for m in layers:
-            m.fast_kernel = False
+            m.fast_kernel, m.serve_dtype = False, torch.float32
         yield model
     finally:
-        for m, v in zip(layers, saved):
-            m.fast_kernel = v
+        for m, (fast, dtype) in zip(layers, saved):
+            m.fast_kernel, m.serve_dtype = fast, dtype
 
 
-# The two numerics a package may serve with (its ``inference_kernel``; chosen by inference_kernel.py).
-FAST_KERNEL = "dynamic_int8"        # int8 weights and activations (torch.ops.quantized.linear_dynamic)
-EXACT_KERNEL = "weight_only_int8"   # the training numerics: int8 weights, fp32 activations
+# The numerics a package may serve with (its ``inference_kernel``; chosen by inference_kernel.py).
+FAST_KERNEL = "dynamic_int8"          # int8 weights and activations (torch.ops.quantized.linear_dynamic)
+EXACT_KERNEL = "weight_only_int8"     # the training numerics: int8 weights, fp32 activations
+BF16_KERNEL = "weight_only_int8_bf16"  # int8 weights multiplied in bf16 (a bf16 training step's forward)
+INFERENCE_KERNELS = (FAST_KERNEL, EXACT_KERNEL, BF16_KERNEL)
 
 
 def set_fast_kernel(model: nn.Module, enabled: bool) -> None:
     for m in dylora_layers(model):
         m.fast_kernel = enabled
+
+
+def set_inference_kernel(model: nn.Module, name: str) -> None:
+    """Every adapted layer serves in the numerics ``name`` (one of :data:`INFERENCE_KERNELS`)."""
+    if name not in INFERENCE_KERNELS:
+        raise ValueError(f"inference kernel {name!r}: use one of {', '.join(INFERENCE_KERNELS)}")
+    for m in dylora_layers(model):
+        m.fast_kernel = name == FAST_KERNEL
+        m.serve_dtype = torch.bfloat16 if name == BF16_KERNEL else torch.float32
 
 
 def step_within_rank(optimizer: torch.optim.Optimizer, model: nn.Module, rank: int) -> None:
@@ -381,11 +425,10 @@ def dylora_layers(model: nn.Module) -> list[DyLoRAFALinear]:
 
 def set_matmul_dtype(model: nn.Module, name: str) -> str:
     """Every adapted layer's training matmul dtype (``auto``, ``float32``, ``bfloat16``); returns
-    the resolved name. Inference is unaffected (it serves the merged fp32 weight)."""
+    the resolved name. Inference is unaffected (its numerics are the inference kernel's)."""
     resolved = resolve_matmul_dtype(name)
     for m in dylora_layers(model):
         m.matmul_dtype = MATMUL_DTYPES[resolved]
-        m.__dict__.pop("_w_low", None)
     return resolved
 
 

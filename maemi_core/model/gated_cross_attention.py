@@ -113,7 +113,8 @@ class GatedXAttnDecoderLayer(nn.Module):
         ctx = self._ctx
         kv = getattr(ctx, "kv", None)
         ctx.media, ctx.media_mask = media, media_mask
-        ctx.kv = None if kv is None else tuple(x.repeat_interleave(repeats, 0) for x in kv)
+        if repeats != 1:
+            ctx.kv = None if kv is None else tuple(x.repeat_interleave(repeats, 0) for x in kv)
 
     def forward(self, hidden_states, *args, **kwargs):
         if self.xattn is not None and self.media is not None:

@@ -191,22 +191,27 @@ def candidate_log_likelihoods(model: MaemiModel, questions: list[str], images: l
                                      cache=cache, use_cache=True)
                 first = torch.log_softmax(model.lm.lm_head(res.last_hidden_state[:, -1]).float()[:, : model.base_vocab],
                                           dim=-1)                                          # (b, V)
-                cache = res.cache
-                cache.batch_repeat_interleave(n_c)
-                cand = torch.full((b * n_c, l_c), pad_id, dtype=torch.long)
-                cand_attn = torch.zeros((b * n_c, l_c), dtype=torch.long)
+                # The candidates of a prompt run side by side in its row (not as n_c copies of the
+                # row: repeating the prompt's cache cost a third of the pass), each at the
+                # positions after the prompt, seeing the prompt and its own earlier tokens only.
+                n_k = attn.shape[1]
+                cand = torch.full((b, n_c * l_c), pad_id, dtype=torch.long)
                 for i in range(b):
                     for j, c in enumerate(cand_ids):
-                        cand[i * n_c + j, : len(c)], cand_attn[i * n_c + j, : len(c)] = torch.tensor(c), 1
-                full_attn = torch.cat([attn.repeat_interleave(n_c, 0), cand_attn], dim=1)
-                cand_pos = pos[:, -1:].repeat_interleave(n_c, 0) + 1 + torch.arange(l_c)[None]
-                if media is not None:   # the prompt's visual keys/values, repeated, not projected again
-                    model.repeat_condition(n_c, mask.repeat_interleave(n_c, 0))
-                hid = model.lm.model(inputs_embeds=model.embed(cand), attention_mask=full_attn, position_ids=cand_pos,
-                                     cache=cache, use_cache=True).last_hidden_state     # (b*C, L, D)
+                        cand[i, j * l_c: j * l_c + len(c)] = torch.tensor(c)
+                cand_pos = (pos[:, -1:] + 1 + torch.arange(l_c).repeat(n_c)[None]).expand(b, -1)
+                own = torch.arange(n_c).repeat_interleave(l_c)
+                step = torch.arange(l_c).repeat(n_c)
+                block = (own[:, None] == own[None, :]) & (step[None, :] <= step[:, None])    # (n_c*l_c, n_c*l_c)
+                full_attn = torch.cat([attn.bool()[:, None, None, :].expand(b, 1, n_c * l_c, n_k),
+                                       block[None, None].expand(b, 1, -1, -1)], dim=-1)
+                if media is not None:   # the candidates see the last image, like the answer would
+                    model.repeat_condition(1, mask[:, t + step])
+                hid = model.lm.model(inputs_embeds=model.embed(cand), attention_mask=full_attn,
+                                     position_ids=cand_pos, cache=res.cache, use_cache=True).last_hidden_state
                 # One (b*C*(L-1), D) x (D, V) product: on the strided 3-D slice torch ran a batched
                 # product that copies the vocabulary matrix once per row of the batch.
-                hid = hid[:, :-1].reshape(-1, hid.shape[-1])
+                hid = hid.reshape(b * n_c, l_c, -1)[:, :-1].reshape(-1, hid.shape[-1])
                 rest = torch.log_softmax(model.lm.lm_head(hid).float()[:, : model.base_vocab], dim=-1)
                 rest = rest.view(b * n_c, l_c - 1, rest.shape[-1])
             finally:

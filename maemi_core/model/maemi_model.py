@@ -199,7 +199,8 @@ class MaemiModel(nn.Module):
         media = self.lm.model.layers[0].media
         if media is None:
             return
-        media = media.repeat_interleave(repeats, 0)
+        if repeats != 1:
+            media = media.repeat_interleave(repeats, 0)
         for layer in self.lm.model.layers:
             layer.repeat_condition(repeats, media, media_mask)
 
@@ -308,13 +309,19 @@ def save_package(model: MaemiModel, cfg, directory, extra_meta: Optional[dict] =
 
 
 def load_package(directory, lm_cache: Optional[str] = None) -> MaemiModel:
-    """Rebuild a trained model from :func:`save_package`'s folder."""
+    """Rebuild a trained model from :func:`save_package`'s folder. Every process that answers
+    with a model loads it here, so this also keeps the process's freed tensor memory for reuse
+    (:func:`~maemi_core.allocator.use_keeping_allocator`: page faults of fresh
+    tensors were a third of category scoring's time)."""
     import json
     from pathlib import Path
 
     from safetensors.torch import load_file
 
+    from maemi_core.allocator import use_keeping_allocator
     from maemi_core.model.language_model import load_language_model
+
+    use_keeping_allocator()
 
     d = Path(directory)
     meta = json.loads((d / "maemi.json").read_text())
@@ -329,10 +336,16 @@ def load_package(directory, lm_cache: Optional[str] = None) -> MaemiModel:
     model.max_new_tokens = meta.get("max_new_tokens", 96)
     model.package_meta = meta
     model.vit_dir = d / "vit" if (d / "vit").is_dir() else None
-    from maemi_core.model.dyqlora_fa import DEFAULT_MERGED_CACHE, FAST_KERNEL, set_fast_kernel, set_merged_cache_size
+    from maemi_core.model.dyqlora_fa import (
+        DEFAULT_MERGED_CACHE, EXACT_KERNEL, INFERENCE_KERNELS, set_inference_kernel, set_merged_cache_size,
+    )
 
     set_merged_cache_size(model, int(meta.get("served_rank_cache", DEFAULT_MERGED_CACHE)))
 
     # Packages from before the kernel decision carry no choice: serve the training numerics.
-    set_fast_kernel(model, meta.get("inference_kernel") == FAST_KERNEL)
+    kernel = meta.get("inference_kernel") or EXACT_KERNEL
+    if kernel not in INFERENCE_KERNELS:
+        raise ValueError(f"package {d} serves with numerics {kernel!r}, which this version does not know "
+                         f"({', '.join(INFERENCE_KERNELS)}): upgrade maemi-ops or retrain the model")
+    set_inference_kernel(model, kernel)
     return model.eval()

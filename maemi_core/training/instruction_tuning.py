@@ -97,7 +97,7 @@ def warm_start_from_champion(model, cfg: MaemiConfig, log: Callable[[str], None]
 
 def choose_inference_kernel(model, val_recs: list[dict], val_ex, images: ImageStore, cfg: MaemiConfig,
                             log: Callable[[str], None]):
-    """Serve with the fast int8 kernel only where it answers like the training numerics on the
+    """Serve with a faster int8 numerics only where it answers like the training numerics on the
     validation records (greedy tokens and loss); see maemi_core/model/inference_kernel.py."""
     from maemi_core.model.inference_kernel import measure_agreement
     from maemi_core.training.maemi_training import evaluate_loss
@@ -106,13 +106,10 @@ def choose_inference_kernel(model, val_recs: list[dict], val_ex, images: ImageSt
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     probe = val_recs[:8]
     agreement = measure_agreement(
-        model, lambda fast: evaluate_loss(model, val_ex, pad_id, images, cfg.model.micro_batch, exact=not fast),
+        model, lambda: evaluate_loss(model, val_ex, pad_id, images, cfg.model.micro_batch, exact=False),
         [r["conversations"][0]["value"] for r in probe], [[images.get(i) for i in r["image_ids"]] for r in probe],
         min(32, cfg.model.max_new_tokens), cfg.model.inference_kernel)
-    log(f"inference numerics: {agreement.chosen} (val loss {agreement.val_loss_training_numerics:.4f} training "
-        f"numerics vs {agreement.val_loss_fast_kernel:.4f} fast kernel; greedy answers identical on "
-        f"{agreement.exact_match:.0%} of {agreement.prompts} val prompts, leading-token agreement "
-        f"{agreement.token_agreement:.0%})")
+    log(f"inference numerics: {agreement.summary()}")
     return agreement
 
 
