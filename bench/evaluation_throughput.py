@@ -1,6 +1,7 @@
 """Evaluation throughput of benchmark_tables on this machine.
 
     .venv/bin/python bench/evaluation_throughput.py [--package .maemi/elpv/model/package] [--records 16]
+        [--numerics weight_only_int8|weight_only_int8_bf16|dynamic_int8]
 
 Uses a trained MAEMI package (``make demo`` writes one; with none, the untrained default model
 is built) and real ELPV instruction records of the workdir: decoding tokens/s of the model's
@@ -8,7 +9,8 @@ batched generator at batch 1 and at the evaluation batch size, for single-image 
 5-image few-shot prompts; seconds per test image of the classification table's category-name
 likelihoods (zero-shot and few-shot prompts, ``--classification-records`` each, at the
 evaluation batch size, visual tokens computed beforehand as the benchmark's memo has them);
-and the text-metric scorers' throughput (pairs/s).
+and the text-metric scorers' throughput (pairs/s). ``--numerics`` serves the package in other
+int8 numerics than its own choice (the same weights).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def main() -> None:
     ap.add_argument("--classification-records", type=int, default=64)
     ap.add_argument("--parts", default="decoding,likelihoods,metrics", help="which of the three measurements to run")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--numerics", default=None, help="serve the package in these int8 numerics instead of its own")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     if not parts <= {"decoding", "likelihoods", "metrics"}:
@@ -45,6 +48,9 @@ def main() -> None:
     if package.is_dir():
         from maemi_core.model.maemi_model import load_package
         model = load_package(package)
+        if args.numerics:
+            from maemi_core.model.dyqlora_fa import set_inference_kernel
+            set_inference_kernel(model, args.numerics)
     else:
         from maemi_core.model.maemi_model import build_model
         from maemi_core.vision.classifiers import vit_dir
@@ -53,7 +59,9 @@ def main() -> None:
     records = load_instruction_set(cfg)
     manifest = load_manifest(cfg)
     answerer = Answerer(model, manifest, cfg.evaluation.batch_size)
-    print(f"torch {torch.__version__}, {args.threads} threads, max_new_tokens {cfg.model.max_new_tokens}")
+    numerics = args.numerics or getattr(model, "package_meta", {}).get("inference_kernel") or "weight_only_int8"
+    print(f"torch {torch.__version__}, {args.threads} threads, max_new_tokens {cfg.model.max_new_tokens}, "
+          f"int8 numerics {numerics}")
     if "decoding" in parts:
         print(f"{'prompts':<22}{'batch':>6}{'records':>9}{'tokens':>8}{'tokens/s':>10}{'s/record':>10}")
     for task in ("vqa", "classify_few_shot") if "decoding" in parts else ():

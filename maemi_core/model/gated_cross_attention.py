@@ -106,15 +106,10 @@ class GatedXAttnDecoderLayer(nn.Module):
     def condition(self, media: Optional[torch.Tensor], media_mask: Optional[torch.Tensor]) -> None:
         self._ctx.media, self._ctx.media_mask, self._ctx.kv = media, media_mask, None
 
-    def repeat_condition(self, repeats: int, media: torch.Tensor, media_mask: torch.Tensor) -> None:
-        """Each prompt's visual context ``repeats`` times in a row (several continuations of one
-        prompt scored together): ``media`` and ``media_mask`` are the repeated context; keys and
-        values already projected for the prompt are repeated, not projected again."""
-        ctx = self._ctx
-        kv = getattr(ctx, "kv", None)
-        ctx.media, ctx.media_mask = media, media_mask
-        if repeats != 1:
-            ctx.kv = None if kv is None else tuple(x.repeat_interleave(repeats, 0) for x in kv)
+    def remask(self, media_mask: torch.Tensor) -> None:
+        """The same visual context for the next tokens of the same prompts, with their
+        ``media_mask``: the keys and values already projected from it are kept."""
+        self._ctx.media_mask = media_mask
 
     def forward(self, hidden_states, *args, **kwargs):
         if self.xattn is not None and self.media is not None:

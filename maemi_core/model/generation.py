@@ -206,7 +206,7 @@ def candidate_log_likelihoods(model: MaemiModel, questions: list[str], images: l
                 full_attn = torch.cat([attn.bool()[:, None, None, :].expand(b, 1, n_c * l_c, n_k),
                                        block[None, None].expand(b, 1, -1, -1)], dim=-1)
                 if media is not None:   # the candidates see the last image, like the answer would
-                    model.repeat_condition(1, mask[:, t + step])
+                    model.remask(mask[:, t + step])
                 hid = model.lm.model(inputs_embeds=model.embed(cand), attention_mask=full_attn,
                                      position_ids=cand_pos, cache=res.cache, use_cache=True).last_hidden_state
                 # One (b*C*(L-1), D) x (D, V) product: on the strided 3-D slice torch ran a batched

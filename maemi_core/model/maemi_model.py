@@ -192,17 +192,12 @@ class MaemiModel(nn.Module):
         for layer in self.lm.model.layers:
             layer.condition(media, media_mask)
 
-    def repeat_condition(self, repeats: int, media_mask: torch.Tensor) -> None:
-        """After :meth:`condition` and a forward pass over B prompts: the context of B * ``repeats``
-        continuations, each prompt's ``repeats`` times in a row, with their ``media_mask``
-        (keys and values already projected are repeated, not projected again)."""
-        media = self.lm.model.layers[0].media
-        if media is None:
-            return
-        if repeats != 1:
-            media = media.repeat_interleave(repeats, 0)
+    def remask(self, media_mask: torch.Tensor) -> None:
+        """After :meth:`condition` and a forward pass over its prompts: further tokens of the same
+        prompts (candidate answers) see the same images through ``media_mask``; the visual keys
+        and values already projected are reused, not projected again."""
         for layer in self.lm.model.layers:
-            layer.repeat_condition(repeats, media, media_mask)
+            layer.remask(media_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images_u8: Optional[torch.Tensor],
                 labels: Optional[torch.Tensor] = None, media: Optional[torch.Tensor] = None):
