@@ -388,6 +388,56 @@ def test_the_pipelines_trainer_and_the_learning_curve_bench_give_identical_weigh
             assert torch.equal(mine[k].cpu(), pipeline_weights[k]), k
 
 
+def test_a_run_trained_from_an_exported_bundle_is_the_pipelines_own_run(pipeline, tmp_path):
+    """bench/gpu_training.py, with the CPU as the other machine: export the tiny profile's
+    training inputs, train from the bundle alone, carry the finished run back in pieces; the
+    pipeline's step takes it up without training a step, and its package holds the weights the
+    step trains itself on the same data, bit for bit (same threads). A checkpoint whose
+    fingerprint differs is refused before anything is packaged."""
+    import importlib.util
+
+    import torch
+    from safetensors.torch import load_file
+
+    from maemi_core.data.manifest import load_manifest
+    from maemi_core.run_isolation import scoped
+    from maemi_core.teacher.instruction_set import load_instruction_set
+    from maemi_core.threads import fit_threads
+    from maemi_core.training.instruction_tuning import tune_and_register
+
+    spec = importlib.util.spec_from_file_location("gpu_training", REPO / "bench" / "gpu_training.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = pipeline.cfg
+    fit_threads(cfg)
+    meta = bench.export_bundle(cfg, tmp_path / "bundle")
+    assert (tmp_path / "bundle" / "vit").is_dir() and meta["train_examples"] > 0   # the tiny profile reads a ViT
+    report = bench.train_bundle(cfg, tmp_path / "bundle", tmp_path / "run", device="cpu", split_mib=0.01,
+                                log=lambda m: None)
+    pieces = sorted((tmp_path / "run").glob("final.pt.part*"))
+    assert report["finished"] and report["steps"] > 0 and len(pieces) > 1
+    carried = tmp_path / "carried.pt"
+    carried.write_bytes(b"".join(p.read_bytes() for p in pieces))
+    _, summary = bench.take_up(cfg, carried, tmp_path / "scratch", log=lambda m: None)
+    assert summary["resumed_from_step"] == summary["steps"] == report["steps"]
+    taken = load_file(str(Path(summary["package"]) / "adapter.safetensors"))
+
+    own = tune_and_register(scoped(cfg, "recipe-comparison", "model"), load_manifest(cfg), load_instruction_set(cfg))
+    own_weights = load_file(str(Path(own["package"]) / "adapter.safetensors"))
+    assert set(own_weights) == set(taken)
+    assert any(float(v.abs().max()) > 0 for k, v in taken.items() if "lora_B" in k)        # it trained
+    for k, v in own_weights.items():
+        assert torch.equal(v, taken[k]), k
+
+    state = torch.load(carried, weights_only=False)
+    other = json.loads(state["fingerprint"])
+    other["model"]["seed"] += 1                      # the same run with another seed
+    state["fingerprint"] = json.dumps(other, sort_keys=True)
+    torch.save(state, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="not a finished run of this profile"):
+        bench.take_up(cfg, tmp_path / "other.pt", tmp_path / "scratch2", log=lambda m: None)
+
+
 def test_an_image_blind_challenger_is_refused_by_the_grounding_gate(pipeline, tmp_path):
     """A real registered model with every cross-attention gate forced closed (it cannot see),
     benchmarked on the tiny profile's test records: the grounding gate refuses it, naming

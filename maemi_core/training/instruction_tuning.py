@@ -155,6 +155,25 @@ def encoder_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+def training_data_hash(train_recs: list[dict], val_recs: list[dict]) -> str:
+    """The version of what a run trains and validates on: the teacher cache keys of its records."""
+    return hashlib.sha256("".join(r["provenance"]["cache_key"] for r in train_recs + val_recs).encode()).hexdigest()[:16]
+
+
+def training_fingerprint(cfg: MaemiConfig, model, data_hash: str, tcfg: MaemiTrainingConfig,
+                         warm_version: Optional[str]) -> str:
+    """What a training checkpoint must have been trained with to be resumed: data, model settings
+    (serving-only ones excepted), encoder and its weights, the frozen base's matmul dtype, the
+    recipe and the warm start. ``bench/gpu_training.py`` computes it the same way, so a run trained
+    on another machine is taken up here as a finished run."""
+    m = cfg.model
+    return json.dumps({"data": data_hash, "model": m.model_dump(exclude=SERVING_ONLY),
+                       "encoder": cfg.vision.encoder,
+                       "encoder_weights": encoder_fingerprint(model),
+                       "matmul_dtype": model.cfg.matmul_dtype,   # auto resolved on this machine
+                       "train": asdict(tcfg), "warm_start": warm_version}, sort_keys=True)
+
+
 def training_config(cfg: MaemiConfig, warm_start: bool = False) -> MaemiTrainingConfig:
     """The profile's recipe; a re-tune that warm-starts from the champion trains for
     ``model.retune_budget`` (when the profile sets one) instead of ``model.train_budget``."""
@@ -210,7 +229,7 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
         f"{model.n_adapted} DyQLoRA-FA layers; {len(train_recs)} train records per epoch "
         f"({len({r['id'] for r in train_recs})} distinct; model.train_task_weights {m.train_task_weights or 'none'}) / "
         f"{len(val_recs)} val records")
-    data_hash = hashlib.sha256("".join(r["provenance"]["cache_key"] for r in train_recs + val_recs).encode()).hexdigest()[:16]
+    data_hash = training_data_hash(train_recs, val_recs)
     warm: dict = {"version": None}
     out = model_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -227,11 +246,7 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
         tcfg = training_config(cfg, warm_start=warm["version"] is not None)
         # What serving reads (answer length, numerics choice, merged-weight cache) does not change the
         # trained weights: changing it re-packages the finished run instead of training it again.
-        fingerprint = json.dumps({"data": data_hash, "model": m.model_dump(exclude=SERVING_ONLY),
-                                  "encoder": cfg.vision.encoder,
-                                  "encoder_weights": encoder_fingerprint(model),
-                                  "matmul_dtype": model.cfg.matmul_dtype,   # auto resolved on this machine
-                                  "train": asdict(tcfg), "warm_start": warm["version"]}, sort_keys=True)
+        fingerprint = training_fingerprint(cfg, model, data_hash, tcfg, warm["version"])
         if m.processes > 1:
             from maemi_core.training.data_parallel import train_in_processes
 
