@@ -21,6 +21,9 @@
    profile's validation records with that package's trained weights (run from the workdir of
    the profile whose instruction set it reads). Random tokens through untrained adapters make
    the gradient comparison meaningless (a sum of near-cancelling terms); read it on a package.
+
+The allocator (maemi_core/allocator.py) is process-wide: compare it with two runs one after the
+other, ``MAEMI_ALLOCATOR=glibc`` (glibc's defaults) and without (the keeping allocator).
 """
 
 from __future__ import annotations

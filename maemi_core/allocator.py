@@ -38,10 +38,21 @@ def _mallopt(*settings: tuple[int, int]) -> bool:
         return False
 
 
+ALLOCATOR_ENV = "MAEMI_ALLOCATOR"   # "glibc": leave glibc's defaults (a process short of memory; the benchmarks' baseline)
+
+
 def use_keeping_allocator() -> bool:
     """Large tensors from the heap, and freed memory kept for the next one instead of being
-    unmapped or trimmed (module docstring). glibc only; returns False where it does not apply.
+    unmapped or trimmed (module docstring). glibc only; returns False where it does not apply,
+    or where ``MAEMI_ALLOCATOR=glibc`` keeps glibc's defaults.
     ``use_returning_allocator`` afterwards overrides it (training's ``low_memory_allocator``)."""
+    import os
+
+    choice = os.environ.get(ALLOCATOR_ENV, "keeping")
+    if choice not in ("keeping", "glibc"):
+        raise ValueError(f"{ALLOCATOR_ENV}={choice!r}: use keeping (the default) or glibc")
+    if choice == "glibc":
+        return False
     return _mallopt((M_MMAP_THRESHOLD, _KEEP), (M_TRIM_THRESHOLD, _KEEP))
 
 

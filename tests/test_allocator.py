@@ -6,6 +6,7 @@ process-wide)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -30,8 +31,11 @@ print(json.dumps({"applied": applied, "mapped_while_live": mapped_while_live, "f
 """
 
 
-def _probe(setting: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE, setting], capture_output=True, text=True, timeout=120)
+def _probe(setting: str, allocator_env: str | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "MAEMI_ALLOCATOR"}
+    if allocator_env is not None:
+        env["MAEMI_ALLOCATOR"] = allocator_env
+    out = subprocess.run([sys.executable, "-c", PROBE, setting], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.splitlines()[-1])
 
@@ -44,3 +48,14 @@ def test_the_keeping_allocator_reuses_freed_tensor_memory_and_the_returning_one_
     assert keep["mapped_while_live"] < 16 << 20 and keep["free_in_heap"] >= 64 << 20
     # returned: the tensor was its own mapping, unmapped when freed
     assert give["mapped_while_live"] >= 64 << 20 and give["free_in_heap"] < 64 << 20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_maemi_allocator_glibc_leaves_glibcs_defaults():
+    """The switch the benchmarks' baseline (and a process short of memory) uses: nothing is set,
+    so glibc maps the 64 MiB tensor on its own, as it does without this module."""
+    plain = _probe("use_keeping_allocator", allocator_env="glibc")
+    assert not plain["applied"] and plain["mapped_while_live"] >= 64 << 20
+    out = subprocess.run([sys.executable, "-c", "from maemi_core import allocator; allocator.use_keeping_allocator()"],
+                         capture_output=True, text=True, timeout=120, env=os.environ | {"MAEMI_ALLOCATOR": "tcmalloc"})
+    assert out.returncode != 0 and "use keeping (the default) or glibc" in out.stderr
