@@ -11,10 +11,10 @@ tensors and trims the heap's free top back to the OS, so the next tensor of that
 faulted in again page by page. On this project's virtual machines a fresh 17 MB tensor cost
 about 50 ms of page faults, more than the operation that filled it (a SiLU over it took 55 ms
 instead of about 2); with every tensor below 2 GiB taken from the heap and the heap never
-trimmed, the pages are reused: synthetic training steps ran 1.35x faster (bf16 base matmuls;
-the process's sys time halved; ``bench/training_efficiency.py``) and category scoring about
-1.6x (bf16 numerics, ``bench/compare_packages.py``). The price: freed memory stays with the
-process up to its peak (glibc's default also keeps much of it: ``low_memory_allocator``).
+trimmed, the pages are reused: synthetic training steps ran 1.43-1.50x faster with bf16 base
+matmuls and 1.27-1.49x in fp32, the process's sys time halved and its peak resident size stayed
+the same (``bench/training_efficiency.py``, docs/performance.md). The price: freed memory stays
+with the process up to its peak (glibc's default also keeps much of it: ``low_memory_allocator``).
 """
 
 from __future__ import annotations
