@@ -136,6 +136,21 @@ print(json.dumps({{"status": run.status.value, "workers": workers, "running": ru
                   "starts": starts, "start": stats.start_time, "end": stats.end_time}}))"""))
 
 
+def _wait_for_workers(stack: Stack, names: set[str], timeout_s: float = 180) -> None:
+    """Until every named Celery worker answers a ping on the stack's broker."""
+    deadline = time.time() + timeout_s
+    while True:
+        answered = set(json.loads(stack.query("""
+import json, os
+from celery import Celery
+app = Celery(broker=os.environ["MAEMI_CELERY_BROKER"])
+print(json.dumps([name for reply in app.control.ping(timeout=3) for name in reply]))""")))
+        if names <= {a.split("@")[0] for a in answered}:
+            return
+        assert time.time() < deadline, (answered, {n: stack.log_tail(n, 1500) for n in names})
+        time.sleep(2)
+
+
 def _command_lines_with(secret: str) -> list[str]:
     """Every process's command line (``ps -eo pid,args``, what any user of the machine sees) that
     contains ``secret``."""
@@ -199,6 +214,9 @@ def test_paper_baseline_partitions_run_on_two_workers_at_once(stack):
     different workers (the torch pool allows two, as for two hosts with one torch worker each)."""
     up = stack.script("up")                       # brings back a worker an earlier test killed
     assert up.returncode == 0, up.stdout + up.stderr
+    # `up` returns once a restarted worker's process exists, not once it consumes: wait until both
+    # answer on the broker, or the first step's worker may also take the second after it.
+    _wait_for_workers(stack, {"worker1", "worker2"})
     limit = stack.dagster("instance", "concurrency", "set", "maemi_torch", "2")
     assert limit.returncode == 0, limit.stdout + limit.stderr
     try:
@@ -221,7 +239,7 @@ print(json.dumps([r.run_id for r in inst.get_runs(dg.RunsFilter(job_name="paper_
         stack.dagster("instance", "concurrency", "set", "maemi_torch", "1")
     assert all(i["status"] == "SUCCESS" for i in infos), infos
     workers = {i["workers"]["paper_baseline"][-1].split("@")[0] for i in infos}
-    assert workers == {"worker1", "worker2"}, infos
+    assert workers == {"worker1", "worker2"}, (infos, stack.log_tail("worker1", 2000), stack.log_tail("worker2", 2000))
     first, second = sorted(infos, key=lambda i: i["start"])
     assert second["start"] < first["end"], (first, second)       # they overlapped
 
