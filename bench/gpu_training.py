@@ -25,15 +25,17 @@ A GPU machine often has no network and no project install, so the run is cut in 
 
 On a GPU the convolutions and fp32 matmuls run without TF32 (the CPU's fp32); the frozen base's
 matmuls run in bf16 as on a CPU with AVX512-BF16, and the exporting machine's fingerprint must
-say the same (``train`` stops otherwise). ``tests/test_gpu_training_bench.py`` runs the three on
-the CPU with the tiny profile. Nothing here is a test: it records what one run measured.
+say the same (``train`` stops otherwise). A test in ``tests/test_pipeline_assets.py`` runs
+export, train and the take-up on the CPU with the tiny profile (not the benchmark that
+``evaluate`` runs after it). Nothing here is a test: it records what one run measured.
+``evaluate`` builds the model twice (once to check the fingerprint before anything is written,
+once in the pipeline's step): about half a minute on the default profile.
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
 import os
 import platform
@@ -52,16 +54,10 @@ from maemi_core.config import load_config  # noqa: E402
 from maemi_core.training.maemi_training import ImageStore  # noqa: E402
 
 
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].detach().float().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def model_checksums(model) -> dict:
     """What must be equal on both machines for the fingerprint to mean the same run."""
+    from maemi_core.training.instruction_tuning import tensors_sha256
+
     base = {k: v for k, v in model.lm.state_dict().items() if "lora" not in k and "xattn" not in k}
     lora_a = {k: v for k, v in model.state_dict().items() if k.endswith("lora_A")}
     tok = model.tokenizer

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -46,8 +47,6 @@ def use_keeping_allocator() -> bool:
     unmapped or trimmed (module docstring). glibc only; returns False where it does not apply,
     or where ``MAEMI_ALLOCATOR=glibc`` keeps glibc's defaults.
     ``use_returning_allocator`` afterwards overrides it (training's ``low_memory_allocator``)."""
-    import os
-
     choice = os.environ.get(ALLOCATOR_ENV, "keeping")
     if choice not in ("keeping", "glibc"):
         raise ValueError(f"{ALLOCATOR_ENV}={choice!r}: use keeping (the default) or glibc")

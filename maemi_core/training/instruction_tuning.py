@@ -144,15 +144,20 @@ def choose_category_scoring(model, records: list[dict], manifest: pd.DataFrame, 
     return got
 
 
+def tensors_sha256(tensors: dict) -> str:
+    """sha256 (16 hex digits) over named tensors: names and raw bytes, in name order."""
+    h = hashlib.sha256()
+    for name, t in sorted(tensors.items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def encoder_fingerprint(model) -> str:
     """sha256 over the frozen vision encoder's weights: a checkpoint trained against one encoder
     is never resumed against another (vit_classifier re-trained in between changes the ViT
     under the same name)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.vision.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return tensors_sha256(model.vision.state_dict())
 
 
 def training_data_hash(train_recs: list[dict], val_recs: list[dict]) -> str:
