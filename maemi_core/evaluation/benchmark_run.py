@@ -289,6 +289,8 @@ def _classification_table(run: _Run) -> str:
              "answer without a category counts as wrong, column `unparsed`). `zero_shot:maemi_gates_closed` and "
              "`zero_shot:base_lm`: the same scoring without the image / without tuning. "
              f"Category scores: `{scoring}` (chosen on validation images after training; "
+             + ("the few-shot row reads `raw`: the fitted weights were fitted on zero-shot prompts; "
+                if few_shot_scoring(scoring) != scoring else "") +
              "`maemi_zero_shot[raw|mean|calibrated|fitted]`: each scoring of the same likelihoods, see "
              "maemi_core/model/category_scoring.py). `majority`: always the most frequent train category. "
              "`balanced_accuracy`: mean recall over the categories; `macro_auc`: one-vs-rest ROC AUC of "
@@ -321,6 +323,13 @@ def _add_row(run: _Run, rows: list, per_class_frames: list, row_name: str, label
     return y_pred
 
 
+def few_shot_scoring(scoring: str) -> str:
+    """The scoring of the few-shot row: the package's, except ``fitted``, whose weights were
+    fitted on zero-shot prompts (one image, no demonstrations): the few-shot likelihoods are read
+    ``raw`` then rather than through a scaling fitted on another prompt's scores."""
+    return "raw" if scoring == "fitted" else scoring
+
+
 def _maemi_rows(run: _Run, class_names: list[str], scoring: str) -> tuple[list, list]:
     """MAEMI's zero- and few-shot rows (and the zero-shot rows without the image / without
     tuning): category likelihoods on every image, the generated answer's category on a slice."""
@@ -345,7 +354,7 @@ def _maemi_rows(run: _Run, class_names: list[str], scoring: str) -> tuple[list, 
             everyway = answerer.scorings(recs, class_names, meth, raw,
                                          calibrated=scoring == "calibrated" or (meth == MAEMI and
                                                                                 task == "classify_zero_shot"))
-            sc = everyway[scoring]
+            sc = everyway[few_shot_scoring(scoring) if task == "classify_few_shot" else scoring]
             if meth == MAEMI and task == "classify_zero_shot":     # every scoring, beside the model's own
                 for name in (n for n in SCORINGS if n in everyway):
                     summary, _, _ = likelihood_classification(f"{method}[{name}]", labels, everyway[name], class_names)
