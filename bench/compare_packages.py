@@ -86,7 +86,7 @@ def main() -> None:
     text = {t: benchmark_records(records, t, args.records, split="val") for t in args.tasks.split(",")}
     print(f"{len(detailed)} validation images {dict(zip(classes, np.bincount(y, minlength=len(classes)).tolist()))}; "
           + ", ".join(f"{len(v)} {t} records" for t, v in text.items()), flush=True)
-    store = ImageStore.from_manifest(manifest, cfg.vision.image_size)
+    stores: dict[int, ImageStore] = {}     # each package reads images at the size it was trained on
 
     got: dict[str, dict] = {}
     for name, path in packages:
@@ -95,7 +95,8 @@ def main() -> None:
         if name in numerics:
             set_inference_kernel(model, numerics[name])
         kernel = numerics.get(name) or model.package_meta.get("inference_kernel") or "weight_only_int8"
-        media = MediaCache(model, store)
+        size = model.cfg.image_size
+        media = MediaCache(model, stores.setdefault(size, ImageStore.from_manifest(manifest, size)))
         media.ensure([i for r in detailed for i in r["image_ids"]])   # visual tokens first: not in the timings
         t_cls = time.perf_counter()
         raw = record_scores(model, detailed, classes, lambda rs: media.stacked([r["image_ids"] for r in rs]),
