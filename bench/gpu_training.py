@@ -51,6 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from maemi_core.config import load_config  # noqa: E402
+from maemi_core.data.transforms import split_view  # noqa: E402
 from maemi_core.training.maemi_training import ImageStore  # noqa: E402
 
 
@@ -98,7 +99,7 @@ def export_bundle(cfg, bundle: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     with gzip.open(out / "examples.pt.gz", "wb") as f:
         torch.save({"train": data.train, "val": data.val}, f)
-    ids = sorted({i for e in data.train + data.val for i in e.image_ids})
+    ids = sorted({split_view(i)[0] for e in data.train + data.val for i in e.image_ids})   # views: derived there
     arrays = np.stack([data.images.get(i) for i in ids])                  # (n, 3, S, S) uint8
     gray = bool((arrays == arrays[:, :1]).all())
     np.savez_compressed(out / "images.npz", ids=np.array(ids), pixels=arrays[:, :1] if gray else arrays)

@@ -284,6 +284,10 @@ class ModelConfig(_Strict):
     # Records of a task per round-robin round of the slice (default 1); with max_train_records
     # null (the stream), how many times each record of a task appears per epoch (oversampling).
     train_task_weights: dict[str, int] = Field(default_factory=dict)
+    # With the stream: the k-th copy of a record of a task shows its images in the task's k-th view
+    # (cyclically): none, hflip, vflip or rot180 (maemi_core/data/transforms.py). Only for tasks
+    # whose answers do not depend on orientation (a category is; a caption's "left" is not).
+    train_task_views: dict[str, list[Literal["none", "hflip", "vflip", "rot180"]]] = Field(default_factory=dict)
     max_val_records: Optional[int] = None
     seed: int = 0
     # Data-parallel tuning on this many processes (torchrun; gloo on CPU, nccl with one GPU per
@@ -326,6 +330,14 @@ class ModelConfig(_Strict):
             raise ValueError(f"model.train_task_weights weights {untrained}, which model.train_tasks "
                              f"{self.train_tasks} does not train: a weight there would do nothing; add the task to "
                              "model.train_tasks or remove its weight")
+        odd = sorted(k for k, v in self.train_task_views.items() if k not in self.train_tasks or not v)
+        if odd:
+            raise ValueError(f"model.train_task_views {odd}: keys are tasks of model.train_tasks {self.train_tasks}, "
+                             "each with a non-empty list of views (none, hflip, vflip, rot180)")
+        if self.train_task_views and self.max_train_records is not None:
+            raise ValueError("model.train_task_views shows a record's copies in other views, and only the stream "
+                             "(model.max_train_records: null) copies records: set max_train_records to null or "
+                             "remove train_task_views")
         return self
 
 

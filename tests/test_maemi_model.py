@@ -88,6 +88,45 @@ def test_an_oversampled_stream_repeats_each_example_as_its_record_and_counts_a_d
     assert len(examples) == 3 + 2 * 3 and dropped == 1 and plain_dropped == 3
 
 
+def test_train_task_views_show_a_records_copies_mirrored_and_leave_other_tasks_alone():
+    from maemi_core.training.instruction_tuning import select_records, with_views
+    from maemi_core.training.maemi_training import MediaCache
+
+    model = tiny_model()
+    (ex, *_), store = _toy_data(model, 1)
+    records = [{"id": f"{t}-{k}", "task": t, "split": "train", "image_ids": [f"i{k}"],
+                "conversations": [{"from": "human", "value": "<image>\nquestion"}, {"from": "gpt", "value": "a"}]}
+               for t in ("caption", "classify_zero_shot") for k in range(2)]
+    stream = with_views(select_records(records, "train", ["caption", "classify_zero_shot"], None,
+                                       {"classify_zero_shot": 4}), {"classify_zero_shot": ["none", "hflip", "vflip"]})
+    shown = {}
+    for r in stream:
+        shown.setdefault(r["id"], []).append(r["image_ids"][0])
+    assert shown["caption-0"] == ["i0"] and shown["caption-1"] == ["i1"]
+    assert shown["classify_zero_shot-1"] == ["i1", "i1|hflip", "i1|vflip", "i1"]      # cyclic over the copies
+    assert all(r["image_ids"] == [f"i{r['id'][-1]}"] for r in records)                # the records are not changed
+    base = store.get("i1")
+    np.testing.assert_array_equal(store.get("i1|hflip"), base[:, :, ::-1])
+    np.testing.assert_array_equal(store.get("i1|vflip"), base[:, ::-1, :])
+    np.testing.assert_array_equal(store.get("i1|rot180"), base[:, ::-1, ::-1])
+    media = MediaCache(model, store)
+    tokens = media.tokens(["i1", "i1|hflip"])
+    assert media.encoded == 2 and not torch.allclose(tokens[0], tokens[1])           # a view is encoded as itself
+    assert with_views(stream, {}) is stream
+
+
+def test_train_task_views_need_the_stream_and_a_trained_task():
+    from maemi_core.config import ModelConfig
+
+    ModelConfig(train_task_views={"classify_zero_shot": ["none", "hflip"]})
+    with pytest.raises(ValueError, match="train_task_views"):
+        ModelConfig(train_tasks=["caption"], train_task_views={"classify_zero_shot": ["hflip"]})
+    with pytest.raises(ValueError, match="max_train_records"):
+        ModelConfig(max_train_records=64, train_task_views={"classify_zero_shot": ["hflip"]})
+    with pytest.raises(ValueError):
+        ModelConfig(train_task_views={"classify_zero_shot": ["rot90"]})
+
+
 def test_a_run_killed_mid_budget_resumes_and_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
     # 12 examples, 3 micro-batches of 4, 2 per optimizer step: 2 steps per epoch. A budget of 900
     # tokens crosses epochs and ends mid-epoch; the kill falls mid-epoch, between evaluation points.

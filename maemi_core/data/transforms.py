@@ -138,3 +138,36 @@ def save_cache_npy(path: Path, arr: np.ndarray, family: str, keep: int = 2) -> N
     others = sorted((p for p in path.parent.glob(family) if p != path), key=mtime_or_zero, reverse=True)
     for old in others[keep - 1:]:
         old.unlink(missing_ok=True)
+
+
+# Fixed, label-preserving views of an image that a training stream may show in place of it
+# (``model.train_task_views``): mirror images and the half turn. An image id names a view as
+# ``<image id>|<view>``; image ids are content hashes, so the separator never occurs in one.
+VIEWS = ("none", "hflip", "vflip", "rot180")
+VIEW_SEP = "|"
+
+
+def view_id(image_id: str, view: str) -> str:
+    """The id under which ``view`` of ``image_id`` is looked up (``none``: the image id itself)."""
+    if view not in VIEWS:
+        raise ValueError(f"unknown image view {view!r}: one of {VIEWS}")
+    return image_id if view == "none" else f"{image_id}{VIEW_SEP}{view}"
+
+
+def split_view(image_id: str) -> tuple[str, str]:
+    """(image id, view) of an id from :func:`view_id`."""
+    base, _, view = image_id.partition(VIEW_SEP)
+    return base, view or "none"
+
+
+def apply_view(image: np.ndarray, view: str) -> np.ndarray:
+    """``view`` of a (C, H, W) image, as a new contiguous array (``none``: the image itself)."""
+    if view == "none":
+        return image
+    if view == "hflip":
+        return np.ascontiguousarray(image[:, :, ::-1])
+    if view == "vflip":
+        return np.ascontiguousarray(image[:, ::-1, :])
+    if view == "rot180":
+        return np.ascontiguousarray(image[:, ::-1, ::-1])
+    raise ValueError(f"unknown image view {view!r}: one of {VIEWS}")

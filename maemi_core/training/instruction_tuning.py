@@ -44,6 +44,31 @@ def select_records(records: list[dict], split: str, tasks: list[str], limit: Opt
     return [r for r in chosen for _ in range(max(0, int(task_weights.get(r["task"], 1))))]
 
 
+def with_views(records: list[dict], task_views: Optional[dict[str, list[str]]]) -> list[dict]:
+    """The stream with ``model.train_task_views`` applied: the k-th time a record of a task with
+    views comes in the stream (its copies from ``train_task_weights``), it shows its images in
+    that task's k-th view (cyclically; ``none``: as they are). A record shown in another view is
+    a copy whose ``image_ids`` name the view (:func:`maemi_core.data.transforms.view_id`); the
+    rest are the records themselves. Deterministic: no random state, so a resumed run and the
+    learning-curve bench read the same stream."""
+    from maemi_core.data.transforms import view_id
+
+    if not task_views:
+        return records
+    seen: dict[str, int] = {}
+    out = []
+    for r in records:
+        views = task_views.get(r["task"])
+        if not views:
+            out.append(r)
+            continue
+        k = seen.get(r["id"], 0)
+        seen[r["id"]] = k + 1
+        view = views[k % len(views)]
+        out.append(r if view == "none" else {**r, "image_ids": [view_id(i, view) for i in r["image_ids"]]})
+    return out
+
+
 def build_stream_examples(records: list[dict], tokenizer, max_len: int) -> tuple[list[Example], int]:
     """:func:`build_examples` of a stream in which a record may come several times (task
     weights): each record is tokenised once and its example repeated in the stream's order; the
@@ -204,7 +229,8 @@ def tuning_data(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict], t
     """Every train record of ``model.train_tasks`` (or the profile's stable slice of them), the
     validation slice, tokenised, and the manifest's images."""
     m = cfg.model
-    train_recs = select_records(records, "train", m.train_tasks, m.max_train_records, m.train_task_weights)
+    train_recs = with_views(select_records(records, "train", m.train_tasks, m.max_train_records, m.train_task_weights),
+                            m.train_task_views)
     val_recs = select_records(records, "val", m.train_tasks, m.max_val_records)
     if not train_recs:
         zeroed = sorted(t for t, w in m.train_task_weights.items() if w == 0)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from maemi_core.data.transforms import load_resized
+from maemi_core.data.transforms import apply_view, load_resized, split_view
 from maemi_core.model.dyqlora_fa import sample_rank, set_active_rank, step_within_rank, training_numerics
 from maemi_core.allocator import use_returning_allocator
 from maemi_core.model.maemi_model import MaemiModel
@@ -53,7 +53,8 @@ def build_examples(records: list[dict], tokenizer, max_len: int) -> tuple[list[E
 
 
 class ImageStore:
-    """Decoded model-input images by id, loaded once."""
+    """Decoded model-input images by id, loaded once. An id may name a fixed view of an image
+    (``<image id>|hflip``, :func:`maemi_core.data.transforms.view_id`): the image, mirrored."""
 
     def __init__(self, paths: dict[str, tuple[str, int]], size: int):
         self.paths, self.size = paths, size
@@ -67,8 +68,12 @@ class ImageStore:
 
     def get(self, image_id: str) -> np.ndarray:
         if image_id not in self._cache:
-            path, crop = self.paths[image_id]
-            self._cache[image_id] = load_resized(path, self.size, crop)
+            base, view = split_view(image_id)
+            if view != "none":
+                self._cache[image_id] = apply_view(self.get(base), view)
+            else:
+                path, crop = self.paths[image_id]
+                self._cache[image_id] = load_resized(path, self.size, crop)
         return self._cache[image_id]
 
 
@@ -126,8 +131,9 @@ class MediaCache:
 
 def fit_media_statistics(model: MaemiModel, train: list["Example"], media: MediaCache, max_images: int = 512) -> int:
     """Fit the visual-token standardisation (``model.media_standardize``) on up to ``max_images``
-    train images (a stable choice: the smallest image ids, i.e. content hashes). Returns how many."""
-    ids = sorted({i for e in train for i in e.image_ids})[:max_images]
+    train images (a stable choice: the smallest image ids, i.e. content hashes; the images as they
+    are, not their training views). Returns how many."""
+    ids = sorted({split_view(i)[0] for e in train for i in e.image_ids})[:max_images]
     if ids:
         model.fit_media_statistics(media.tokens(ids))
     return len(ids)
