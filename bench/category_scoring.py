@@ -1,9 +1,10 @@
 """How a trained package's category scores are best read, measured on validation images only.
 
     .venv/bin/python bench/category_scoring.py [--config configs/default.yaml] [--package DIR]
-        [--images 0] [--threads 2]
+        [--images 0] [--threads 2] [--task classify_zero_shot]
 
-For every validation zero-shot image (``--images N``: the first N by record id; 0: all) this
+For every validation zero-shot image (``--task classify_few_shot``: every validation few-shot
+prompt, the demonstrations before the image asked about) (``--images N``: the first N by record id; 0: all) this
 scores the category names (:func:`maemi_core.model.category_scoring.record_scores`) under
 several readouts of the same package:
 
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--package", default=None)
     ap.add_argument("--images", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--task", choices=["classify_zero_shot", "classify_few_shot"], default="classify_zero_shot")
     args = ap.parse_args()
 
     from maemi_core.config import load_config
@@ -54,11 +56,11 @@ def main() -> None:
     model = load_package(args.package or str(cfg.workdir_path / "model" / "package"),
                          cfg.model.lm_cache and str(cfg.resolve(cfg.model.lm_cache)))
     classes = sorted(manifest["label"].unique())
-    detailed = validation_records(records, classes)[:args.images or None]
-    concise = {r["image_ids"][-1]: r for r in records if r["split"] == "val" and r["task"] == "classify_zero_shot"
+    detailed = validation_records(records, classes, args.task)[:args.images or None]
+    concise = {r["image_ids"][-1]: r for r in records if r["split"] == "val" and r["task"] == args.task
                and r.get("length") == "concise"}
     y = np.array([classes.index(r["label"]) for r in detailed])
-    print(f"{len(detailed)} validation images; categories "
+    print(f"{len(detailed)} validation {args.task} prompts; categories "
           f"{dict(zip(classes, np.bincount(y, minlength=len(classes)).tolist()))}")
 
     class Mirrored(ImageStore):

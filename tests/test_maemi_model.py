@@ -400,3 +400,14 @@ def test_shared_prefix_stops_before_the_first_image_and_leaves_a_token_per_row()
     assert shared_prefix_length([[1, 2, 3], [1, 5]], img) == 1
     assert shared_prefix_length([[img, 1], [img, 1]], img) == 0
     assert shared_prefix_length([], img) == 0
+
+
+def test_tensor_hashes_take_bfloat16_and_tell_it_from_its_bytes_as_integers():
+    from maemi_core.training.instruction_tuning import tensors_sha256
+
+    x = torch.linspace(-2, 2, 16)
+    bf = {"w": x.to(torch.bfloat16)}
+    assert tensors_sha256(bf) == tensors_sha256({"w": x.to(torch.bfloat16).clone()})
+    assert tensors_sha256(bf) != tensors_sha256({"w": x.to(torch.bfloat16).view(torch.int16)})
+    assert tensors_sha256(bf) != tensors_sha256({"w": (x + 1).to(torch.bfloat16)})
+    assert tensors_sha256({"w": x}) == tensors_sha256({"w": x.clone()})     # float32: its bytes, as before

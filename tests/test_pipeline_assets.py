@@ -233,6 +233,11 @@ def test_first_model_becomes_champion_and_the_cli_answers(pipeline):
     # the categories compared as the benchmark compared them: the package's scoring, named
     bench = json.loads((pipeline.cfg.workdir_path / "reports" / "benchmark.json").read_text())
     assert lines[0].split()[-1] == "scoring" and lines[1].split()[-1] == bench["category_scoring"]
+    # the few-shot prompts got their own choice on the validation few-shot prompts, and the benchmark read it
+    meta = json.loads((pipeline.cfg.workdir_path / "model" / "package" / "maemi.json").read_text())
+    few = meta["category_scoring"]["few_shot"]
+    assert few["n"] > 0 and bench["few_shot_category_scoring"] == few["chosen"]
+    assert "validation" not in few or "calibrated" not in few["validation"]
     missing = subprocess.run(base + ["ask", image, "Hi", "--model", "models:/maemi-elpv-tiny@nosuchalias"],
                              env=_cli_env(pipeline), capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "error" in missing.stderr

@@ -121,10 +121,11 @@ class Answerer:
         return [answers[i] for i in range(len(records))]
 
     def scorings(self, records: list[dict], class_names: list[str], method: str, raw: np.ndarray,
-                 calibrated: bool = True) -> dict[str, np.ndarray]:
+                 calibrated: bool = True, task: str = "classify_zero_shot") -> dict[str, np.ndarray]:
         """Every category scoring of ``raw`` (:mod:`maemi_core.model.category_scoring`; ``fitted``
-        when the package carries its weights). For a method that does not see the image the
-        content-free prompt is the prompt itself, so its calibrated scores are 0 for every category."""
+        when the package carries its weights for ``task``'s prompts). For a method that does not see
+        the image the content-free prompt is the prompt itself, so its calibrated scores are 0 for
+        every category."""
         from maemi_core.model.category_scoring import content_free_image, name_lengths, package_fitted, variants
 
         cf = None
@@ -141,7 +142,7 @@ class Answerer:
                 got = self.category_scores(proxies, class_names, method)
                 row = {k: got[i] for i, k in enumerate(distinct)}
                 cf = np.stack([row[k] for k in keys]) if keys else np.zeros((0, len(class_names)))
-        return variants(raw, name_lengths(self.model.tokenizer, class_names), cf, package_fitted(self.model))
+        return variants(raw, name_lengths(self.model.tokenizer, class_names), cf, package_fitted(self.model, task))
 
     def category_scores(self, records: list[dict], class_names: list[str], method: str = MAEMI) -> np.ndarray:
         """(n, C) log-likelihood of each category name as the answer to each record's question."""

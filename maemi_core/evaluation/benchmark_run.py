@@ -29,6 +29,7 @@ from maemi_core.evaluation.benchmark_tables import (
     text_samples, text_table,
 )
 from maemi_core.evaluation.category_parser import parse_category
+from maemi_core.model.category_scoring import FEW_SHOT, package_scoring
 from maemi_core.vision.classification_metrics import confusion_matrix_figure
 from maemi_core.evaluation.external_baselines import ask_baseline
 from maemi_core.evaluation.measurement_agreement import TOLERANCE as MEASUREMENT_TOLERANCE, agreement_table
@@ -163,6 +164,7 @@ def run_benchmark(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[dict],
         "evaluation_tokens_per_s": result.evaluation_tokens_per_s, "seconds": result.seconds,
         "records_per_task": ev.max_records_per_task, "classification_images": len(run.image_ids),
         "inference_numerics": numerics, "category_scoring": scoring,
+        "few_shot_category_scoring": package_scoring(model, FEW_SHOT),
         "test_records_the_teacher_could_not_answer": _unusable_test_records(cfg, log)}, indent=2, default=float))
     result.paths["benchmark_json"] = out / "benchmark.json"
     log(f"benchmark done in {result.seconds:.0f} s; maemi decoding {result.evaluation_tokens_per_s:.1f} tokens/s")
@@ -251,17 +253,18 @@ def _measurement_table(run: _Run) -> None:
 def _classification_table(run: _Run) -> str:
     """The classification rows (MAEMI's, the vision models', ``majority``); returns the category
     scoring the package uses."""
-    from maemi_core.model.category_scoring import balanced_weights, package_scoring
+    from maemi_core.model.category_scoring import balanced_weights
 
     cfg, out = run.cfg, run.out
     class_names = sorted(run.manifest["label"].unique())
     scoring = package_scoring(run.answerer.model)
+    few_shot = package_scoring(run.answerer.model, FEW_SHOT)
     scores_path = stage_dir(cfg, "vision") / "test_scores.parquet"
     vs = pd.read_parquet(scores_path) if scores_path.is_file() else None
     run.image_ids = classification_images(run.records, vs, cfg.evaluation.classification_max_images)
     if not run.image_ids:
         return scoring
-    rows, per_class = _maemi_rows(run, class_names, scoring)
+    rows, per_class = _maemi_rows(run, class_names, scoring, few_shot)
     if vs is not None:
         for model_name, group in vs.groupby("model", sort=False):
             g = group.set_index("image_id").reindex(run.image_ids)
@@ -288,9 +291,8 @@ def _classification_table(run: _Run) -> str:
              "category parsed from the generated answer on a stable slice of `n_generated` of those images (an "
              "answer without a category counts as wrong, column `unparsed`). `zero_shot:maemi_gates_closed` and "
              "`zero_shot:base_lm`: the same scoring without the image / without tuning. "
-             f"Category scores: `{scoring}` (chosen on validation images after training; "
-             + ("the few-shot row reads `raw`: the fitted weights were fitted on zero-shot prompts; "
-                if few_shot_scoring(scoring) != scoring else "") +
+             f"Category scores: zero-shot `{scoring}`, few-shot `{few_shot}` (each chosen on its own validation "
+             "prompts after training, `fitted` fitted on them; "
              "`maemi_zero_shot[raw|mean|calibrated|fitted]`: each scoring of the same likelihoods, see "
              "maemi_core/model/category_scoring.py). `majority`: always the most frequent train category. "
              "`balanced_accuracy`: mean recall over the categories; `macro_auc`: one-vs-rest ROC AUC of "
@@ -323,16 +325,11 @@ def _add_row(run: _Run, rows: list, per_class_frames: list, row_name: str, label
     return y_pred
 
 
-def few_shot_scoring(scoring: str) -> str:
-    """The scoring of the few-shot row: the package's, except ``fitted``, whose weights were
-    fitted on zero-shot prompts (one image, no demonstrations): the few-shot likelihoods are read
-    ``raw`` then rather than through a scaling fitted on another prompt's scores."""
-    return "raw" if scoring == "fitted" else scoring
-
-
-def _maemi_rows(run: _Run, class_names: list[str], scoring: str) -> tuple[list, list]:
+def _maemi_rows(run: _Run, class_names: list[str], scoring: str, few_shot_scoring: str) -> tuple[list, list]:
     """MAEMI's zero- and few-shot rows (and the zero-shot rows without the image / without
-    tuning): category likelihoods on every image, the generated answer's category on a slice."""
+    tuning): category likelihoods on every image, the generated answer's category on a slice.
+    ``scoring`` / ``few_shot_scoring``: the package's category scoring of each prompt
+    (:func:`maemi_core.model.category_scoring.package_scoring`)."""
     from maemi_core.model.category_scoring import SCORINGS
 
     ev, out, answerer = run.cfg.evaluation, run.out, run.answerer
@@ -350,11 +347,12 @@ def _maemi_rows(run: _Run, class_names: list[str], scoring: str) -> tuple[list, 
         variants = [(method, MAEMI)] + ([(f"{method.removeprefix('maemi_')}:{m}", m) for m in run.methods[1:]]
                                         if task == "classify_zero_shot" else [])
         for row_name, meth in variants:
+            own = few_shot_scoring if task == "classify_few_shot" else scoring
             raw = answerer.category_scores(recs, class_names, meth)
             everyway = answerer.scorings(recs, class_names, meth, raw,
-                                         calibrated=scoring == "calibrated" or (meth == MAEMI and
-                                                                                task == "classify_zero_shot"))
-            sc = everyway[few_shot_scoring(scoring) if task == "classify_few_shot" else scoring]
+                                         calibrated=own == "calibrated" or (meth == MAEMI and
+                                                                            task == "classify_zero_shot"), task=task)
+            sc = everyway[own]
             if meth == MAEMI and task == "classify_zero_shot":     # every scoring, beside the model's own
                 for name in (n for n in SCORINGS if n in everyway):
                     summary, _, _ = likelihood_classification(f"{method}[{name}]", labels, everyway[name], class_names)

@@ -20,7 +20,11 @@ category for every image while its scores still rank images by class. Two correc
 
 Which one a model uses is chosen on validation images after training and stored in the package
 (``category_scoring``), so the benchmark, ``maemi classify`` and the served model all score
-categories the same way. The criterion is the log-loss of the softmax over the categories: those
+categories the same way. The few-shot prompt (demonstrations before the query image) gets its own
+choice and its own ``fitted`` weights, made the same way on the validation few-shot prompts
+(``category_scoring["few_shot"]``): a scaling fitted on one prompt's scores does not transfer to
+another's. ``calibrated`` is not offered there (its content-free pass would read every
+demonstration again). The criterion is the log-loss of the softmax over the categories: those
 are the probabilities ``maemi classify`` and the served model return, and a proper scoring rule
 rewards both ranking the images (macro AUC) and stating the real prior (top-1), where balanced
 accuracy ignores the prior. ``fitted`` is judged on out-of-fold predictions (nested
@@ -36,6 +40,7 @@ from typing import Callable, Optional
 import numpy as np
 
 SCORINGS = ("raw", "mean", "calibrated", "fitted")
+ZERO_SHOT, FEW_SHOT = "classify_zero_shot", "classify_few_shot"
 CONTENT_FREE_PIXEL = 128
 FITTED_CS = (0.01, 0.1, 1.0, 10.0, 100.0)    # inverse L2 strengths ``fitted`` chooses among
 FITTED_FOLDS = 5
@@ -153,14 +158,24 @@ def score(model, questions: list[str], class_names: list[str], scoring: str, raw
     return variants(raw, name_lengths(model.tokenizer, class_names), cf, fitted)[scoring]
 
 
-def package_scoring(model) -> str:
-    """The scoring a loaded package was given at training time (``raw`` for packages without one)."""
-    return (getattr(model, "package_meta", None) or {}).get("category_scoring", {}).get("chosen", "raw")
+def _package_choice(model, task: str) -> dict:
+    got = (getattr(model, "package_meta", None) or {}).get("category_scoring", {})
+    return (got.get("few_shot") or {}) if task == FEW_SHOT else got
 
 
-def package_fitted(model) -> Optional[dict]:
-    """The ``fitted`` scoring's weights a package carries (None: not fitted)."""
-    return (getattr(model, "package_meta", None) or {}).get("category_scoring", {}).get("fitted")
+def package_scoring(model, task: str = ZERO_SHOT) -> str:
+    """The scoring a loaded package was given at training time for ``task``'s prompts (``raw`` for
+    packages without one). A package without a few-shot choice (made before there was one) reads
+    few-shot prompts with its zero-shot scoring, except ``fitted`` (fitted on other prompts): ``raw``."""
+    if task == FEW_SHOT and not _package_choice(model, FEW_SHOT):
+        zero_shot = package_scoring(model)
+        return "raw" if zero_shot == "fitted" else zero_shot
+    return _package_choice(model, task).get("chosen", "raw")
+
+
+def package_fitted(model, task: str = ZERO_SHOT) -> Optional[dict]:
+    """The ``fitted`` scoring's weights a package carries for ``task``'s prompts (None: not fitted)."""
+    return _package_choice(model, task).get("fitted")
 
 
 def balanced_accuracy(y: np.ndarray, scores: np.ndarray) -> float:
@@ -263,24 +278,24 @@ def record_scores(model, recs: list[dict], class_names: list[str], media_of: Cal
                                      media_of=lambda a, b: media_of(recs[a:b]))
 
 
-def validation_records(records: list[dict], class_names: list[str]) -> list[dict]:
-    """The validation zero-shot records the scoring is chosen on (the detailed question, the one
-    the benchmark scores), by record id."""
-    return sorted([r for r in records if r["split"] == "val" and r["task"] == "classify_zero_shot"
+def validation_records(records: list[dict], class_names: list[str], task: str = ZERO_SHOT) -> list[dict]:
+    """The validation records of ``task`` (zero- or few-shot) the scoring is chosen on (the
+    detailed question, the one the benchmark scores), by record id."""
+    return sorted([r for r in records if r["split"] == "val" and r["task"] == task
                    and r.get("length") != "concise" and r.get("label") in class_names], key=lambda r: r["id"])
 
 
 def choose_on_validation(model, records: list[dict], class_names: list[str], media_of: Callable[[list[dict]], object],
-                         batch_size: int = 8, limit: Optional[int] = None, seed: int = 0) -> dict:
-    """Score up to ``limit`` validation zero-shot records (None: all) every way, fit ``fitted``
+                         batch_size: int = 8, limit: Optional[int] = None, seed: int = 0, task: str = ZERO_SHOT) -> dict:
+    """Score up to ``limit`` validation records of ``task`` (None: all) every way, fit ``fitted``
     on them and choose (see :func:`choose`). ``media_of(records)``: their visual tokens. Returns
     what the package stores: the choice, each scoring's validation metrics, ``fitted``'s weights."""
-    recs = validation_records(records, class_names)[:limit]
+    recs = validation_records(records, class_names, task)[:limit]
     if len({r["label"] for r in recs}) < 2:
         return {"chosen": "raw", "reason": "fewer than two categories among the validation images", "n": len(recs)}
     qs = [r["conversations"][0]["value"] for r in recs]
     raw = record_scores(model, recs, class_names, media_of, batch_size)
-    cf = content_free_scores(model, qs, class_names, batch_size=batch_size)
+    cf = content_free_scores(model, qs, class_names, batch_size=batch_size) if task == ZERO_SHOT else None
     y = np.array([class_names.index(r["label"]) for r in recs])
     candidates = variants(raw, name_lengths(model.tokenizer, class_names), cf)
     fitted, note = None, None

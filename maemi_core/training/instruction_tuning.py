@@ -142,39 +142,60 @@ def choose_category_scoring(model, records: list[dict], manifest: pd.DataFrame, 
                             log: Callable[[str], None]) -> dict:
     """How this model's category likelihoods are compared (maemi_core/model/category_scoring.py):
     the profile's fixed choice, or (``auto``) the best on validation images; ``fitted`` (fixed or
-    chosen) is fitted on those images."""
-    from maemi_core.model.category_scoring import choose_on_validation
+    chosen) is fitted on those images. The zero-shot prompt's choice is the top level (what
+    ``maemi classify`` and serving read); the few-shot prompt's, made the same way on the
+    validation few-shot prompts, is under ``few_shot`` (absent without such prompts)."""
+    from maemi_core.model.category_scoring import FEW_SHOT, ZERO_SHOT, choose_on_validation, validation_records
     from maemi_core.training.maemi_training import MediaCache
 
     fixed = cfg.evaluation.category_scoring
     if fixed not in ("auto", "fitted"):
         return {"chosen": fixed, "reason": "evaluation.category_scoring"}
     media = MediaCache(model, images)
-    got = choose_on_validation(model, records, sorted(manifest["label"].unique()),
-                               lambda recs: media.stacked([r["image_ids"] for r in recs]),
-                               batch_size=cfg.evaluation.batch_size, limit=cfg.evaluation.scoring_val_images,
-                               seed=cfg.model.seed)
-    if fixed == "fitted":
-        if not got.get("fitted"):
-            raise ValueError("evaluation.category_scoring is fitted, but the validation images lack a category "
-                             f"({got.get('note') or got.get('reason')}): set it to auto or add validation images")
-        got |= {"chosen": "fitted", "reason": "evaluation.category_scoring"}
-    if "validation" in got:
-        log(f"category scoring: {got['chosen']} (on {got['n']} validation images, log-loss / top-1 / balanced "
-            "accuracy / macro AUC: " + "; ".join(
-                f"{k} {v['log_loss']:.3f} / {v['top1']:.3f} / {v['balanced_accuracy']:.3f} / {v['macro_auc']:.3f}"
-                for k, v in got["validation"].items()) + ")" + (f"; {got['note']}" if got.get("note") else ""))
-    else:
-        log(f"category scoring: raw ({got['reason']})")
+    class_names = sorted(manifest["label"].unique())
+
+    def one(task: str) -> dict:
+        got = choose_on_validation(model, records, class_names, lambda recs: media.stacked([r["image_ids"] for r in recs]),
+                                   batch_size=cfg.evaluation.batch_size, limit=cfg.evaluation.scoring_val_images,
+                                   seed=cfg.model.seed, task=task)
+        if fixed == "fitted":
+            if not got.get("fitted"):
+                raise ValueError(f"evaluation.category_scoring is fitted, but the validation {task} prompts lack a "
+                                 f"category ({got.get('note') or got.get('reason')}): set it to auto or add "
+                                 "validation images")
+            got |= {"chosen": "fitted", "reason": "evaluation.category_scoring"}
+        prompts = "zero-shot" if task == ZERO_SHOT else "few-shot"
+        if "validation" in got:
+            log(f"category scoring, {prompts}: {got['chosen']} (on {got['n']} validation prompts, log-loss / top-1 / "
+                "balanced accuracy / macro AUC: " + "; ".join(
+                    f"{k} {v['log_loss']:.3f} / {v['top1']:.3f} / {v['balanced_accuracy']:.3f} / {v['macro_auc']:.3f}"
+                    for k, v in got["validation"].items()) + ")" + (f"; {got['note']}" if got.get("note") else ""))
+        else:
+            log(f"category scoring, {prompts}: raw ({got['reason']})")
+        return got
+
+    got = one(ZERO_SHOT)
+    if validation_records(records, class_names, FEW_SHOT):
+        got["few_shot"] = one(FEW_SHOT)
     return got
 
 
 def tensors_sha256(tensors: dict) -> str:
-    """sha256 (16 hex digits) over named tensors: names and raw bytes, in name order."""
+    """sha256 (16 hex digits) over named tensors: names and raw bytes, in name order. Dtypes numpy
+    lacks (bfloat16, float8) are hashed by their bytes, with the dtype's name."""
+    import torch
+
     h = hashlib.sha256()
     for name, t in sorted(tensors.items()):
+        t = t.detach().contiguous().cpu()
         h.update(name.encode())
-        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+        if t.dtype == torch.bfloat16:
+            h.update(str(t.dtype).encode())
+            t = t.view(torch.int16)
+        elif t.dtype.itemsize == 1 and t.dtype.is_floating_point:
+            h.update(str(t.dtype).encode())
+            t = t.view(torch.uint8)
+        h.update(t.numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -304,6 +325,7 @@ def tune_and_register(cfg: MaemiConfig, manifest: pd.DataFrame, records: list[di
                    "data_hash": data_hash, "package": str(package), "loss_curve": str(fig),
                    "warm_start_version": warm["version"], "inference_kernel": kernel.chosen,
                    "category_scoring": scoring["chosen"],
+                   "few_shot_category_scoring": (scoring.get("few_shot") or {}).get("chosen"),
                    "kernel_agreement": kernel.as_dict()}
         return summary
 
