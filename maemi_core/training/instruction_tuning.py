@@ -158,12 +158,13 @@ def choose_category_scoring(model, records: list[dict], manifest: pd.DataFrame, 
         got = choose_on_validation(model, records, class_names, lambda recs: media.stacked([r["image_ids"] for r in recs]),
                                    batch_size=cfg.evaluation.batch_size, limit=cfg.evaluation.scoring_val_images,
                                    seed=cfg.model.seed, task=task)
-        if fixed == "fitted":
-            if not got.get("fitted"):
-                raise ValueError(f"evaluation.category_scoring is fitted, but the validation {task} prompts lack a "
-                                 f"category ({got.get('note') or got.get('reason')}): set it to auto or add "
-                                 "validation images")
+        if fixed == "fitted" and got.get("fitted"):
             got |= {"chosen": "fitted", "reason": "evaluation.category_scoring"}
+        elif fixed == "fitted" and task == ZERO_SHOT:
+            raise ValueError("evaluation.category_scoring is fitted, but the validation images lack a category "
+                             f"({got.get('note') or got.get('reason')}): set it to auto or add validation images")
+        elif fixed == "fitted":      # the few-shot prompt only: keep the trained model, state the fallback
+            got["note"] = f"fitted not possible on the few-shot prompts ({got.get('note') or got.get('reason')})"
         prompts = "zero-shot" if task == ZERO_SHOT else "few-shot"
         if "validation" in got:
             log(f"category scoring, {prompts}: {got['chosen']} (on {got['n']} validation prompts, log-loss / top-1 / "
