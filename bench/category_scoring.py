@@ -4,7 +4,7 @@
         [--images 0] [--threads 2] [--task classify_zero_shot]
 
 For every validation zero-shot image (``--task classify_few_shot``: every validation few-shot
-prompt, the demonstrations before the image asked about) (``--images N``: the first N by record id; 0: all) this
+prompt, demonstrations first; ``--images N``: the first N by record id; 0: all) this
 scores the category names (:func:`maemi_core.model.category_scoring.record_scores`) under
 several readouts of the same package:
 
@@ -42,9 +42,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from maemi_core.config import load_config
+    from maemi_core.data.transforms import view_id
     from maemi_core.data.manifest import load_manifest
-    from maemi_core.model.category_scoring import (log_softmax, out_of_fold_fitted, record_scores, validation_metrics,
-                                                   validation_records)
+    from maemi_core.model.category_scoring import (fitted_folds, log_softmax, out_of_fold_fitted, record_scores,
+                                                   validation_metrics, validation_records)
     from maemi_core.model.maemi_model import load_package
     from maemi_core.teacher.instruction_set import load_instruction_set
     from maemi_core.training.maemi_training import ImageStore, MediaCache
@@ -63,13 +64,8 @@ def main() -> None:
     print(f"{len(detailed)} validation {args.task} prompts; categories "
           f"{dict(zip(classes, np.bincount(y, minlength=len(classes)).tolist()))}")
 
-    class Mirrored(ImageStore):
-        def __init__(self, base: ImageStore, axis: int):
-            super().__init__(base.paths, base.size)
-            self.base, self.axis = base, axis
-
-        def get(self, image_id: str) -> np.ndarray:
-            return np.ascontiguousarray(np.flip(self.base.get(image_id), axis=self.axis))
+    def mirrored(recs: list[dict], view: str) -> list[dict]:     # every image of each prompt, in that view
+        return [{**r, "image_ids": [view_id(i, view) for i in r["image_ids"]]} for r in recs]
 
     base = ImageStore.from_manifest(manifest, cfg.vision.image_size)
 
@@ -82,8 +78,8 @@ def main() -> None:
     readouts: dict[str, np.ndarray] = {}
     plan = [("trained", lambda: scores(detailed, base)),
             ("concise", lambda: scores([concise[r["image_ids"][-1]] for r in detailed], base)),
-            ("hflip", lambda: scores(detailed, Mirrored(base, 2))),
-            ("vflip", lambda: scores(detailed, Mirrored(base, 1))),
+            ("hflip", lambda: scores(mirrored(detailed, "hflip"), base)),
+            ("vflip", lambda: scores(mirrored(detailed, "vflip"), base)),
             (f"rank{cfg.model.r_min}", lambda: scores(detailed, base, cfg.model.r_min)),
             (f"rank{mid}", lambda: scores(detailed, base, mid))]
     for name, run in plan:
@@ -98,8 +94,11 @@ def main() -> None:
     rows = []
     for name, s in readouts.items():
         raw = validation_metrics(y, s)
-        fitted = [validation_metrics(y, out_of_fold_fitted(s, y, seed)) for seed in range(3)]
-        fit = {k: float(np.mean([f[k] for f in fitted])) for k in fitted[0]}
+        if fitted_folds(y, len(classes)):
+            fitted = [validation_metrics(y, out_of_fold_fitted(s, y, seed)) for seed in range(3)]
+            fit = {k: float(np.mean([f[k] for f in fitted])) for k in fitted[0]}
+        else:       # as maemi_model: not offered with fewer than three images of some category
+            fit = {k: float("nan") for k in raw}
         rows.append({"readout": name, **{f"raw_{k}": v for k, v in raw.items()},
                      **{f"fitted_{k}": v for k, v in fit.items()}})
         print(f"{name:26s} raw: top-1 {raw['top1']:.3f} BA {raw['balanced_accuracy']:.3f} AUC {raw['macro_auc']:.3f} "

@@ -52,6 +52,8 @@ def test_fitted_needs_three_validation_images_of_every_category_and_says_so():
     assert fitted_folds(y, 4) == 0
     with pytest.raises(ValueError, match="three validation images of every category"):
         fit_matrix_scaling(raw, y)
+    with pytest.raises(ValueError, match="three images of every category"):
+        out_of_fold_fitted(raw, y)
     for least in (3, 4, 6):                      # the fewest a category may have: nested folds still fit
         y[:least] = 3
         assert fitted_folds(y, 4) == min(5, least)

@@ -411,3 +411,5 @@ def test_tensor_hashes_take_bfloat16_and_tell_it_from_its_bytes_as_integers():
     assert tensors_sha256(bf) != tensors_sha256({"w": x.to(torch.bfloat16).view(torch.int16)})
     assert tensors_sha256(bf) != tensors_sha256({"w": (x + 1).to(torch.bfloat16)})
     assert tensors_sha256({"w": x}) == tensors_sha256({"w": x.clone()})     # float32: its bytes, as before
+    import hashlib
+    assert tensors_sha256({"w": x}) == hashlib.sha256(b"w" + x.numpy().tobytes()).hexdigest()[:16]

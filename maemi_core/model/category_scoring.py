@@ -125,6 +125,8 @@ def out_of_fold_fitted(raw: np.ndarray, y: np.ndarray, seed: int = 0) -> np.ndar
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     outer = fitted_folds(y, raw.shape[1])
+    if not outer:
+        raise ValueError("judging the fitted category scoring needs at least three images of every category")
     least = int(np.bincount(y, minlength=raw.shape[1]).min())
     inner = min(FITTED_FOLDS, least - -(-least // outer))   # each outer training part keeps this many of every category
     with warnings.catch_warnings():

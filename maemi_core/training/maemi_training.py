@@ -67,13 +67,12 @@ class ImageStore:
                     zip(manifest["image_id"], manifest["path"], manifest["crop_bottom"])}, size)
 
     def get(self, image_id: str) -> np.ndarray:
+        base, view = split_view(image_id)
+        if view != "none":          # derived on demand, not kept: the encoder reads each view once
+            return apply_view(self.get(base), view)
         if image_id not in self._cache:
-            base, view = split_view(image_id)
-            if view != "none":
-                self._cache[image_id] = apply_view(self.get(base), view)
-            else:
-                path, crop = self.paths[image_id]
-                self._cache[image_id] = load_resized(path, self.size, crop)
+            path, crop = self.paths[image_id]
+            self._cache[image_id] = load_resized(path, self.size, crop)
         return self._cache[image_id]
 
 
