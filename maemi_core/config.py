@@ -369,10 +369,12 @@ class EvaluationConfig(_Strict):
     classification_max_images: Optional[int] = None
     # How category likelihoods are compared (maemi_core/model/category_scoring.py): auto chooses among
     # raw, mean (length-normalised), calibrated (content-free image subtracted) and fitted (matrix
-    # scaling fitted on validation images) by validation log-loss after training; the choice and the
-    # fitted weights travel with the model. The benchmark reports every scoring.
-    category_scoring: Literal["auto", "raw", "mean", "calibrated", "fitted"] = "auto"
+    # scaling fitted on validation images) and head (a logistic regression on the tuned model's hidden
+    # state at the answer, fitted on train images) by validation log-loss after training; the choice
+    # and the fitted weights travel with the model. The benchmark reports every scoring.
+    category_scoring: Literal["auto", "raw", "mean", "calibrated", "fitted", "head"] = "auto"
     scoring_val_images: Optional[int] = Field(None, ge=2)   # validation images that choose it; null: all
+    head_train_images: Optional[int] = Field(None, ge=0)    # train prompts head is fitted on; null: all, 0: no head
     # Decoding controls, the same for every method of a table (greedy decoding repeats sentences).
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0

@@ -107,3 +107,60 @@ def test_a_paired_macro_auc_difference_resamples_both_scorings_with_the_same_ima
     assert d["diff"] == pytest.approx(macro_auc(y, informative) - macro_auc(y, blind))
     assert 0 < d["ci_low"] < d["diff"] < d["ci_high"]
     assert paired_macro_auc_difference(y, informative, informative, n_boot=50) == {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+
+
+def _states(n: int, seed: int, width: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """Hidden-state-like vectors whose category lies along directions that are not the category
+    names' (what ``head`` is for): labels from the uneven prior, the class signal spread over a
+    random rotation of the first four coordinates, the rest noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.choice(4, size=n, p=PRIOR)
+    rotation = np.linalg.qr(np.random.default_rng(99).normal(size=(width, width)))[0]
+    h = np.concatenate([2.0 * np.eye(4)[y], np.zeros((n, width - 4))], axis=1) + rng.normal(0, 1.0, (n, width))
+    return y, h @ rotation
+
+
+def test_head_scoring_fitted_on_train_states_reads_held_out_images_and_travels_in_the_package():
+    from maemi_core.model.category_scoring import apply_head, fit_head, package_head
+
+    y_train, h_train = _states(600, seed=0)
+    y_val, h_val = _states(400, seed=1)
+    head = fit_head(h_train, y_train, 4)
+    assert np.shape(head["coef"]) == (4, 24) and len(head["mean"]) == 24 and head["n"] == 600
+    got = apply_head(h_val, head)
+    np.testing.assert_allclose(np.exp(got).sum(1), 1.0, atol=1e-9)          # log-probabilities
+    # raw name scores that see none of the signal (the names' rows point elsewhere) against the head
+    raw = np.random.default_rng(2).normal(0, 1.0, (400, 4))
+    candidates = variants(raw, np.ones(4), None, head=head, hidden=h_val)
+    chosen, metrics = choose(y_val, candidates)
+    assert chosen == "head" and metrics["head"]["macro_auc"] > 0.85 and metrics["raw"]["macro_auc"] < 0.6
+    # served the same way: the package's weights, the prompts' states; refused without either
+    names = ["a", "b", "c", "d"]
+    package = _Package({"category_scoring": {"chosen": "head", "head": head}})
+    assert package_head(package) == head
+    np.testing.assert_allclose(score(package, ["q"] * 400, names, "head", raw, hidden=h_val), got)
+    with pytest.raises(ValueError, match="pass hidden"):
+        score(package, ["q"] * 400, names, "head", raw)
+    with pytest.raises(ValueError, match="no head category scoring"):
+        score(_Package({"category_scoring": {"chosen": "raw"}}), ["q"] * 400, names, "head", raw, hidden=h_val)
+    with pytest.raises(ValueError, match="24-wide states"):
+        apply_head(h_val[:, :10], head)
+
+
+def test_head_scoring_needs_three_train_images_of_every_category_and_handles_two_categories():
+    from maemi_core.model.category_scoring import apply_head, fit_head
+
+    y, h = _states(200, seed=3)
+    with pytest.raises(ValueError, match="three images of every category"):
+        fit_head(h[y != 3][:50], np.where(y[y != 3][:50] == 0, 0, 1), 3)   # category 2 never seen
+    binary = (y > 0).astype(int)
+    head = fit_head(h, binary, 2)
+    assert np.shape(head["coef"]) == (2, 24)
+    assert np.mean(apply_head(h, head).argmax(1) == binary) > 0.7
+
+
+def test_few_shot_prompts_of_an_older_package_served_by_head_fall_back_to_raw():
+    from maemi_core.model.category_scoring import FEW_SHOT, package_scoring
+
+    older = _Package({"category_scoring": {"chosen": "head", "head": {}}})
+    assert package_scoring(older) == "head" and package_scoring(older, FEW_SHOT) == "raw"

@@ -24,13 +24,14 @@ class _Answerer:
     def __init__(self, labels: dict[str, str], reversing: str):
         self.labels, self.reversing = labels, reversing
 
-    def category_scores(self, recs, class_names, method=MAEMI):
+    def category_scores(self, recs, class_names, method=MAEMI, return_hidden=False):
         raw = np.full((len(recs), len(class_names)), -3.0)
         for i, r in enumerate(recs):
             raw[i, class_names.index(self.labels[r["image_ids"][-1]])] = -0.1
-        return raw
+        return (raw, np.zeros((len(recs), 8))) if return_hidden else raw
 
-    def scorings(self, recs, class_names, method, raw, calibrated=True, task=ZERO_SHOT):
+    def scorings(self, recs, class_names, method, raw, calibrated=True, task=ZERO_SHOT, hidden=None):
+        assert hidden is not None and len(hidden) == len(recs)
         return {"raw": raw, "mean": raw / 2, "fitted": -raw if task == self.reversing else raw}
 
     def answer(self, recs, max_new_tokens, desc="", stats=None):

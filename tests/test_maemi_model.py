@@ -253,6 +253,9 @@ def test_cached_candidate_likelihoods_equal_one_full_forward_per_candidate():
     cands = ["functional", "possibly_defective", "defective"]
     with training_numerics(model):
         got = candidate_log_likelihoods(model, questions, imgs, cands, batch_size=2)
+        same, hidden = candidate_log_likelihoods(model, questions, imgs, cands, batch_size=2, return_hidden=True)
+        np.testing.assert_array_equal(same, got)
+        assert hidden.shape == (3, model.lm.config.hidden_size)
         tok = model.tokenizer
         for i, (q, arrs) in enumerate(zip(questions, imgs)):
             p = prompt_ids(tok, q)
@@ -265,6 +268,10 @@ def test_cached_candidate_likelihoods_equal_one_full_forward_per_candidate():
                 logp = torch.log_softmax(logits.float(), -1)
                 ref = sum(float(logp[len(p) - 1 + k, t]) for k, t in enumerate(cid))
                 assert abs(got[i, j] - ref) < 1e-3, (i, j, got[i, j], ref)
+            # the returned state is the one the LM head reads the first answer token from
+            with torch.no_grad():
+                head = model.lm.lm_head(torch.from_numpy(hidden[i:i + 1])).float()[0, : model.base_vocab]
+            np.testing.assert_allclose(head.numpy(), logits[len(p) - 1].float().numpy(), atol=2e-3)
     # Plain prompts (base_lm): no image, so the batch shares everything up to where the questions
     # differ; the scores are still those of one full forward per candidate.
     same_start = ["<image>\nWhich class is this?", "<image>\nWhich class is it, please?"]

@@ -235,6 +235,11 @@ def test_first_model_becomes_champion_and_the_cli_answers(pipeline):
     assert lines[0].split()[-1] == "scoring" and lines[1].split()[-1] == bench["category_scoring"]
     # the few-shot prompts got their own choice on the validation few-shot prompts, and the benchmark read it
     meta = json.loads((pipeline.cfg.workdir_path / "model" / "package" / "maemi.json").read_text())
+    # the head scoring was fitted on the train prompts' states, judged on validation and benchmarked
+    zero = meta["category_scoring"]
+    assert zero["head"]["n"] > 0 and "head" in zero["validation"] and "head" not in zero["few_shot"].get("validation", {})
+    cls_rows = pd.read_csv(pipeline.cfg.workdir_path / "reports" / "classification.csv")
+    assert "maemi_zero_shot[head]" in set(cls_rows["method"])
     few = meta["category_scoring"]["few_shot"]
     assert few["n"] > 0 and bench["few_shot_category_scoring"] == few["chosen"]
     assert "validation" not in few or "calibrated" not in few["validation"]

@@ -121,12 +121,15 @@ class Answerer:
         return [answers[i] for i in range(len(records))]
 
     def scorings(self, records: list[dict], class_names: list[str], method: str, raw: np.ndarray,
-                 calibrated: bool = True, task: str = "classify_zero_shot") -> dict[str, np.ndarray]:
+                 calibrated: bool = True, task: str = "classify_zero_shot",
+                 hidden: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
         """Every category scoring of ``raw`` (:mod:`maemi_core.model.category_scoring`; ``fitted``
-        when the package carries its weights for ``task``'s prompts). For a method that does not see
+        and ``head`` when the package carries their weights for ``task``'s prompts, ``head`` from
+        ``hidden``, the same prompts' answer-position states). For a method that does not see
         the image the content-free prompt is the prompt itself, so its calibrated scores are 0 for
         every category."""
-        from maemi_core.model.category_scoring import content_free_image, name_lengths, package_fitted, variants
+        from maemi_core.model.category_scoring import (content_free_image, name_lengths, package_fitted, package_head,
+                                                       variants)
 
         cf = None
         if calibrated:
@@ -142,26 +145,38 @@ class Answerer:
                 got = self.category_scores(proxies, class_names, method)
                 row = {k: got[i] for i, k in enumerate(distinct)}
                 cf = np.stack([row[k] for k in keys]) if keys else np.zeros((0, len(class_names)))
-        return variants(raw, name_lengths(self.model.tokenizer, class_names), cf, package_fitted(self.model, task))
+        return variants(raw, name_lengths(self.model.tokenizer, class_names), cf, package_fitted(self.model, task),
+                        package_head(self.model, task), hidden)
 
-    def category_scores(self, records: list[dict], class_names: list[str], method: str = MAEMI) -> np.ndarray:
-        """(n, C) log-likelihood of each category name as the answer to each record's question."""
+    def category_scores(self, records: list[dict], class_names: list[str], method: str = MAEMI,
+                        return_hidden: bool = False):
+        """(n, C) log-likelihood of each category name as the answer to each record's question;
+        ``return_hidden``: and the (n, D) answer-position hidden states (``head``'s input)."""
         from maemi_core.model.generation import candidate_log_likelihoods
 
         qs = [question(r) for r in records]
+        width = self.model.lm.config.hidden_size
         with self.method(method):
             if method in IMAGE_FREE:
                 distinct = list(dict.fromkeys(qs))
-                ll = candidate_log_likelihoods(self.model, distinct, [[] for _ in distinct], class_names,
-                                               plain=method == BASE_LM, batch_size=self.batch_size)
-                row = {q: ll[i] for i, q in enumerate(distinct)}
-                return np.stack([row[q] for q in qs]) if qs else np.zeros((0, len(class_names)))
-            out = []
+                ll, hid = candidate_log_likelihoods(self.model, distinct, [[] for _ in distinct], class_names,
+                                                    plain=method == BASE_LM, batch_size=self.batch_size,
+                                                    return_hidden=True)
+                at = {q: i for i, q in enumerate(distinct)}
+                idx = [at[q] for q in qs]
+                scores = ll[idx] if qs else np.zeros((0, len(class_names)))
+                return (scores, hid[idx] if qs else np.zeros((0, width), np.float32)) if return_hidden else scores
+            out, states = [], []
             for start in tqdm(range(0, len(records), self.batch_size), desc=f"category likelihoods: {method}",
                               unit="batch", mininterval=2):
                 chunk = records[start:start + self.batch_size]
-                out.append(candidate_log_likelihoods(
+                ll, hid = candidate_log_likelihoods(
                     self.model, [question(r) for r in chunk], [[] for _ in chunk], class_names,
-                    batch_size=self.batch_size,
-                    media_of=lambda a, b, chunk=chunk: self.media.stacked([r["image_ids"] for r in chunk[a:b]])))
-            return np.concatenate(out) if out else np.zeros((0, len(class_names)))
+                    batch_size=self.batch_size, return_hidden=True,
+                    media_of=lambda a, b, chunk=chunk: self.media.stacked([r["image_ids"] for r in chunk[a:b]]))
+                out.append(ll)
+                states.append(hid)
+            scores = np.concatenate(out) if out else np.zeros((0, len(class_names)))
+            if return_hidden:
+                return scores, np.concatenate(states) if states else np.zeros((0, width), np.float32)
+            return scores

@@ -293,7 +293,7 @@ def _classification_table(run: _Run) -> str:
              "`zero_shot:base_lm`: the same scoring without the image / without tuning. "
              f"Category scores: zero-shot `{scoring}`, few-shot `{few_shot}` (each chosen on its own validation "
              "prompts after training, `fitted` fitted on them; "
-             "`maemi_zero_shot[raw|mean|calibrated|fitted]`: each scoring of the same likelihoods, see "
+             "`maemi_zero_shot[raw|mean|calibrated|fitted|head]`: each scoring of the same likelihoods, see "
              "maemi_core/model/category_scoring.py). `majority`: always the most frequent train category. "
              "`balanced_accuracy`: mean recall over the categories; `macro_auc`: one-vs-rest ROC AUC of "
              "the normalised category scores with a 95% bootstrap interval (0.5: the image is not used). "
@@ -348,10 +348,11 @@ def _maemi_rows(run: _Run, class_names: list[str], scoring: str, few_shot_scorin
                                         if task == "classify_zero_shot" else [])
         for row_name, meth in variants:
             own = few_shot_scoring if task == "classify_few_shot" else scoring
-            raw = answerer.category_scores(recs, class_names, meth)
+            raw, hidden = answerer.category_scores(recs, class_names, meth, return_hidden=True)
             everyway = answerer.scorings(recs, class_names, meth, raw,
                                          calibrated=own == "calibrated" or (meth == MAEMI and
-                                                                            task == "classify_zero_shot"), task=task)
+                                                                            task == "classify_zero_shot"),
+                                         task=task, hidden=hidden)
             sc = everyway[own]
             if meth == MAEMI and task == "classify_zero_shot":     # every scoring, beside the model's own
                 for name in (n for n in SCORINGS if n in everyway):

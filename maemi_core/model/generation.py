@@ -139,7 +139,8 @@ def shared_prefix_length(rows: list[list[int]], image_token_id: int) -> int:
 def candidate_log_likelihoods(model: MaemiModel, questions: list[str], images: list[list[np.ndarray]],
                               candidates: list[str], rank: Optional[int] = None, plain: bool = False,
                               batch_size: int = 8,
-                              media_of: Optional[Callable[[int, int], Optional[torch.Tensor]]] = None) -> np.ndarray:
+                              media_of: Optional[Callable[[int, int], Optional[torch.Tensor]]] = None,
+                              return_hidden: bool = False):
     """(len(questions), len(candidates)) summed log-probability of each candidate as the start of
     the answer: the model's ranking of the categories (top-1/top-k on every test image), from the
     same prompt as :func:`generate_answers`. The prompt is run once per question with the KV
@@ -147,13 +148,16 @@ def candidate_log_likelihoods(model: MaemiModel, questions: list[str], images: l
     candidate, not one prompt per candidate. The batch's common prefix before any image (the
     system turn, about a fifth of a zero-shot prompt) runs once per batch, not once per row.
     ``media_of(start, stop)``, when given, returns the visual tokens of questions ``start:stop``
-    (from a memo) instead of encoding ``images``."""
+    (from a memo) instead of encoding ``images``. ``return_hidden``: also return the
+    (len(questions), D) final hidden state at the answer's first position (the state the
+    language-model head reads the first answer token from; the ``head`` category scoring's input)."""
     model.eval()
     tok = model.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     cand_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in candidates]
     n_c, l_c = len(cand_ids), max(len(c) for c in cand_ids)
     out = np.zeros((len(questions), n_c), dtype=np.float64)
+    states: list[np.ndarray] = []
     with deploy_rank(model, rank):
         for start in range(0, len(questions), batch_size):
             qs, ims = questions[start:start + batch_size], images[start:start + batch_size]
@@ -189,6 +193,8 @@ def candidate_log_likelihoods(model: MaemiModel, questions: list[str], images: l
                 model.condition(media, None if mask is None else mask[:, :t])
                 res = model.lm.model(inputs_embeds=model.embed(ids), attention_mask=attn, position_ids=pos[:, n_pre:],
                                      cache=cache, use_cache=True)
+                if return_hidden:
+                    states.append(res.last_hidden_state[:, -1].float().numpy())
                 first = torch.log_softmax(model.lm.lm_head(res.last_hidden_state[:, -1]).float()[:, : model.base_vocab],
                                           dim=-1)                                          # (b, V)
                 # The candidates of a prompt run side by side in its row (not as n_c copies of the
@@ -223,4 +229,6 @@ def candidate_log_likelihoods(model: MaemiModel, questions: list[str], images: l
                     for k in range(1, len(c)):
                         lp += float(rest[row, k - 1, c[k]])
                     out[start + i, j] = lp
+    if return_hidden:
+        return out, (np.concatenate(states) if states else np.zeros((0, model.lm.config.hidden_size), np.float32))
     return out

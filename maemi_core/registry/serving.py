@@ -82,15 +82,16 @@ def category_probabilities(model, model_uri: str, arrays: list[np.ndarray],
     """(category names, scoring, (len(arrays), C) probabilities): per image ((3, S, S) uint8), a
     softmax over the model's category scores, compared the way the benchmark measured them
     (the package's ``category_scoring``: raw, length-normalised, calibrated or fitted log-likelihoods,
+    or the head on the answer-position state,
     see maemi_core/model/category_scoring.py)."""
     from maemi_core.model.category_scoring import package_scoring, score
     from maemi_core.model.generation import candidate_log_likelihoods
 
     classes, question = classify_prompt(model, model_uri)
     questions, images = [question] * len(arrays), [[a] for a in arrays]
-    raw = candidate_log_likelihoods(model, questions, images, classes, rank=rank)
+    raw, hidden = candidate_log_likelihoods(model, questions, images, classes, rank=rank, return_hidden=True)
     scoring = package_scoring(model)
-    ll = score(model, questions, classes, scoring, raw, rank=rank)
+    ll = score(model, questions, classes, scoring, raw, rank=rank, hidden=hidden)
     probs = np.exp(ll - ll.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     return classes, scoring, probs

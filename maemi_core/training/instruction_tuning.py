@@ -149,22 +149,25 @@ def choose_category_scoring(model, records: list[dict], manifest: pd.DataFrame, 
     from maemi_core.training.maemi_training import MediaCache
 
     fixed = cfg.evaluation.category_scoring
-    if fixed not in ("auto", "fitted"):
+    if fixed not in ("auto", "fitted", "head"):
         return {"chosen": fixed, "reason": "evaluation.category_scoring"}
     media = MediaCache(model, images)
     class_names = sorted(manifest["label"].unique())
+    head_images = cfg.evaluation.head_train_images
 
     def one(task: str) -> dict:
+        if task == ZERO_SHOT and head_images != 0:
+            log("category scoring: reading the train zero-shot prompts for the head scoring")
         got = choose_on_validation(model, records, class_names, lambda recs: media.stacked([r["image_ids"] for r in recs]),
                                    batch_size=cfg.evaluation.batch_size, limit=cfg.evaluation.scoring_val_images,
-                                   seed=cfg.model.seed, task=task)
-        if fixed == "fitted" and got.get("fitted"):
-            got |= {"chosen": "fitted", "reason": "evaluation.category_scoring"}
-        elif fixed == "fitted" and task == ZERO_SHOT:
-            raise ValueError("evaluation.category_scoring is fitted, but the validation images lack a category "
-                             f"({got.get('note') or got.get('reason')}): set it to auto or add validation images")
-        elif fixed == "fitted":      # the few-shot prompt only: keep the trained model, state the fallback
-            got["note"] = f"fitted not possible on the few-shot prompts ({got.get('note') or got.get('reason')})"
+                                   seed=cfg.model.seed, task=task, head_train_images=head_images)
+        if fixed != "auto" and got.get(fixed):
+            got |= {"chosen": fixed, "reason": "evaluation.category_scoring"}
+        elif fixed != "auto" and task == ZERO_SHOT:
+            raise ValueError(f"evaluation.category_scoring is {fixed}, but it could not be fitted "
+                             f"({got.get('note') or got.get('reason')}): set it to auto or add images of every category")
+        elif fixed != "auto":      # the few-shot prompt only: keep the trained model, state the fallback
+            got["note"] = f"{fixed} not possible on the few-shot prompts ({got.get('note') or got.get('reason')})"
         prompts = "zero-shot" if task == ZERO_SHOT else "few-shot"
         if "validation" in got:
             log(f"category scoring, {prompts}: {got['chosen']} (on {got['n']} validation prompts, log-loss / top-1 / "
