@@ -420,3 +420,25 @@ def test_tensor_hashes_take_bfloat16_and_tell_it_from_its_bytes_as_integers():
     assert tensors_sha256({"w": x}) == tensors_sha256({"w": x.clone()})     # float32: its bytes, as before
     import hashlib
     assert tensors_sha256({"w": x}) == hashlib.sha256(b"w" + x.numpy().tobytes()).hexdigest()[:16]
+
+
+def test_served_category_probabilities_read_the_packages_head_from_the_images_answer_states():
+    """`maemi classify`, the chat page and the served model turn each image's answer-position
+    state into probabilities with the package's head, the way the benchmark scored it."""
+    from maemi_core.model.category_scoring import apply_head, fit_head
+    from maemi_core.model.generation import candidate_log_likelihoods
+    from maemi_core.registry.serving import category_probabilities
+
+    model = _opened(tiny_model())
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 255, (3, 224, 224), dtype=np.uint8) for _ in range(4)]
+    classes, question = ["defective", "functional", "possibly_defective"], "<image>\nWhich category?"
+    width = model.lm.config.hidden_size
+    head = fit_head(rng.normal(size=(30, width)), np.arange(30) % 3, 3)
+    model.package_meta = {"class_names": classes, "classify_question": question,
+                          "category_scoring": {"chosen": "head", "head": head}}
+    got_classes, scoring, probs = category_probabilities(model, "models:/tiny/1", arrays)
+    _, hidden = candidate_log_likelihoods(model, [question] * 4, [[a] for a in arrays], classes, return_hidden=True)
+    assert got_classes == classes and scoring == "head"
+    np.testing.assert_allclose(probs, np.exp(apply_head(hidden, head)), atol=1e-6)
+    assert not np.allclose(probs[0], probs[1])          # each image's own state, not one row for all
