@@ -52,8 +52,8 @@ def main() -> None:
     from maemi_core.data.transforms import view_id
     from maemi_core.data.manifest import load_manifest
     from maemi_core.model.category_scoring import (apply_head, fit_head, fitted_folds, log_softmax,
-                                                   out_of_fold_fitted, record_scores, validation_metrics,
-                                                   validation_records)
+                                                   out_of_fold_fitted, record_scores, train_records,
+                                                   validation_metrics, validation_records)
     from maemi_core.model.maemi_model import load_package
     from maemi_core.teacher.instruction_set import load_instruction_set
     from maemi_core.training.maemi_training import ImageStore, MediaCache
@@ -87,9 +87,7 @@ def main() -> None:
     if args.head:
         media = MediaCache(model, base)
         media_of = lambda rs: media.stacked([r["image_ids"] for r in rs])   # noqa: E731
-        train = sorted([r for r in records if r["split"] == "train" and r["task"] == args.task
-                        and r.get("length") != "concise" and r.get("label") in classes],
-                       key=lambda r: r["id"])[:args.train_images or None]
+        train = train_records(records, classes, args.task)[:args.train_images or None]
         y_train = np.array([classes.index(r["label"]) for r in train])
         t0 = time.perf_counter()
         readouts["trained"], h_val = record_scores(model, detailed, classes, media_of, cfg.evaluation.batch_size,

@@ -382,6 +382,14 @@ class EvaluationConfig(_Strict):
     baselines: list[BaselineEndpoint] = Field(default_factory=list)
     qualitative_samples: int = 6
 
+    @model_validator(mode="after")
+    def _head_needs_train_prompts(self) -> "EvaluationConfig":
+        if self.category_scoring == "head" and self.head_train_images == 0:
+            raise ValueError("evaluation.category_scoring is head, but evaluation.head_train_images is 0 (no head "
+                             "is fitted): set head_train_images to null (every train prompt) or a count, or choose "
+                             "another scoring")
+        return self
+
 
 class OperationsConfig(_Strict):
     """Day-to-day re-tuning: the fab's drop folder, the sensor that watches it, the schedule."""

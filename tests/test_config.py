@@ -109,3 +109,15 @@ def test_the_configuration_reference_is_generated_from_the_code():
     assert done.returncode == 0, done.stderr
     page = (REPO / "docs" / "configuration_reference.md").read_text()
     assert "`model.train_budget.tokens`" in page and "`promotion.require_grounding`" in page
+
+
+def test_a_head_scoring_without_train_prompts_is_refused_at_load(tmp_path):
+    path = write_profile(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["evaluation"] = {"category_scoring": "head", "head_train_images": 0}
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="head_train_images is 0"):
+        load_config(path)
+    data["evaluation"]["head_train_images"] = 400
+    path.write_text(yaml.safe_dump(data))
+    assert load_config(path).evaluation.head_train_images == 400

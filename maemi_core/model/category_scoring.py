@@ -143,7 +143,8 @@ def fit_head(hidden: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0) -
     folds = fitted_folds(y, n_classes)
     if not folds:
         raise ValueError("fitting the head category scoring needs at least three images of every category")
-    mean, scale = hidden.mean(0), hidden.std(0) + 1e-6
+    mean, std = hidden.mean(0), hidden.std(0)
+    scale = np.where(std > 0, std, 1.0)      # a constant coordinate stays 0, whatever a new state holds there
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         m = LogisticRegressionCV(Cs=list(HEAD_CS), cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
